@@ -1,0 +1,127 @@
+"""Calibration capture: the inputs of decoder block 0 for every sample, with the call kwargs the
+block needs (RoPE cos/sin, masks, positions) and per-token modality ids.
+
+The model-specific side only supplies a function that runs the model's embedding stage for one
+sample (vision/audio encoders, projectors, splicing); capture stops the forward at block 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmprune.errors import NonFiniteActivationError
+
+
+class _StopForward(Exception):
+    """Raised inside block 0's pre-hook: everything after it is not needed for capture."""
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+# kwargs of a decoder layer that must not be replayed (cache objects of the captured forward)
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache_position")
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteActivationError(
+            f"{where} holds NaN or inf activations; the checkpoint or dtype overflows on this "
+            "data. Try --dtype float32 (or bfloat16 instead of float16), or check the checkpoint"
+        )
+
+
+@dataclass
+class CalibrationStore:
+    """Hidden states entering the current block, one (1, L, d) tensor per sample.
+
+    `device` is where states live between blocks (the compute device, or "cpu" to offload);
+    `kwargs` and `modality_ids` stay fixed across blocks.
+    """
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    modality_ids: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor | None] = field(default_factory=list)
+    device: str = "cpu"
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def inputs(self, index: int, device) -> tuple[torch.Tensor, dict]:
+        return self.hidden[index].to(device), _to(self.kwargs[index], device)
+
+    def clone(self) -> "CalibrationStore":
+        return CalibrationStore(
+            [h.clone() for h in self.hidden], copy.copy(self.kwargs), self.modality_ids, self.labels, self.device
+        )
+
+    def token_counts(self, names: Mapping[int, str]) -> dict[str, int]:
+        counts = {name: 0 for name in names.values()}
+        for ids in self.modality_ids:
+            for m, name in names.items():
+                counts[name] += int((ids == m).sum())
+        return counts
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    first_block: nn.Module,
+    run_embedding_stage: Callable[[Any], None],
+    samples: Iterable[Any],
+    modality_ids_of: Callable[[Any], torch.Tensor],
+    store_device: str = "cpu",
+    labels_of: Callable[[Any], torch.Tensor | None] | None = None,
+    total: int | None = None,
+) -> CalibrationStore:
+    """Run the embedding stage of every sample and keep what enters `first_block`."""
+    store = CalibrationStore(device=store_device)
+    seen: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kept = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _DROPPED_KWARGS}
+        if "use_cache" in kept:
+            kept["use_cache"] = False
+        seen["hidden"], seen["kwargs"] = hidden, kept
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for index, sample in enumerate(tqdm(samples, total=total, desc="capture calibration inputs")):
+            seen.clear()
+            try:
+                run_embedding_stage(sample)
+            except _StopForward:
+                pass
+            if "hidden" not in seen:
+                raise RuntimeError("the model forward never reached decoder block 0")
+            hidden = seen["hidden"]
+            check_finite(hidden, f"the input of decoder block 0 for calibration sample {index}")
+            modality = modality_ids_of(sample).reshape(-1).to(torch.int8).cpu()
+            if modality.numel() != hidden.shape[1]:
+                raise RuntimeError(
+                    f"sample {index}: {modality.numel()} modality ids for {hidden.shape[1]} tokens"
+                )
+            store.hidden.append(hidden.detach().to(store_device))
+            store.kwargs.append(_to(seen["kwargs"], store_device))
+            store.modality_ids.append(modality)
+            store.labels.append(labels_of(sample) if labels_of else None)
+    finally:
+        handle.remove()
+    return store

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from mmprune.amia import AMIAConfig, build_graph, greedy_select, greedy_select_direct, kernel_, propagate, select_tokens
+from mmprune.diversity import normalize_rows
+
+
+def _clustered(n=120, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, d, generator=g)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    return centres[labels] + 0.3 * torch.randn(n, d, generator=g)
+
+
+def test_graph_matches_slow_knn():
+    f = _clustered(40)
+    unit = normalize_rows(f)
+    graph = build_graph(unit, 3, chunk_size=7)
+    for t in range(40):
+        dist = [(1 - float(unit[t] @ unit[u]), u) for u in range(40) if u != t]
+        expected = [u for _, u in sorted(dist)[:3]]
+        assert sorted(graph.neighbours[t].tolist()) == sorted(expected)
+    assert torch.allclose(graph.cosine, unit @ unit.T, atol=1e-6)
+
+
+def test_message_passing_matches_formula():
+    f = _clustered(30, seed=1)
+    graph = build_graph(normalize_rows(f), 3, 16)
+    a = torch.rand(30)
+    g = propagate(a, graph, 1.0)
+    for t in range(30):
+        expected = float(a[t]) + sum(
+            math.exp(-float(d)) * float(a[u]) for u, d in zip(graph.neighbours[t], graph.distances[t])
+        )
+        assert float(g[t]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("threshold", [0.002, 0.01, 0.05])
+def test_incremental_mmd_selects_exactly_the_direct_set(seed, threshold):
+    f = _clustered(150, seed=seed)
+    scores = torch.rand(150, generator=torch.Generator().manual_seed(seed))
+    sets = []
+    for direct in (False, True):
+        graph = build_graph(normalize_rows(f), 3, 64)
+        g = propagate(scores, graph, 1.0)
+        kernel = kernel_(graph, 1.0)
+        fn = greedy_select_direct if direct else greedy_select
+        args = (g, graph, kernel, threshold, 0.2) + (() if direct else (5,))
+        sets.append(fn(*args).tolist())
+    assert sets[0] == sets[1]
+    assert 1 <= len(sets[0]) < 150
+
+
+def test_select_tokens_fast_equals_direct_and_stops_under_threshold():
+    f = _clustered(200, seed=9)
+    ids = torch.tensor([0] * 50 + [1] * 150)
+    attention = torch.softmax(torch.randn(200), 0)
+    cfg = AMIAConfig()
+    fast = select_tokens(f, attention, ids, cfg)
+    direct = select_tokens(f, attention, ids, cfg, direct=True)
+    assert fast.tolist() == direct.tolist()
+    assert len(set(fast.tolist())) == len(fast)
+
+
+def test_single_token_sample_selects_it():
+    assert select_tokens(torch.randn(1, 8), torch.ones(1), torch.zeros(1), AMIAConfig()).tolist() == [0]
