@@ -27,7 +27,7 @@ class AMIAConfig:
     features: str = "output"  # "output" (the linear's Z) or "input" (its X)
     scope: str = "linear"  # "linear" or "block"
     chunk_size: int = 1024
-    check_every: int = 32  # steps run ahead between stop checks (avoids a device sync per step)
+    check_every: int = 32  # steps run ahead between stop checks on an accelerator (no sync per step)
 
 
 @dataclass
@@ -169,4 +169,5 @@ def select_tokens(
     kernel = kernel_(graph, cfg.kernel_sigma)
     if direct:
         return greedy_select_direct(g, graph, kernel, threshold, cfg.suppression_temperature)
-    return greedy_select(g, graph, kernel, threshold, cfg.suppression_temperature, cfg.check_every)
+    check_every = 1 if unit.device.type == "cpu" else cfg.check_every  # a CPU check costs no sync
+    return greedy_select(g, graph, kernel, threshold, cfg.suppression_temperature, check_every)

@@ -84,12 +84,15 @@ def capture_block_inputs(
     first_block: nn.Module,
     run_embedding_stage: Callable[[Any], None],
     samples: Iterable[Any],
-    modality_ids_of: Callable[[Any], torch.Tensor],
+    modality_ids_of: Callable[[Any], torch.Tensor] | None,
     store_device: str = "cpu",
     labels_of: Callable[[Any], torch.Tensor | None] | None = None,
     total: int | None = None,
 ) -> CalibrationStore:
-    """Run the embedding stage of every sample and keep what enters `first_block`."""
+    """Run the embedding stage of every sample and keep what enters `first_block`.
+
+    `modality_ids_of` gives the per-token ids of a sample; None labels every token 0 (a tower
+    whose batch holds several tiles of one sample)."""
     store = CalibrationStore(device=store_device)
     seen: dict[str, Any] = {}
 
@@ -113,7 +116,10 @@ def capture_block_inputs(
                 raise RuntimeError("the model forward never reached decoder block 0")
             hidden = seen["hidden"]
             check_finite(hidden, f"the input of decoder block 0 for calibration sample {index}")
-            modality = modality_ids_of(sample).reshape(-1).to(torch.int8).cpu()
+            if modality_ids_of is None:
+                modality = torch.zeros(hidden.shape[1], dtype=torch.int8)
+            else:
+                modality = modality_ids_of(sample).reshape(-1).to(torch.int8).cpu()
             if modality.numel() != hidden.shape[1]:
                 raise RuntimeError(
                     f"sample {index}: {modality.numel()} modality ids for {hidden.shape[1]} tokens"

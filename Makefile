@@ -1,0 +1,31 @@
+# Fresh machine: `make demo` (set up + TAMP on the embedded LLaVA-NeXT), `make test` (set up + tests).
+# CPU machines get the CPU build of torch pinned below; on a GPU machine pass your CUDA build,
+# e.g. `make setup TORCH_SPEC="torch==2.13.0"` from the CUDA index you use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean-outputs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	OVERWRITE=1 bash scripts/prune/tamp.sh
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Pruned outputs of the scripts (the committed embedded checkpoint is kept).
+clean-outputs:
+	find checkpoints -mindepth 1 -maxdepth 1 ! -name embedded -exec rm -rf {} +

@@ -1,0 +1,93 @@
+"""LLaVA-NeXT side of the pruning core: where the decoder blocks are, how to run the embedding
+stage of a calibration sample, and how to label each token's modality. No algorithm lives here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llava.data import IMAGE, TEXT, model_inputs
+from mmprune.calibration import CalibrationStore, capture_block_inputs
+from mmprune.driver import sweep
+from mmprune.methods.wanda import WandaPruner
+from mmprune.sparsity import SparsityPattern
+
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
+
+
+def find_layer_list(root: nn.Module, suffix: str) -> tuple[str, nn.ModuleList]:
+    """The first ModuleList of `root` whose items are `*{suffix}` modules, with its runtime name.
+    Found by class name so it works across transformers' module-path changes."""
+    for name, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__.endswith(suffix):
+            return name, module
+    raise ValueError(f"no list of *{suffix} modules in {type(root).__name__}")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Runtime name and list of the LLM decoder layers (e.g. model.language_model.layers)."""
+    return find_layer_list(model, "DecoderLayer")
+
+
+def vision_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    return find_layer_list(model, "EncoderLayer")
+
+
+def move_except(model: nn.Module, keep: nn.Module, device: str) -> None:
+    """Move every parameter and buffer of `model` except those inside `keep` to `device`, so the
+    embedding stage runs on the accelerator while the decoder layers stay where they are."""
+    kept = {id(p) for p in keep.parameters()} | {id(b) for b in keep.buffers()}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in kept and param.device != torch.device(device):
+                module._parameters[key] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+        for key, buf in module._buffers.items():
+            if buf is not None and id(buf) not in kept:
+                module._buffers[key] = buf.to(device)
+
+
+def _to_device(encoded: dict, device: str, dtype: torch.dtype) -> dict:
+    inputs = {k: v.to(device) for k, v in model_inputs(encoded).items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def capture_decoder_inputs(model: nn.Module, samples, device: str, store_device: str, total: int) -> CalibrationStore:
+    """Inputs of decoder block 0 (and its call kwargs) for every encoded sample."""
+    _, layers = decoder_layers(model)
+    move_except(model, layers, device)
+    dtype = next(model.parameters()).dtype
+    return capture_block_inputs(
+        layers[0],
+        lambda s: model(**_to_device(s, device, dtype), use_cache=False),
+        samples,
+        modality_ids_of=lambda s: s["modality_ids"],
+        store_device=store_device,
+        labels_of=lambda s: s.get("labels"),
+        total=total,
+    )
+
+
+def prune_vision_tower(model: nn.Module, samples, ratio: float, device: str, store_device: str, total: int) -> dict:
+    """Wanda (all tokens, per-row groups) on the CLIP encoder layers at a uniform ratio, through
+    the same core driver as the decoder."""
+    prefix, layers = vision_layers(model)
+    tower = model.model.vision_tower
+    tower.to(device)
+    dtype = next(tower.parameters()).dtype
+
+    def run_tower(sample):
+        pixels = sample["pixel_values"].to(device, dtype)
+        tower(pixels.reshape(-1, *pixels.shape[-3:]))
+
+    store = capture_block_inputs(layers[0], run_tower, samples, modality_ids_of=None,
+                                 store_device=store_device, total=total)
+    names = [f"{prefix}.{i}.{rel}" for i, layer in enumerate(layers)
+             for rel, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    pruner = WandaPruner(prefix, SparsityPattern(), {n: ratio for n in names})
+    sweep(layers, store, pruner, device, desc="prune vision tower (wanda)")
+    zeros = sum(r.zeros for r in pruner.results)
+    total_weights = sum(r.shape[0] * r.shape[1] for r in pruner.results)
+    return {"vision_tower": {"method": "wanda", "target_sparsity": ratio, "achieved_sparsity": zeros / total_weights,
+                             "pruned_linears": len(pruner.results)}}

@@ -1,0 +1,162 @@
+"""`python -m llava.pruners`: prune the LLM decoder of a LLaVA-NeXT checkpoint (TAMP and baselines).
+
+Accepts the public TAMP code's flags. Without --model_path / --data_path it uses the README's real
+paths when they exist, otherwise the embedded tiny default (with a banner saying so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from llava.convert import load_llava_next
+from llava.data import encode_record, load_image, load_records, record_image, select_task
+from llava.embedded import paths as embedded
+from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
+from mmprune.cli import (
+    LoadedModel, OneLineErrorParser, add_pruning_arguments, banner, default_output_dir,
+    prune_config_from_args, run_and_save, run_main,
+)
+from mmprune.errors import UserInputError
+from mmprune.output import check_output_dir
+from mmprune.pipeline import PhaseTimer, check_pattern_fits
+
+REAL_MODEL = "checkpoints/llama3-llava-next-8b"
+REAL_RAW_DIR = "playground/LLaVA-NeXT-Data/llava_next_raw_format"
+REAL_DATA = f"{REAL_RAW_DIR}/llava_next_raw_format_processed.json"
+
+
+def parse_args(argv):
+    parser = OneLineErrorParser(prog="python -m llava.pruners", description=__doc__)
+    data = parser.add_argument_group("model and calibration data")
+    data.add_argument("--model_path", default=None, help=f"llava-hf or lmms-lab checkpoint (default {REAL_MODEL})")
+    data.add_argument("--data_path", default=None, help=f"LLaVA-NeXT raw-format JSON (default {REAL_DATA})")
+    data.add_argument("--image_folder", default=None, help="images are image_folder/<record image> (default: the JSON's folder)")
+    data.add_argument("--task_split_path", default=None, help="task_split.json (default: beside the data JSON)")
+    data.add_argument("--task_name", default="sharegpt4v", help="calibration task (first folder of the record images)")
+    add_pruning_arguments(parser)
+    ev = parser.add_argument_group("evaluation after pruning")
+    ev.add_argument("--eval", dest="eval", action="store_true", default=None,
+                    help="evaluate dense and pruned accuracy (default: on for the embedded model only)")
+    ev.add_argument("--no_eval", dest="eval", action="store_false")
+    ev.add_argument("--eval_data_path", default=None, help="raw-format JSON (default: the embedded eval split)")
+    ev.add_argument("--eval_image_folder", default=None)
+    ev.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+    return parser.parse_args(argv)
+
+
+def resolve_paths(args) -> bool:
+    """Fill in defaults; returns whether the embedded model is used. Explicit paths are never
+    replaced: a missing one is reported by the loaders."""
+    notes = []
+    uses_embedded_model = False
+    if args.model_path is None:
+        if os.path.isdir(REAL_MODEL):
+            args.model_path = REAL_MODEL
+        else:
+            args.model_path = str(embedded.CHECKPOINT_DIR)
+            uses_embedded_model = True
+            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
+    else:
+        uses_embedded_model = os.path.realpath(args.model_path) == os.path.realpath(embedded.CHECKPOINT_DIR)
+    if args.data_path is None:
+        if os.path.isfile(REAL_DATA):
+            args.data_path = REAL_DATA
+        else:
+            args.data_path = str(embedded.DATA_PATH)
+            args.image_folder = args.image_folder or str(embedded.IMAGE_FOLDER)
+            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic VQA {args.data_path}")
+    args.image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data_path))
+    args.task_split_path = args.task_split_path or os.path.join(os.path.dirname(os.path.abspath(args.data_path)), "task_split.json")
+    if notes:
+        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
+               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
+    return uses_embedded_model
+
+
+def check_images(records, image_folder) -> None:
+    """Open every calibration image now, so a missing or corrupt file stops the run before the
+    model is loaded."""
+    for record in records:
+        relpath = record_image(record)
+        if relpath is not None:
+            load_image(image_folder, relpath).close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = prune_config_from_args(args)
+    uses_embedded = resolve_paths(args)
+    if args.eval is None:
+        args.eval = uses_embedded
+    output_dir = args.save_model or default_output_dir(args.model_path, cfg.method, args.llm_sparsity_ratio, args.sparsity_type)
+    args.save_model = output_dir
+    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
+    if args.eval_samples is not None and args.eval_samples < 1:
+        raise UserInputError(f"--eval_samples must be at least 1, got {args.eval_samples}")
+
+    timer = PhaseTimer()
+    with timer.phase("load_data"):
+        records = select_task(load_records(args.data_path), args.task_split_path, args.task_name, args.nsamples, args.seed)
+        check_images(records, args.image_folder)
+        eval_records, eval_folder = None, None
+        if args.eval:
+            eval_path = args.eval_data_path or str(embedded.EVAL_DATA_PATH)
+            eval_folder = args.eval_image_folder or (str(embedded.EVAL_IMAGE_FOLDER) if not args.eval_data_path
+                                                     else os.path.dirname(os.path.abspath(eval_path)))
+            eval_records = load_records(eval_path)[: args.eval_samples]
+    torch.manual_seed(args.seed)
+    with timer.phase("load_model"):
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, processor = load_llava_next(args.model_path, dtype=dtype)
+    prefix, layers = decoder_layers(model)
+    check_pattern_fits(layers, prefix, cfg.pattern)
+    vit_ratio = float(args.vit_sparsity_ratio)
+
+    def samples():
+        return (encode_record(processor, r, args.image_folder, with_answer=True) for r in records)
+
+    def evaluate():
+        from llava.eval import evaluate as run_eval
+
+        return run_eval(model, processor, eval_records, eval_folder, desc="evaluate")
+
+    def prune_extra(timer):
+        if vit_ratio <= 0:
+            return {}
+        with timer.phase("prune_vision_tower"):
+            store_device = "cpu" if args.offload_activations else cfg.device
+            return prune_vision_tower(model, samples(), vit_ratio, cfg.device, store_device, len(records))
+
+    def save(folder):
+        model.to("cpu").save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    loaded = LoadedModel(
+        name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="llava_next",
+        model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
+        capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
+        save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
+    )
+    calibration = {"data_path": args.data_path, "image_folder": args.image_folder, "task_split_path": args.task_split_path,
+                   "task_name": args.task_name, "nsamples": args.nsamples, "seed": args.seed,
+                   "sample_ids": [r.get("id") for r in records], "full_conversations": True}
+    report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
+    summary = {"output_dir": output_dir, "method": cfg.method, "target_sparsity": cfg.sparsity,
+               "sparsity_type": str(cfg.pattern), "achieved_sparsity": report["achieved_sparsity"]}
+    if "evaluation" in report:
+        dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
+        summary["dense_accuracy"], summary["pruned_accuracy"] = dense["accuracy"], pruned["accuracy"]
+        summary["dense_answer_perplexity"] = dense["answer_perplexity"]
+        summary["pruned_answer_perplexity"] = pruned["answer_perplexity"]
+        sys.stderr.write(f"\naccuracy dense {dense['accuracy']:.3f} -> pruned {pruned['accuracy']:.3f}; "
+                         f"answer perplexity {dense['answer_perplexity']:.3f} -> {pruned['answer_perplexity']:.3f}\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,213 @@
+"""Command-line pieces shared by the model entry points (`python -m llava.pruners`, ...):
+the public TAMP flags, the options that name each semantic choice, the mapping of the public
+flag combinations onto presets, and the run-and-save sequence with its report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mmprune.amia import AMIAConfig
+from mmprune.calibration import CalibrationStore
+from mmprune.das import DASConfig
+from mmprune.errors import UserInputError
+from mmprune.output import atomic_output_dir, check_output_dir
+from mmprune.pipeline import PRESETS, PhaseTimer, PruneConfig, PruneOutcome, peak_memory, prune_decoder
+from mmprune.report import build_report, plot_sparsity, write_report
+from mmprune.sparsity import SparsityPattern, check_ratio
+from mmprune.sparsity_dict import write_sparsity_dict
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one `error:` line (exit 2), like our other errors."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    public = parser.add_argument_group("public TAMP code flags")
+    public.add_argument("--seed", type=int, default=42)
+    public.add_argument("--nsamples", type=int, default=128)
+    public.add_argument("--llm_sparsity_ratio", default="0.5", help="target sparsity T of the decoder linears, in [0, 1)")
+    public.add_argument("--vit_sparsity_ratio", default="0", help="Wanda sparsity of the vision tower's linears (0: untouched)")
+    public.add_argument("--sparsity_type", default="unstructured", help="unstructured, 2:4 or 4:8 (any N:M with N/M = ratio)")
+    public.add_argument("--prune_method", default="wanda", help="public code's method name (wanda); see --method")
+    public.add_argument("--token_selection", default="naive", help="naive (all tokens) or amia")
+    public.add_argument("--score_method", default=None, help="density_sum selects DAS (public code)")
+    public.add_argument("--sparsity_ratio_granularity", default=None, help="layer (per linear) or block, for DAS")
+    public.add_argument("--max_sparsity_per_layer", type=float, default=None, help="cap of the allocation (default T + 0.1)")
+    public.add_argument("--sparsity_dict", default=None, help="reuse a sparsity_dict.yaml (skips the allocation sweep)")
+    public.add_argument("--save_model", default=None, help="output folder (default checkpoints/<model>_<method>_<T>_<type>)")
+    public.add_argument("--conv_mode", default=None, help="accepted for compatibility; the model's chat template is used")
+    public.add_argument("--save", default=None, help="accepted for compatibility (the public code's log folder)")
+
+    ours = parser.add_argument_group("semantic choices (defaults reproduce the public code)")
+    ours.add_argument("--method", choices=sorted(PRESETS), default=None,
+                      help="preset; overrides the mapping of --prune_method/--score_method/--token_selection")
+    ours.add_argument("--similarity_mode", choices=["positive", "mean"], default="positive",
+                      help="DAS/AMIA cosine similarity: positive (public code) or mean (paper text)")
+    ours.add_argument("--das_granularity", choices=["linear", "block"], default=None,
+                      help="score each linear on its output (public code) or each block on its output")
+    ours.add_argument("--allocation", choices=["waterfill", "inverse"], default="waterfill",
+                      help="DAS allocation: waterfill (public code) or sparsity proportional to 1/score (paper)")
+    ours.add_argument("--amia_features", choices=["output", "input"], default="output")
+    ours.add_argument("--amia_scope", choices=["linear", "block"], default="linear")
+    ours.add_argument("--amia_knn", type=int, default=3)
+    ours.add_argument("--row_rounding", choices=["distribute", "floor"], default="distribute",
+                      help="per-row prune counts: exact total per matrix (default) or floor(C*s) per row (Wanda)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--offload_activations", action="store_true",
+                     help="keep captured hidden states on the CPU between blocks (large models)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def resolve_method(args: argparse.Namespace) -> str:
+    """Map the public code's flag combination onto a preset (an explicit --method wins)."""
+    if args.method:
+        return args.method
+    if args.prune_method != "wanda":
+        raise UserInputError(
+            f"--prune_method {args.prune_method} is not available in this version; use wanda "
+            f"(with --token_selection/--score_method) or --method {{{', '.join(PRESETS)}}}"
+        )
+    if args.token_selection not in ("naive", "amia"):
+        raise UserInputError(f"--token_selection must be naive or amia, got {args.token_selection!r}")
+    if args.score_method not in (None, "", "uniform", "density_sum"):
+        raise UserInputError(
+            f"--score_method {args.score_method} is not available in this version; use density_sum (DAS) or omit it"
+        )
+    das = args.score_method == "density_sum"
+    amia = args.token_selection == "amia"
+    return {(True, True): "tamp", (True, False): "das", (False, True): "amia", (False, False): "wanda"}[(das, amia)]
+
+
+def das_granularity(args: argparse.Namespace) -> str:
+    if args.das_granularity:
+        return args.das_granularity
+    public = args.sparsity_ratio_granularity
+    if public in (None, "", "layer"):
+        return "linear"  # the public code's "layer" scores each linear on its own output
+    if public == "block":
+        return "block"
+    raise UserInputError(f"--sparsity_ratio_granularity must be layer or block, got {public!r}")
+
+
+def default_device(requested: str | None) -> str:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserInputError(f"--device {requested}: no CUDA device is available here; use --device cpu")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
+    ratio = check_ratio(args.llm_sparsity_ratio)
+    check_ratio(args.vit_sparsity_ratio, "--vit_sparsity_ratio")
+    pattern = SparsityPattern.parse(args.sparsity_type)
+    if args.nsamples < 1:
+        raise UserInputError(f"--nsamples must be at least 1, got {args.nsamples}")
+    if args.amia_knn < 1:
+        raise UserInputError(f"--amia_knn must be at least 1, got {args.amia_knn}")
+    cap = args.max_sparsity_per_layer
+    if cap is not None and not 0 < cap <= 1:
+        raise UserInputError(f"--max_sparsity_per_layer must be in (0, 1], got {cap}")
+    mode = args.similarity_mode
+    return PruneConfig(
+        method=resolve_method(args),
+        sparsity=ratio,
+        pattern=pattern,
+        max_sparsity_per_layer=cap,
+        das=DASConfig(similarity_mode=mode, granularity=das_granularity(args), allocation=args.allocation),
+        amia=AMIAConfig(knn=args.amia_knn, similarity_mode=mode, features=args.amia_features, scope=args.amia_scope),
+        row_rounding=args.row_rounding,
+        sparsity_dict_path=args.sparsity_dict,
+        device=default_device(args.device),
+    )
+
+
+def default_output_dir(model_path: str, method: str, ratio: str, sparsity_type: str) -> str:
+    name = os.path.basename(os.path.normpath(model_path))
+    return os.path.join("checkpoints", f"{name}_{method}_{ratio}_{sparsity_type}")
+
+
+def banner(lines: list[str]) -> None:
+    width = min(max(len(line) for line in lines) + 4, 100)
+    sys.stderr.write("\n" + "=" * width + "\n")
+    for line in lines:
+        sys.stderr.write(f"  {line}\n")
+    sys.stderr.write("=" * width + "\n\n")
+
+
+@dataclass
+class LoadedModel:
+    """What a model side hands to `run_and_save`."""
+
+    name: str
+    path: str
+    kind: str
+    model: nn.Module
+    blocks: nn.ModuleList
+    prefix: str  # runtime name of the decoder layer list
+    modality_names: dict[int, str]
+    capture: Callable[[str, str], CalibrationStore]  # (device, store_device) -> store
+    save: Callable[[str], None]  # writes the checkpoint (and processor files) into a folder
+    prune_extra: Callable[[PhaseTimer], dict] | None = None  # e.g. vision-tower pruning
+    evaluate: Callable[[], dict] | None = None
+
+
+def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace, calibration: dict,
+                 output_dir: str, timer: PhaseTimer) -> dict:
+    """Capture, prune, evaluate, and write the output folder atomically. Returns the report."""
+    evaluation = {}
+    if loaded.evaluate is not None:
+        with timer.phase("evaluate_dense"):
+            evaluation["dense"] = loaded.evaluate()
+    store_device = "cpu" if args.offload_activations else cfg.device
+    with timer.phase("capture"):
+        store = loaded.capture(cfg.device, store_device)
+    calibration = dict(calibration, tokens_per_modality=store.token_counts(loaded.modality_names),
+                       nsamples_captured=len(store))
+    calibration["mean_tokens_per_sample"] = round(sum(h.shape[1] for h in store.hidden) / max(len(store), 1), 1)
+    outcome: PruneOutcome = prune_decoder(loaded.blocks, loaded.prefix, store, cfg, loaded.modality_names, timer)
+    del store
+    extra = loaded.prune_extra(timer) if loaded.prune_extra else {}
+    if loaded.evaluate is not None:
+        with timer.phase("evaluate_pruned"):
+            evaluation["pruned"] = loaded.evaluate()
+    options = {k: v for k, v in vars(args).items()}
+    options["resolved_method"] = cfg.method
+    options["das_granularity_resolved"] = cfg.das.granularity
+    options["max_sparsity_per_layer_resolved"] = cfg.max_sparsity_per_layer
+    options["device_resolved"] = cfg.device
+    with timer.phase("save"), atomic_output_dir(output_dir, args.overwrite) as staging:
+        loaded.save(staging)
+        write_sparsity_dict(os.path.join(staging, "sparsity_dict.yaml"), outcome.plan)
+        plot_sparsity(os.path.join(staging, "sparsity.png"), outcome,
+                      f"{loaded.name}: {cfg.method} T={cfg.sparsity:g} {cfg.pattern}")
+        report = build_report(
+            outcome, method=cfg.method, options=options, calibration=calibration, timings=timer.seconds,
+            memory=peak_memory(), model={"name": loaded.name, "path": loaded.path, "kind": loaded.kind},
+            evaluation=evaluation or None, extra=extra,
+        )
+        write_report(os.path.join(staging, "pruning_report.json"), report)
+    return report
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Entry-point wrapper: user errors become one `error:` line and exit status 2."""
+    try:
+        return main(argv)
+    except UserInputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2

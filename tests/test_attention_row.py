@@ -1,0 +1,25 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from mmprune.attention import last_token_attention
+from mmprune.calibration import capture_block_inputs
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_single_row_equals_last_row_of_full_attention(kv_heads):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=5e5)
+    config._attn_implementation = "eager"
+    model = LlamaModel(config).eval()
+    ids = torch.randint(0, 50, (1, 23))
+    with torch.no_grad():
+        full = model(input_ids=ids, output_attentions=True).attentions
+    store = capture_block_inputs(model.layers[0], lambda s: model(input_ids=s), [ids], lambda s: torch.zeros(s.shape[1]))
+    hidden, kwargs = store.inputs(0, "cpu")
+    row = last_token_attention(model.layers[0], hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"))
+    expected = full[0][0, :, -1, :].mean(dim=0)
+    assert row.shape == (23,)
+    assert torch.allclose(row, expected, atol=1e-6)
+    assert float(row.sum()) == pytest.approx(1.0, abs=1e-5)
