@@ -8,6 +8,7 @@ sample (vision/audio encoders, projectors, splicing); capture stops the forward 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -96,9 +97,13 @@ def capture_block_inputs(
     store = CalibrationStore(device=store_device)
     seen: dict[str, Any] = {}
 
+    parameters = list(inspect.signature(first_block.forward).parameters)
+
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        kept = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _DROPPED_KWARGS}
+        # name positional arguments too (CLIP layers take attention_mask positionally)
+        named = dict(zip(parameters, args), **kwargs)
+        hidden = named.pop(parameters[0] if parameters[0] in named else "hidden_states")
+        kept = {k: v for k, v in named.items() if k not in _DROPPED_KWARGS}
         if "use_cache" in kept:
             kept["use_cache"] = False
         seen["hidden"], seen["kwargs"] = hidden, kept
