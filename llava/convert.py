@@ -635,8 +635,11 @@ def convert_lmms_lab_to_hf(src_dir, dst_dir, dtype=None, *, max_shard_bytes: int
     config.architectures = ["LlavaNextForConditionalGeneration"]
     config.dtype = out_dtype
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    except OSError as exc:
+        raise UserInputError(f"cannot write into {dst.parent} ({exc}); choose a writable --dst") from exc
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         for reader, pairs in plan:
