@@ -22,7 +22,7 @@ def normalize_rows(features: torch.Tensor) -> torch.Tensor:
     return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _positive_upper_mean(unit: torch.Tensor, chunk_size: int, cosine: torch.Tensor | None) -> float:
+def _positive_upper_mean(unit: torch.Tensor, chunk_size: int) -> float:
     """Mean of the strictly positive entries of the strict upper triangle of unit @ unit.T,
     computed in row chunks so only chunk_size x n similarities exist at once."""
     n = unit.shape[0]
@@ -31,7 +31,7 @@ def _positive_upper_mean(unit: torch.Tensor, chunk_size: int, cosine: torch.Tens
     columns = torch.arange(n, device=unit.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        block = cosine[start:stop] if cosine is not None else unit[start:stop] @ unit.T
+        block = unit[start:stop] @ unit.T
         rows = torch.arange(start, stop, device=unit.device).unsqueeze(1)
         keep = (columns.unsqueeze(0) > rows) & (block > 0)
         total += block[keep].sum(dtype=torch.float64)
@@ -67,9 +67,13 @@ def similarity_terms(
         if n >= 2:
             if mode == "mean":
                 terms[(m, m)] = float((sums[m] @ sums[m] - norms[m]) / (n * (n - 1)))
+            elif cosine is not None:
+                upper = cosine[index[m]][:, index[m]].triu(diagonal=1)  # zeros elsewhere add nothing
+                count = int((upper > 0).sum())
+                total = upper.clamp_min(0).sum(dtype=torch.float64)
+                terms[(m, m)] = float(total / count) if count else 0.0
             else:
-                sub = None if cosine is None else cosine[index[m]][:, index[m]]
-                terms[(m, m)] = _positive_upper_mean(unit[index[m]], chunk_size, sub)
+                terms[(m, m)] = _positive_upper_mean(unit[index[m]], chunk_size)
         for m2 in present[i + 1:]:
             terms[(m, m2)] = float(sums[m] @ sums[m2] / (n * index[m2].numel()))
     return terms
