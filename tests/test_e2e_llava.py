@@ -21,7 +21,7 @@ DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def run_script(script, *args, env=None, check=True):
-    full_env = dict(os.environ, PYTHON=sys.executable, NSAMPLES="32", **(env or {}))
+    full_env = {**os.environ, "PYTHON": sys.executable, "NSAMPLES": "32", **(env or {})}
     proc = subprocess.run(["bash", str(ROOT / script), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
