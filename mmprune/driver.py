@@ -38,9 +38,21 @@ class LinearTaps:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self):
+        """Calls of the linears outside the block forward (e.g. the attention row) are not kept."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            if self._paused:
+                return
             x = args[0]
             self.inputs[name] = x.reshape(-1, x.shape[-1]).detach()
             if self.keep_outputs:

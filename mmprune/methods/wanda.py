@@ -77,9 +77,10 @@ class WandaPruner:
             for rel, x in taps.inputs.items():
                 self._norms.add(rel, x)
             return
-        attention = last_token_attention(
-            self._block, block_input, kwargs["position_embeddings"], kwargs.get("attention_mask")
-        )
+        with taps.paused():  # the row calls q/k_proj, which must not replace the kept inputs
+            attention = last_token_attention(
+                self._block, block_input, kwargs["position_embeddings"], kwargs.get("attention_mask")
+            )
         cfg = self.amia
         if cfg.scope == "block":
             features = (block_output if cfg.features == "output" else block_input)[0]
