@@ -16,9 +16,11 @@ from torch import nn
 from mmprune.amia import AMIAConfig
 from mmprune.calibration import CalibrationStore
 from mmprune.das import DASConfig
+from mmprune.ecoflap import ECoFLaPConfig
+from mmprune.owl import OWLConfig
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
-from mmprune.pipeline import PRESETS, PhaseTimer, PruneConfig, PruneOutcome, peak_memory, prune_decoder
+from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, peak_memory, prune_decoder
 from mmprune.report import build_report, plot_sparsity, write_report
 from mmprune.sparsity import SparsityPattern, check_ratio
 from mmprune.sparsity_dict import write_sparsity_dict
@@ -63,6 +65,13 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--amia_knn", type=int, default=3)
     ours.add_argument("--row_rounding", choices=["distribute", "floor"], default="distribute",
                       help="per-row prune counts: exact total per matrix (default) or floor(C*s) per row (Wanda)")
+    ours.add_argument("--magnitude_group", choices=["matrix", "row"], default="matrix",
+                      help="magnitude: threshold per matrix (default) or per output row")
+    ours.add_argument("--owl_M", type=float, default=5.0, help="OWL outlier multiple M")
+    ours.add_argument("--owl_lambda", type=float, default=0.08, help="OWL sparsity spread lambda")
+    ours.add_argument("--ecoflap_samples", type=int, default=None,
+                      help="calibration samples for ECoFLaP's zeroth-order estimate (default: all)")
+    ours.add_argument("--ecoflap_epsilon", type=float, default=1e-3)
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
@@ -72,24 +81,38 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
-def resolve_method(args: argparse.Namespace) -> str:
-    """Map the public code's flag combination onto a preset (an explicit --method wins)."""
+_PUBLIC_SCORE_METHODS = {None: "uniform", "": "uniform", "uniform": "uniform", "density_sum": "das",
+                         "outlier_sum": "owl", "olmezo-gradient_sum": "ecoflap"}
+
+
+def resolve_method(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
+    """Map the public code's flag combination onto (preset, layer-wise override, pruner override);
+    an explicit --method wins."""
     if args.method:
-        return args.method
-    if args.prune_method != "wanda":
-        raise UserInputError(
-            f"--prune_method {args.prune_method} is not available in this version; use wanda "
-            f"(with --token_selection/--score_method) or --method {{{', '.join(PRESETS)}}}"
-        )
+        return args.method, None, None
+    if args.prune_method not in ("wanda", "sparsegpt", "magnitude"):
+        raise UserInputError(f"--prune_method must be wanda, sparsegpt or magnitude, got {args.prune_method!r}")
     if args.token_selection not in ("naive", "amia"):
         raise UserInputError(f"--token_selection must be naive or amia, got {args.token_selection!r}")
-    if args.score_method not in (None, "", "uniform", "density_sum"):
+    if args.score_method not in _PUBLIC_SCORE_METHODS:
         raise UserInputError(
-            f"--score_method {args.score_method} is not available in this version; use density_sum (DAS) or omit it"
+            f"--score_method must be one of density_sum (DAS), outlier_sum (OWL), olmezo-gradient_sum "
+            f"(ECoFLaP), or omitted; got {args.score_method!r}"
         )
-    das = args.score_method == "density_sum"
+    layerwise = _PUBLIC_SCORE_METHODS[args.score_method]
     amia = args.token_selection == "amia"
-    return {(True, True): "tamp", (True, False): "das", (False, True): "amia", (False, False): "wanda"}[(das, amia)]
+    if args.prune_method != "wanda":
+        if amia:
+            raise UserInputError("--token_selection amia only applies to --prune_method wanda")
+        if layerwise == "uniform":
+            return args.prune_method, None, None
+        return args.prune_method, layerwise, None  # e.g. OWL allocation with SparseGPT
+    if layerwise in ("owl", "ecoflap"):
+        if amia:
+            return "amia", layerwise, None
+        return layerwise, None, None
+    das = layerwise == "das"
+    return {(True, True): "tamp", (True, False): "das", (False, True): "amia", (False, False): "wanda"}[(das, amia)], None, None
 
 
 def das_granularity(args: argparse.Namespace) -> str:
@@ -123,8 +146,20 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
     if cap is not None and not 0 < cap <= 1:
         raise UserInputError(f"--max_sparsity_per_layer must be in (0, 1], got {cap}")
     mode = args.similarity_mode
+    method, layerwise, pruner = resolve_method(args)
+    if args.ecoflap_samples is not None and args.ecoflap_samples < 1:
+        raise UserInputError(f"--ecoflap_samples must be at least 1, got {args.ecoflap_samples}")
+    if not args.ecoflap_epsilon > 0:
+        raise UserInputError(f"--ecoflap_epsilon must be positive, got {args.ecoflap_epsilon}")
+    if not 0 <= args.owl_lambda < 1 or args.owl_M <= 0:
+        raise UserInputError(f"--owl_lambda must be in [0, 1) and --owl_M positive, got {args.owl_lambda}, {args.owl_M}")
     return PruneConfig(
-        method=resolve_method(args),
+        method=method,
+        layerwise_override=layerwise,
+        pruner_override=pruner,
+        owl=OWLConfig(outlier_multiple=args.owl_M, spread=args.owl_lambda),
+        ecoflap=ECoFLaPConfig(epsilon=args.ecoflap_epsilon, samples=args.ecoflap_samples, seed=args.seed),
+        magnitude_group=args.magnitude_group,
         sparsity=ratio,
         pattern=pattern,
         max_sparsity_per_layer=cap,
@@ -164,6 +199,7 @@ class LoadedModel:
     save: Callable[[str], None]  # writes the checkpoint (and processor files) into a folder
     prune_extra: Callable[[PhaseTimer], dict] | None = None  # e.g. vision-tower pruning
     evaluate: Callable[[], dict] | None = None
+    head: LanguageHead | None = None  # final norm + LM head (ECoFLaP's loss)
 
 
 def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace, calibration: dict,
@@ -174,12 +210,17 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
         with timer.phase("evaluate_dense"):
             evaluation["dense"] = loaded.evaluate()
     store_device = "cpu" if args.offload_activations else cfg.device
-    with timer.phase("capture"):
-        store = loaded.capture(cfg.device, store_device)
-    calibration = dict(calibration, tokens_per_modality=store.token_counts(loaded.modality_names),
-                       nsamples_captured=len(store))
-    calibration["mean_tokens_per_sample"] = round(sum(h.shape[1] for h in store.hidden) / max(len(store), 1), 1)
-    outcome: PruneOutcome = prune_decoder(loaded.blocks, loaded.prefix, store, cfg, loaded.modality_names, timer)
+    store = None
+    if cfg.needs_calibration:
+        with timer.phase("capture"):
+            store = loaded.capture(cfg.device, store_device)
+        calibration = dict(calibration, tokens_per_modality=store.token_counts(loaded.modality_names),
+                           nsamples_captured=len(store))
+        calibration["mean_tokens_per_sample"] = round(sum(h.shape[1] for h in store.hidden) / max(len(store), 1), 1)
+    else:
+        calibration = dict(calibration, used=False, note="magnitude pruning reads no calibration data")
+    outcome: PruneOutcome = prune_decoder(loaded.blocks, loaded.prefix, store, cfg, loaded.modality_names, timer,
+                                          loaded.head)
     del store
     extra = loaded.prune_extra(timer) if loaded.prune_extra else {}
     if loaded.evaluate is not None:
@@ -187,6 +228,8 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
             evaluation["pruned"] = loaded.evaluate()
     options = {k: v for k, v in vars(args).items()}
     options["resolved_method"] = cfg.method
+    options["layerwise_resolved"] = cfg.layerwise
+    options["pruner_resolved"] = cfg.pruner
     options["das_granularity_resolved"] = cfg.das.granularity
     options["max_sparsity_per_layer_resolved"] = cfg.max_sparsity_per_layer
     options["device_resolved"] = cfg.device
@@ -194,11 +237,11 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
         loaded.save(staging)
         write_sparsity_dict(os.path.join(staging, "sparsity_dict.yaml"), outcome.plan)
         plot_sparsity(os.path.join(staging, "sparsity.png"), outcome,
-                      f"{loaded.name}: {cfg.method} T={cfg.sparsity:g} {cfg.pattern}")
+                      f"{loaded.name}: {cfg.name} T={cfg.sparsity:g} {cfg.pattern}")
         report = build_report(
-            outcome, method=cfg.method, options=options, calibration=calibration, timings=timer.seconds,
+            outcome, method=cfg.name, options=options, calibration=calibration, timings=timer.seconds,
             memory=peak_memory(), model={"name": loaded.name, "path": loaded.path, "kind": loaded.kind},
-            evaluation=evaluation or None, extra=extra,
+            evaluation=evaluation or None, extra={**outcome.details, **extra},
         )
         write_report(os.path.join(staging, "pruning_report.json"), report)
     return report

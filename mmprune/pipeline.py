@@ -1,7 +1,7 @@
 """Composition of the core pieces into one pruning run of a decoder, model-agnostic.
 
-Presets (scripts' method names): how sparsity is spread over layers, and which tokens count in
-Wanda's ||X||. The adapters of each model only provide the blocks, the captured inputs and the
+Presets (scripts' method names): how sparsity is spread over layers, which weight pruner runs,
+and which tokens count in Wanda's ||X||. The adapters of each model only provide the blocks, the captured inputs and the
 modality names.
 """
 
@@ -18,19 +18,28 @@ from torch import nn
 
 from mmprune.amia import AMIAConfig
 from mmprune.calibration import CalibrationStore
-from mmprune.das import DASConfig, DASResult, DiversitySweep, das_allocation, linear_name
+from mmprune.allocation import allocate
+from mmprune.das import DASConfig, DASResult, DiversitySweep, block_name, das_allocation, linear_name
 from mmprune.driver import block_linears, sweep
+from mmprune.ecoflap import ECoFLaPConfig, zeroth_order_importance
 from mmprune.errors import UserInputError
+from mmprune.methods.magnitude import magnitude_prune
+from mmprune.methods.sparsegpt import SparseGPTPruner
 from mmprune.methods.wanda import LinearResult, SelectionStats, WandaPruner
+from mmprune.owl import OutlierSweep, OWLConfig, owl_plan
 from mmprune.sparsity import SparsityPattern
 from mmprune.sparsity_dict import read_sparsity_dict
 
-# method -> (layer-wise sparsity, tokens in ||X||)
-PRESETS: dict[str, tuple[str, str]] = {
-    "wanda": ("uniform", "all"),
-    "das": ("das", "all"),
-    "amia": ("uniform", "amia"),
-    "tamp": ("das", "amia"),
+# method -> (layer-wise sparsity, weight pruner, tokens in ||X||)
+PRESETS: dict[str, tuple[str, str, str]] = {
+    "magnitude": ("uniform", "magnitude", "none"),
+    "wanda": ("uniform", "wanda", "all"),
+    "sparsegpt": ("uniform", "sparsegpt", "all"),
+    "owl": ("owl", "wanda", "all"),
+    "ecoflap": ("ecoflap", "wanda", "all"),
+    "das": ("das", "wanda", "all"),
+    "amia": ("uniform", "wanda", "amia"),
+    "tamp": ("das", "wanda", "amia"),
 }
 
 
@@ -42,9 +51,14 @@ class PruneConfig:
     max_sparsity_per_layer: float | None = None  # default: target + 0.1, as the public scripts
     das: DASConfig = field(default_factory=DASConfig)
     amia: AMIAConfig = field(default_factory=AMIAConfig)
+    owl: OWLConfig = field(default_factory=OWLConfig)
+    ecoflap: ECoFLaPConfig = field(default_factory=ECoFLaPConfig)
     row_rounding: str = "distribute"
+    magnitude_group: str = "matrix"
     sparsity_dict_path: str | None = None
     device: str = "cpu"
+    layerwise_override: str | None = None  # e.g. OWL allocation with SparseGPT
+    pruner_override: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in PRESETS:
@@ -55,11 +69,28 @@ class PruneConfig:
 
     @property
     def layerwise(self) -> str:
-        return "file" if self.sparsity_dict_path else PRESETS[self.method][0]
+        if self.sparsity_dict_path:
+            return "file"
+        return self.layerwise_override or PRESETS[self.method][0]
+
+    @property
+    def pruner(self) -> str:
+        return self.pruner_override or PRESETS[self.method][1]
+
+    @property
+    def name(self) -> str:
+        """The preset, or pruner+allocation for public-flag combinations without a preset."""
+        if self.layerwise_override is None and self.pruner_override is None:
+            return self.method
+        return f"{self.method}+{self.layerwise}"
 
     @property
     def uses_amia(self) -> bool:
-        return PRESETS[self.method][1] == "amia"
+        return PRESETS[self.method][2] == "amia"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.pruner != "magnitude" or self.layerwise not in ("uniform", "file")
 
 
 class PhaseTimer:
@@ -89,6 +120,7 @@ class PruneOutcome:
     plan: dict[str, float]  # linear name -> target sparsity
     das: DASResult | None = None
     selection: SelectionStats | None = None
+    details: dict = field(default_factory=dict)  # method-specific facts for the report
 
     @property
     def achieved(self) -> float:
@@ -106,31 +138,85 @@ def check_pattern_fits(blocks: nn.ModuleList, prefix: str, pattern: SparsityPatt
             pattern.check_divides(linear.in_features, linear_name(prefix, i, rel))
 
 
-def prune_decoder(
-    blocks: nn.ModuleList,
-    prefix: str,
-    store: CalibrationStore,
-    cfg: PruneConfig,
-    modality_names: dict[int, str],
-    timer: PhaseTimer,
-) -> PruneOutcome:
-    """Plan per-linear sparsity, then prune block by block; `store` is consumed."""
+@dataclass
+class LanguageHead:
+    """What ECoFLaP needs to turn decoder outputs into an LM loss."""
+
+    final_norm: nn.Module
+    lm_head: nn.Module
+
+
+def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer, head: LanguageHead | None):
+    """Per-linear target sparsity (allocation sweeps run on the dense model) and report details."""
     names = decoder_linear_names(blocks, prefix)
-    check_pattern_fits(blocks, prefix, cfg.pattern)
+    details: dict = {}
     das_result = None
+    layerwise = cfg.layerwise
     if cfg.pattern.is_nm:
-        plan = {n: cfg.pattern.ratio for n in names}  # N:M fixes the ratio; allocators do not apply
-    elif cfg.layerwise == "file":
-        plan = read_sparsity_dict(cfg.sparsity_dict_path, names)
-    elif cfg.layerwise == "das":
+        return {n: cfg.pattern.ratio for n in names}, None, details  # N:M fixes the ratio
+    if layerwise == "file":
+        return read_sparsity_dict(cfg.sparsity_dict_path, names), None, details
+    if layerwise == "uniform":
+        return {n: cfg.sparsity for n in names}, None, details
+    if layerwise == "das":
         with timer.phase("das_dense_sweep"):
             diversity = DiversitySweep(prefix, cfg.das)
             sweep(blocks, store.clone(), diversity, cfg.device, desc="DAS dense sweep")
             das_result = das_allocation(diversity, cfg.das, cfg.sparsity, cfg.max_sparsity_per_layer, modality_names)
-        plan = das_result.sparsity
+        return das_result.sparsity, das_result, details
+    if layerwise == "owl":
+        with timer.phase("owl_dense_sweep"):
+            outliers = OutlierSweep(cfg.owl)
+            sweep(blocks, store.clone(), outliers, cfg.device, desc="OWL outlier sweep")
+            plan, per_block = owl_plan(outliers, blocks, prefix, cfg.sparsity)
+        details["owl"] = {"outlier_ratio_percent": outliers.ratios, "block_sparsity": per_block,
+                          "M": cfg.owl.outlier_multiple, "lambda": cfg.owl.spread}
+        return plan, None, details
+    if layerwise == "ecoflap":
+        if head is None:
+            raise UserInputError("ECoFLaP needs the model's final norm and LM head; this model side gives none")
+        with timer.phase("ecoflap_zeroth_order"):
+            importance, counts = zeroth_order_importance(blocks, prefix, store.clone(), head.final_norm,
+                                                         head.lm_head, cfg.ecoflap, cfg.device)
+        groups = {block_name(prefix, i): [linear_name(prefix, i, rel) for rel in block_linears(b)]
+                  for i, b in enumerate(blocks)}
+        sizes = {linear_name(prefix, i, rel): m.weight.numel() for i, b in enumerate(blocks)
+                 for rel, m in block_linears(b).items()}
+        group_names = list(groups)
+        scores = [sum(importance[n] for n in groups[g]) for g in group_names]
+        group_sparsity = allocate("waterfill", [sum(sizes[n] for n in groups[g]) for g in group_names], scores,
+                                  cfg.sparsity, cfg.max_sparsity_per_layer)
+        details["ecoflap"] = {"epsilon": cfg.ecoflap.epsilon, "linear_importance": importance,
+                              "block_scores": dict(zip(group_names, scores)),
+                              "block_sparsity": dict(zip(group_names, group_sparsity)), **counts}
+        return {n: s for g, s in zip(group_names, group_sparsity) for n in groups[g]}, None, details
+    raise UserInputError(f"unknown layer-wise allocation {layerwise!r}")
+
+
+def prune_decoder(
+    blocks: nn.ModuleList,
+    prefix: str,
+    store: CalibrationStore | None,
+    cfg: PruneConfig,
+    modality_names: dict[int, str],
+    timer: PhaseTimer,
+    head: LanguageHead | None = None,
+) -> PruneOutcome:
+    """Plan per-linear sparsity, then prune block by block; `store` is consumed."""
+    check_pattern_fits(blocks, prefix, cfg.pattern)
+    plan, das_result, details = plan_sparsity(blocks, prefix, store, cfg, modality_names, timer, head)
+    if cfg.pruner == "magnitude":
+        with timer.phase("prune"):
+            results = magnitude_prune(blocks, prefix, cfg.pattern, plan, cfg.magnitude_group)
+        return PruneOutcome(results, plan, das_result, None, details)
+    if cfg.pruner == "sparsegpt":
+        pruner = SparseGPTPruner(prefix, cfg.pattern, plan)
     else:
-        plan = {n: cfg.sparsity for n in names}
-    pruner = WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
+        pruner = WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
     with timer.phase("prune_sweep"):
         sweep(blocks, store, pruner, cfg.device, desc=f"prune ({cfg.method})")
-    return PruneOutcome(pruner.results, plan, das_result, pruner.selection if cfg.uses_amia else None)
+    if cfg.pruner == "sparsegpt":
+        details["sparsegpt"] = {"blocksize": pruner.blocksize, "percdamp": pruner.percdamp,
+                                "raised_damping": pruner.damping, "reconstruction_loss": pruner.losses}
+        return PruneOutcome(pruner.results, plan, das_result, None, details)
+    return PruneOutcome(pruner.results, plan, das_result, pruner.selection if cfg.uses_amia else None, details)

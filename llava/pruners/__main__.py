@@ -22,7 +22,7 @@ from mmprune.cli import (
 )
 from mmprune.errors import UserInputError
 from mmprune.output import check_output_dir
-from mmprune.pipeline import PhaseTimer, check_pattern_fits
+from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
 
 REAL_MODEL = "checkpoints/llama3-llava-next-8b"
 REAL_RAW_DIR = "playground/LLaVA-NeXT-Data/llava_next_raw_format"
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     uses_embedded = resolve_paths(args)
     if args.eval is None:
         args.eval = uses_embedded
-    output_dir = args.save_model or default_output_dir(args.model_path, cfg.method, args.llm_sparsity_ratio, args.sparsity_type)
+    output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio, args.sparsity_type)
     args.save_model = output_dir
     check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
     if args.eval_samples is not None and args.eval_samples < 1:
@@ -140,12 +140,13 @@ def main(argv=None) -> int:
         model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
         capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
+        head=LanguageHead(model.model.language_model.norm, model.lm_head),
     )
     calibration = {"data_path": args.data_path, "image_folder": args.image_folder, "task_split_path": args.task_split_path,
                    "task_name": args.task_name, "nsamples": args.nsamples, "seed": args.seed,
                    "sample_ids": [r.get("id") for r in records], "full_conversations": True}
     report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
-    summary = {"output_dir": output_dir, "method": cfg.method, "target_sparsity": cfg.sparsity,
+    summary = {"output_dir": output_dir, "method": cfg.name, "target_sparsity": cfg.sparsity,
                "sparsity_type": str(cfg.pattern), "achieved_sparsity": report["achieved_sparsity"]}
     if "evaluation" in report:
         dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
