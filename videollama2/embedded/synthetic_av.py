@@ -1,0 +1,227 @@
+"""Deterministic synthetic audio-visual question answering: short mp4 clips with an audio track.
+
+A clip lasts 2 s (16 frames at 8 fps, 64x64, H.264 + AAC at 16 kHz):
+
+- video: a coloured shape (circle, square, triangle; red, green, blue, yellow) moves across a dark
+  noisy background during the first second, then a second shape of another colour and another
+  kind during the second second;
+- audio: a faint noise floor and one sound event, either early (within the first second) or late
+  (within the second): a ``hum`` (low tone, 200-300 Hz, with a harmonic), a ``beep`` (high tone,
+  1.3-1.9 kHz) or a ``hiss`` (broadband noise).
+
+Questions (one-word answers) come in three kinds:
+
+- ``video`` (needs the frames): "what color is the first shape ?", "what is the second shape ?"
+- ``audio`` (needs the sound): "what sound do you hear ?" (hum/beep/hiss),
+  "when do you hear the sound ?" (early/late)
+- ``both`` (needs both, aligned in time): "what color is the shape during the sound ?",
+  "what shape is on screen during the sound ?". The two shapes always differ in colour and kind,
+  so a model that sees only the video is right half of the time at best, and one that only hears
+  is at chance over four colours or three shapes.
+
+Annotations are written in AVInstruct's raw format ({"video_id", "conversations"}, the question
+prefixed with "<video>\\n<Q>") and converted with datasets/transform_to_avinstruct.py's function
+into the JSON the loader reads ({"id", "video", "audio", "conversations"}, plus "kind").
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FPS = 8
+SECONDS = 2.0
+FRAMES = int(FPS * SECONDS)
+SIZE = 64
+SAMPLE_RATE = 16000
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (225, 45, 45), "green": (45, 190, 70), "blue": (55, 95, 240), "yellow": (235, 215, 45)}
+SOUNDS = ("hum", "beep", "hiss")
+TIMINGS = ("early", "late")
+KINDS = ("video", "audio", "both")
+
+QUESTIONS = {
+    "video": (("what color is the first shape ?", "color", 0), ("what color is the second shape ?", "color", 1),
+              ("what is the first shape ?", "shape", 0), ("what is the second shape ?", "shape", 1)),
+    "audio": (("what sound do you hear ?", "sound", None), ("when do you hear the sound ?", "timing", None)),
+    "both": (("what color is the shape during the sound ?", "color", "sound"),
+             ("what shape is on screen during the sound ?", "shape", "sound")),
+}
+SAFE_LOW, SAFE_HIGH = 6, 48  # shapes stay inside these pixel bounds (the STC floors the last patch row/col)
+
+
+@dataclass
+class ShapeSpec:
+    shape: str
+    color: str
+    size: int
+    start: tuple[float, float]
+    velocity: tuple[float, float]
+    rgb: tuple[int, int, int]
+
+
+@dataclass
+class ClipSpec:
+    shapes: tuple[ShapeSpec, ShapeSpec]
+    sound: str
+    timing: str
+    sound_start: float
+    sound_length: float
+    frequency: float
+    loudness: float
+    background: int
+    seed: int
+
+    def answer(self, attribute: str, which) -> str:
+        if attribute == "sound":
+            return self.sound
+        if attribute == "timing":
+            return self.timing
+        index = (0 if self.timing == "early" else 1) if which == "sound" else which
+        shape = self.shapes[index]
+        return shape.color if attribute == "color" else shape.shape
+
+
+def draw_clip_spec(rng: random.Random, seed: int) -> ClipSpec:
+    colors = rng.sample(sorted(COLORS), 2)
+    kinds = rng.sample(SHAPES, 2)
+    shapes = []
+    for color, kind in zip(colors, kinds):
+        size = rng.randint(16, 24)
+        x0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
+        y0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
+        speed = rng.uniform(1.0, 3.0)
+        angle = rng.uniform(0, 2 * math.pi)
+        rgb = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLORS[color])
+        shapes.append(ShapeSpec(kind, color, size, (x0, y0), (speed * math.cos(angle), speed * math.sin(angle)), rgb))
+    sound = rng.choice(SOUNDS)
+    timing = rng.choice(TIMINGS)
+    length = rng.uniform(0.45, 0.65)
+    start = rng.uniform(0.1, 0.9 - length) + (0.0 if timing == "early" else 1.0)
+    frequency = rng.uniform(200, 300) if sound == "hum" else rng.uniform(1300, 1900)
+    return ClipSpec(tuple(shapes), sound, timing, start, length, frequency, rng.uniform(0.25, 0.5),
+                    rng.randint(0, 50), seed)
+
+
+def _position(shape: ShapeSpec, step: int) -> tuple[float, float]:
+    """Top-left corner at frame step, bouncing inside the safe area."""
+    coords = []
+    for start, velocity in zip(shape.start, shape.velocity):
+        span = SAFE_HIGH - shape.size - SAFE_LOW
+        value = (start - SAFE_LOW + velocity * step) % (2 * span) if span > 0 else 0.0
+        coords.append(SAFE_LOW + (value if value <= span else 2 * span - value))
+    return coords[0], coords[1]
+
+
+def render_frames(spec: ClipSpec) -> np.ndarray:
+    """(16, 64, 64, 3) uint8 frames: shape 0 in frames 0-7, shape 1 in frames 8-15."""
+    noise_rng = np.random.default_rng(spec.seed)
+    frames = np.empty((FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    half = FRAMES // 2
+    for t in range(FRAMES):
+        shape = spec.shapes[0 if t < half else 1]
+        base = noise_rng.normal(spec.background, 6.0, size=(SIZE, SIZE, 1)).repeat(3, axis=2)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        x, y = _position(shape, t % half)
+        s = shape.size
+        if shape.shape == "circle":
+            draw.ellipse([x, y, x + s, y + s], fill=shape.rgb)
+        elif shape.shape == "square":
+            draw.rectangle([x + 2, y + 2, x + s - 2, y + s - 2], fill=shape.rgb)
+        else:
+            draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=shape.rgb)
+        frames[t] = np.asarray(image)
+    return frames
+
+
+def render_audio(spec: ClipSpec) -> np.ndarray:
+    """(32000,) float32 in [-1, 1]."""
+    rng = np.random.default_rng(spec.seed + 1)
+    n = int(SECONDS * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    audio = rng.normal(0.0, 0.01, n)
+    begin, end = int(spec.sound_start * SAMPLE_RATE), int((spec.sound_start + spec.sound_length) * SAMPLE_RATE)
+    local = t[begin:end] - t[begin]
+    if spec.sound == "hiss":
+        event = rng.normal(0.0, 0.5, end - begin)
+    elif spec.sound == "hum":
+        event = np.sin(2 * np.pi * spec.frequency * local) + 0.4 * np.sin(4 * np.pi * spec.frequency * local)
+    else:
+        event = np.sin(2 * np.pi * spec.frequency * local)
+    ramp = np.minimum(1.0, np.minimum(local, local[-1] - local) / 0.01)  # 10 ms fades
+    audio[begin:end] += spec.loudness * event * ramp
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+
+def encode_mp4(frames: np.ndarray, audio: np.ndarray | None, fps: int = FPS,
+               sample_rate: int = SAMPLE_RATE) -> bytes:
+    """H.264 (yuv420p) video and, if given, a mono AAC track, in an mp4 container."""
+    import av
+
+    buffer = io.BytesIO()
+    container = av.open(buffer, "w", format="mp4")
+    video = container.add_stream("libx264", rate=fps)
+    video.width, video.height = frames.shape[2], frames.shape[1]
+    video.pix_fmt = "yuv420p"
+    video.options = {"crf": "26", "preset": "medium"}
+    sound = None
+    if audio is not None:
+        sound = container.add_stream("aac", rate=sample_rate)
+        sound.layout = "mono"
+        sound.bit_rate = 32000
+    for frame in frames:
+        for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in video.encode():
+        container.mux(packet)
+    if sound is not None:
+        for start in range(0, len(audio), 1024):
+            chunk = av.AudioFrame.from_ndarray(audio[None, start:start + 1024].astype(np.float32), format="fltp",
+                                               layout="mono")
+            chunk.sample_rate = sample_rate
+            chunk.pts = start
+            for packet in sound.encode(chunk):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    container.close()
+    return buffer.getvalue()
+
+
+def encode_wav(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def questions_for(spec: ClipSpec, kind: str) -> list[tuple[str, str]]:
+    return [(text, spec.answer(attribute, which)) for text, attribute, which in QUESTIONS[kind]]
+
+
+def draw_question(rng: random.Random, spec: ClipSpec, kind: str) -> tuple[str, str]:
+    return rng.choice(questions_for(spec, kind))
+
+
+def raw_annotation(video_id: str, question: str, answer: str, kind: str) -> dict:
+    """One AVInstruct (Bay-CAT) style annotation."""
+    return {"video_id": video_id, "kind": kind, "conversations": [
+        {"from": "human", "value": f"<video>\n<Q>{question}"}, {"from": "gpt", "value": answer}]}
+
+
+def vocabulary() -> list[str]:
+    """Every word a question or answer of the task can hold."""
+    words = set()
+    for templates in QUESTIONS.values():
+        for text, _, _ in templates:
+            words.update(text.split())
+    words.update(SHAPES, COLORS, SOUNDS, TIMINGS)
+    return sorted(words)

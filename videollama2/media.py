@@ -1,0 +1,225 @@
+"""Video frames and audio features for VideoLLaMA2-AV, as the released preprocessing makes them.
+
+Video (decord): F = `num_frames` frames at the mid-points of F equal segments of the N decoded
+frames, idx_i = round((N - 1) / F * (i + 1/2)) (halves up); each frame squashed to the vision
+tower's square size (bicubic), scaled to [0, 1] and normalised with mean = std = 0.5.
+
+Audio, from a video's own track (decord, mono, 16 kHz): `audio_clips` clips of
+`audio_clip_seconds` starting at i * max(D - clip, 0) / (clips - 1) s, concatenated, then
+cropped or zero-padded to `audio_seconds` (released model: 8 clips of 2 s, 30 s).
+Audio from a file (soundfile): first channel, cropped at its start to `audio_seconds` or
+zero-padded, resampled to 16 kHz (FFT resampling). Both are scaled by 2**15 and turned into
+128-bin Kaldi fbank features (videollama2.fbank).
+
+Unlike the reference code, which substitutes silence or another sample when a file cannot be
+read, every problem here is a UserInputError naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmprune.errors import UserInputError
+from videollama2.fbank import fbank
+
+SAMPLE_RATE = 16000
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"}
+IMAGE_MEAN = IMAGE_STD = 0.5
+
+
+@contextmanager
+def _captured_stderr():
+    """decord's C++ code logs to file descriptor 2; keep that out of the user's terminal and hand
+    the text to the error message instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = tempfile.TemporaryFile(mode="w+b")
+    os.dup2(log.fileno(), 2)
+    captured = {"text": ""}
+    try:
+        yield captured
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.seek(0)
+        captured["text"] = log.read().decode("utf-8", "replace")
+        log.close()
+
+
+def _reason(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text[-200:]
+
+
+def _require_file(path: Path, what: str, hint: str) -> None:
+    if not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise UserInputError(f"{what} {path} {state}; {hint}")
+
+
+def frame_indices(total: int, num_frames: int) -> list[int]:
+    """Mid-points of num_frames equal segments of [0, total - 1], rounded halves up."""
+    segment = (total - 1) / num_frames
+    return [int(np.round(segment * (i + 0.5) + 1e-6)) for i in range(num_frames)]
+
+
+def read_video_frames(path, num_frames: int) -> np.ndarray:
+    """(num_frames, H, W, 3) uint8 RGB frames sampled uniformly."""
+    from decord import VideoReader, cpu
+
+    path = Path(path)
+    _require_file(path, "video file", "check --data_folder (media are looked up as data_folder/<record video>)")
+    try:
+        with _captured_stderr():
+            reader = VideoReader(str(path), ctx=cpu(0), num_threads=1)
+            total = len(reader)
+            if total == 0:
+                raise UserInputError(f"video file {path} has no frames; replace or remove it")
+            frames = reader.get_batch(frame_indices(total, num_frames)).asnumpy()
+    except UserInputError:
+        raise
+    except Exception as exc:  # decord raises its own error types (DECORDError, RuntimeError)
+        raise UserInputError(f"video file {path} cannot be read ({_reason(exc)}); replace or remove it") from None
+    return frames
+
+
+def preprocess_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, S, S) float32, squashed (no crop or pad) with bicubic resampling."""
+    resized = [np.asarray(Image.fromarray(frame).resize((image_size, image_size), Image.BICUBIC)) for frame in frames]
+    pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+def read_video_audio(path) -> np.ndarray:
+    """The video's audio track, mono at 16 kHz, float32 in [-1, 1]."""
+    from decord import AudioReader, cpu
+
+    path = Path(path)
+    _require_file(path, "video file", "check --data_folder (media are looked up as data_folder/<record audio>)")
+    try:
+        with _captured_stderr() as log:
+            reader = AudioReader(str(path), ctx=cpu(0), sample_rate=SAMPLE_RATE, mono=True)
+            samples = reader[:].asnumpy()
+    except Exception as exc:
+        text = f"{log.get('text', '')} {exc}"
+        if "find audio stream" in text or "audio stream" in str(exc).lower():
+            raise UserInputError(
+                f"video file {path} has no audio track, but its record needs audio; give the record an audio "
+                "file (\"audio\": \"<name>.wav\") or drop its \"audio\" field") from None
+        raise UserInputError(f"the audio of video file {path} cannot be read ({_reason(exc)}); replace or "
+                             "remove it") from None
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if samples.size == 0:
+        raise UserInputError(f"video file {path} has an empty audio track; replace it or drop the record's "
+                             "\"audio\" field")
+    return samples
+
+
+def read_audio_file(path) -> tuple[np.ndarray, int]:
+    """(first channel as float32, sample rate) of an audio file (wav, flac, ...)."""
+    import soundfile
+
+    path = Path(path)
+    _require_file(path, "audio file", "check --data_folder (media are looked up as data_folder/<record audio>)")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError, ValueError) as exc:
+        raise UserInputError(f"audio file {path} cannot be read ({_reason(exc)}); replace or remove it") from None
+    if data.shape[0] == 0:
+        raise UserInputError(f"audio file {path} holds no samples; replace or remove it")
+    return data[:, 0], int(rate)
+
+
+def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """FFT resampling (band-limited; the length becomes ceil(n * target / rate))."""
+    if rate == target:
+        return samples
+    n = samples.shape[0]
+    n_out = int(np.ceil(n * target / rate))
+    spectrum = np.fft.rfft(samples.astype(np.float64))
+    out = np.zeros(n_out // 2 + 1, dtype=np.complex128)
+    keep = min(spectrum.shape[0], out.shape[0])
+    out[:keep] = spectrum[:keep]
+    return (np.fft.irfft(out, n_out) * (n_out / n)).astype(np.float32)
+
+
+def clip_concat(samples: np.ndarray, clips: int, clip_seconds: float, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`clips` clips of `clip_seconds` evenly spread over the audio, concatenated (a clip past the
+    end is cut short)."""
+    duration = Fraction(samples.shape[0], rate)
+    clip = Fraction(clip_seconds).limit_denominator(1000)
+    step = max(duration - clip, Fraction(0)) / max(clips - 1, 1)
+    pieces = []
+    for i in range(clips):
+        start = step * i
+        pieces.append(samples[int(start * rate): int((start + clip) * rate)])
+    return np.concatenate(pieces)
+
+
+def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
+    """Crop at the start or zero-pad at the end to exactly `length` samples."""
+    if samples.shape[0] >= length:
+        return samples[:length]
+    return np.pad(samples, (0, length - samples.shape[0]))
+
+
+def audio_features(samples: np.ndarray) -> torch.Tensor:
+    """(n_frames, 128) float32 fbank of a 16 kHz waveform in [-1, 1]."""
+    return fbank(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)) * 2 ** 15)
+
+
+def is_video_path(path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+class MediaLoader:
+    """Frames and fbank features for one model configuration, cached per file."""
+
+    def __init__(self, num_frames: int, image_size: int, audio_seconds: float = 30.0, audio_clips: int = 8,
+                 audio_clip_seconds: float = 2.0, cache: bool = True):
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.audio_samples = int(round(audio_seconds * SAMPLE_RATE))
+        self.audio_seconds = audio_seconds
+        self.audio_clips = audio_clips
+        self.audio_clip_seconds = audio_clip_seconds
+        self._cache: dict | None = {} if cache else None
+
+    @classmethod
+    def for_config(cls, config, image_size: int, cache: bool = True) -> "MediaLoader":
+        return cls(config.num_frames, image_size, config.audio_seconds, config.audio_clips,
+                   config.audio_clip_seconds, cache)
+
+    def _cached(self, key, compute):
+        if self._cache is None:
+            return compute()
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def video(self, path) -> torch.Tensor:
+        """(T, 3, S, S)."""
+        return self._cached(("video", str(path)), lambda: preprocess_frames(
+            read_video_frames(path, self.num_frames), self.image_size))
+
+    def audio(self, path) -> torch.Tensor:
+        """(n_frames, 128) fbank, from a video's track or an audio file."""
+        return self._cached(("audio", str(path)), lambda: self._audio(path))
+
+    def _audio(self, path) -> torch.Tensor:
+        if is_video_path(path):
+            samples = clip_concat(read_video_audio(path), self.audio_clips, self.audio_clip_seconds)
+            return audio_features(fit_length(samples, self.audio_samples))
+        samples, rate = read_audio_file(path)
+        samples = fit_length(samples, int(round(self.audio_seconds * rate)))
+        return audio_features(fit_length(resample(samples, rate), self.audio_samples))
