@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean-outputs
+.PHONY: setup demo test test-fast test-peer quality clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -20,11 +20,21 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	OVERWRITE=1 bash scripts/prune/tamp.sh
 
+# The suite on the newest transformers 5.x, then the llm-compressor cross-check in its own venv
+# (llm-compressor pins transformers 5.15-5.17; that venv also proves the package imports on 5.17).
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) test-peer
+
+test-peer:
+	bash tests/peer/run_peer_tests.sh .venv-peer
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Every method x sparsity x seed on the embedded LLaVA-NeXT -> docs/results.md (takes a while).
+quality: setup
+	$(PY) -m llava.quality
 
 # Pruned outputs of the scripts (the committed embedded checkpoint is kept).
 clean-outputs:
