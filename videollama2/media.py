@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -93,11 +94,21 @@ def read_video_frames(path, num_frames: int) -> np.ndarray:
     return frames
 
 
-def preprocess_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, S, S) float32, squashed (no crop or pad) with bicubic resampling."""
-    resized = [np.asarray(Image.fromarray(frame).resize((image_size, image_size), Image.BICUBIC)) for frame in frames]
-    pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
+def resize_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, S, S, 3) uint8, squashed (no crop or pad), bicubic."""
+    return np.stack([np.asarray(Image.fromarray(frame).resize((image_size, image_size), Image.BICUBIC))
+                     for frame in frames])
+
+
+def normalize_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) float32 scaled to [0, 1], then (x - 0.5) / 0.5."""
+    pixels = torch.as_tensor(np.asarray(frames)).movedim(-1, -3).float() / 255.0
     return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+def preprocess_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, S, S) float32, as SigLIP's image processor without cropping."""
+    return normalize_frames(resize_frames(frames, image_size))
 
 
 def read_video_audio(path) -> np.ndarray:
@@ -183,17 +194,20 @@ def is_video_path(path) -> bool:
 
 
 class MediaLoader:
-    """Frames and fbank features for one model configuration, cached per file."""
+    """Frames and fbank features for one model configuration, cached per file (least recently used
+    entries are dropped beyond `cache_bytes`)."""
 
     def __init__(self, num_frames: int, image_size: int, audio_seconds: float = 30.0, audio_clips: int = 8,
-                 audio_clip_seconds: float = 2.0, cache: bool = True):
+                 audio_clip_seconds: float = 2.0, cache: bool = True, cache_bytes: int = 1 << 30):
         self.num_frames = num_frames
         self.image_size = image_size
         self.audio_samples = int(round(audio_seconds * SAMPLE_RATE))
         self.audio_seconds = audio_seconds
         self.audio_clips = audio_clips
         self.audio_clip_seconds = audio_clip_seconds
-        self._cache: dict | None = {} if cache else None
+        self._cache: OrderedDict | None = OrderedDict() if cache else None
+        self._cache_bytes = cache_bytes
+        self._held = 0
 
     @classmethod
     def for_config(cls, config, image_size: int, cache: bool = True) -> "MediaLoader":
@@ -203,9 +217,18 @@ class MediaLoader:
     def _cached(self, key, compute):
         if self._cache is None:
             return compute()
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = compute()
+        size = value.numel() * value.element_size()
+        if size <= self._cache_bytes:
+            self._cache[key] = value
+            self._held += size
+            while self._held > self._cache_bytes:
+                _, dropped = self._cache.popitem(last=False)
+                self._held -= dropped.numel() * dropped.element_size()
+        return value
 
     def video(self, path) -> torch.Tensor:
         """(T, 3, S, S)."""

@@ -225,3 +225,106 @@ def vocabulary() -> list[str]:
             words.update(text.split())
     words.update(SHAPES, COLORS, SOUNDS, TIMINGS)
     return sorted(words)
+
+
+# --------------------------------------------------------------------------------------------- data set
+
+CALIB_CLIPS = 128
+EVAL_CLIPS = 120
+WAV_EVERY = 16  # every 16th calibration clip: silent mp4 + separate wav file as its audio
+TRAIN_SEED_OFFSET = 1_000_000  # training clips draw from seeds no data file uses
+
+
+def make_clip(seed: int) -> tuple[ClipSpec, np.ndarray, np.ndarray]:
+    spec = draw_clip_spec(random.Random(seed), seed)
+    return spec, render_frames(spec), render_audio(spec)
+
+
+def write_embedded_data(out, seed: int = 0, eval_seed: int | None = None, n_calib: int = CALIB_CLIPS,
+                        n_eval: int = EVAL_CLIPS) -> dict:
+    """Write the embedded AVInstruct data under `out`:
+
+    - AVQA_music/calib_NNNN.mp4 (+ .wav for every WAV_EVERY-th clip, whose mp4 is silent) and
+      AVQA_music/eval_NNNN.mp4;
+    - annotations/avinstruct_part{1,2}.json: the calibration questions in AVInstruct's raw format
+      (one per clip, kinds in turn);
+    - avinstruct_avqa_music.json: those annotations transformed (videollama2.avinstruct), the
+      wav clips pointing their "audio" at the wav file;
+    - avinstruct_avqa_music_eval.json: held-out clips (another seed), one question of each kind
+      per clip.
+    """
+    from pathlib import Path
+
+    from videollama2.avinstruct import transform, write_json_atomic
+
+    out = Path(out)
+    media = out / "AVQA_music"
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    media.mkdir(parents=True, exist_ok=True)
+    eval_seed = seed + 1 if eval_seed is None else eval_seed
+    rng = random.Random(seed)
+    annotations, wav_ids = [], set()
+    for i in range(n_calib):
+        video_id = f"calib_{i:04d}"
+        spec, frames, audio = make_clip(seed * 100_000 + i)
+        separate = i % WAV_EVERY == WAV_EVERY - 1
+        (media / f"{video_id}.mp4").write_bytes(encode_mp4(frames, None if separate else audio))
+        if separate:
+            (media / f"{video_id}.wav").write_bytes(encode_wav(audio))
+            wav_ids.add(video_id)
+        kind = KINDS[i % len(KINDS)]
+        question, answer = draw_question(rng, spec, kind)
+        annotations.append(raw_annotation(video_id, question, answer, kind))
+    half = len(annotations) // 2
+    parts = (annotations[:half], annotations[half:])
+    for path, part in zip(("avinstruct_part1.json", "avinstruct_part2.json"), parts):
+        write_json_atomic(out / "annotations" / path, part)
+    records, dropped = transform(annotations, media)
+    assert not dropped
+    for record in records:
+        stem = record["video"][:-4]
+        if stem in wav_ids:
+            record["audio"] = f"{stem}.wav"
+    write_json_atomic(out / "avinstruct_avqa_music.json", records)
+
+    eval_rng = random.Random(eval_seed)
+    eval_annotations = []
+    for i in range(n_eval):
+        video_id = f"eval_{i:04d}"
+        spec, frames, audio = make_clip(eval_seed * 100_000 + i)
+        (media / f"{video_id}.mp4").write_bytes(encode_mp4(frames, audio))
+        for kind in KINDS:
+            question, answer = draw_question(eval_rng, spec, kind)
+            eval_annotations.append(raw_annotation(video_id, question, answer, kind))
+    eval_records, _ = transform(eval_annotations, media)
+    write_json_atomic(out / "avinstruct_avqa_music_eval.json", eval_records)
+    return {"data_path": out / "avinstruct_avqa_music.json", "eval_path": out / "avinstruct_avqa_music_eval.json",
+            "media": media, "calibration_records": len(records), "eval_records": len(eval_records)}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from videollama2.embedded import paths
+
+    parser = argparse.ArgumentParser(prog="python -m videollama2.embedded.synthetic_av",
+                                     description="Write the synthetic audio-visual QA data of the embedded default.")
+    parser.add_argument("--out", default=str(paths.DATA_ROOT), help="output root (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-seed", type=int, default=None, help="seed of the held-out split (default: seed + 1)")
+    parser.add_argument("--n-calib", type=int, default=CALIB_CLIPS)
+    parser.add_argument("--n-eval", type=int, default=EVAL_CLIPS)
+    args = parser.parse_args(argv)
+    if args.n_calib < 1 or args.n_eval < 1:
+        print("error: --n-calib and --n-eval must be at least 1", flush=True)
+        return 2
+    written = write_embedded_data(args.out, args.seed, args.eval_seed, args.n_calib, args.n_eval)
+    for name, value in written.items():
+        print(f"{name}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

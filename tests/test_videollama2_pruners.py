@@ -1,0 +1,126 @@
+"""`python -m videollama2.pruners` in-process on the random tiny fixture: every core method through
+the same driver, the 6 DAS terms of three modalities, tower pruning, and the parts that must stay
+untouched."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixtures_videollama2 import AUDIO_TOKENS, VIDEO_TOKENS, build_tiny_videollama2, write_clip, write_wav
+from mmprune.calibration import CalibrationStore
+from mmprune.das import DASConfig, DiversitySweep
+from mmprune.diversity import diversity_terms, term_name
+from mmprune.driver import sweep
+from mmprune.pipeline import PRESETS
+from videollama2.checkpoint import load_videollama2
+from videollama2.data import encode_record
+from videollama2.media import MediaLoader
+from videollama2.model import MODALITY_NAMES
+from videollama2.pruners.__main__ import main
+from videollama2.pruning import capture_decoder_inputs
+
+SIX_TERMS = {"text-text", "text-video", "text-audio", "video-video", "video-audio", "audio-audio"}
+METHODS = [m for m in ("tamp", "wanda", "sparsegpt", "magnitude", "owl", "ecoflap", "das", "amia") if m in PRESETS]
+
+
+@pytest.fixture(scope="module")
+def fixture_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl2fixture")
+    model_dir = build_tiny_videollama2(root / "model")
+    data = root / "data"
+    data.mkdir()
+    records = []
+    for i in range(6):
+        name = f"clip{i}.mp4"
+        separate = i == 5
+        write_clip(data / name, seed=i, with_audio=not separate)
+        record = {"id": i, "video": name, "audio": name, "conversations": [
+            {"from": "human", "value": "<video>\nwhat sound do you hear ?"}, {"from": "gpt", "value": "hum"}]}
+        if separate:
+            write_wav(data / "clip5.wav", seconds=1.0)
+            record["audio"] = "clip5.wav"
+        records.append(record)
+    (data / "data.json").write_text(json.dumps(records))
+    return model_dir, data
+
+
+def run(fixture_dirs, tmp_path, *extra):
+    model_dir, data = fixture_dirs
+    out = tmp_path / "out"
+    argv = ["--model_path", str(model_dir), "--data_path", str(data / "data.json"), "--nsamples", "4",
+            "--save_model", str(out), "--no_eval", *extra]
+    assert main(argv) == 0
+    return out, json.loads((out / "pruning_report.json").read_text())
+
+
+def tensors(folder):
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def is_decoder_linear(key):
+    return key.startswith("model.layers.") and key.endswith("proj.weight")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_core_method_runs_and_hits_the_target(fixture_dirs, tmp_path, method):
+    out, report = run(fixture_dirs, tmp_path, "--method", method)
+    assert report["method"] == method
+    assert abs(report["achieved_sparsity"] - 0.5) <= 1e-3
+    before, after = tensors(fixture_dirs[0]), tensors(out)
+    assert before.keys() == after.keys()
+    for key in before:
+        if not is_decoder_linear(key):
+            assert torch.equal(before[key], after[key]), f"{key} changed"
+    if method in ("tamp", "das"):
+        for group, terms in report["das"]["group_terms"].items():
+            assert set(terms) == SIX_TERMS, group
+    counts = report["calibration"].get("tokens_per_modality")
+    if counts:
+        assert counts["video"] == 4 * VIDEO_TOKENS and counts["audio"] == 4 * AUDIO_TOKENS
+        assert counts["video"] + counts["audio"] > counts["text"]
+
+
+def test_public_flags_and_tower_pruning(fixture_dirs, tmp_path):
+    out, report = run(fixture_dirs, tmp_path, "--prune_method", "wanda", "--token_selection", "amia",
+                      "--score_method", "density_sum", "--sparsity_ratio_granularity", "layer",
+                      "--vit_sparsity_ratio", "0.3", "--aud_sparsity_ratio", "0.4")
+    assert report["method"] == "tamp"
+    assert abs(report["vision_tower"]["achieved_sparsity"] - 0.3) < 0.01
+    assert abs(report["audio_tower"]["achieved_sparsity"] - 0.4) < 0.01
+    before, after = tensors(fixture_dirs[0]), tensors(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.vision_tower.vision_tower.vision_model.encoder.layers.") for k in changed)
+    assert any(k.startswith("model.audio_tower.encoder.layers.") for k in changed)
+    allowed = ("model.layers.", "model.vision_tower.vision_tower.vision_model.encoder.layers.",
+               "model.audio_tower.encoder.layers.")
+    assert all(k.startswith(allowed) and k.endswith(".weight") for k in changed), changed
+    assert not any("mm_projector" in k or "embed_tokens" in k or "lm_head" in k for k in changed)
+    model, _ = load_videollama2(out)  # the output loads like the original
+    assert model.model.layers[0].mlp.down_proj.weight.eq(0).float().mean() > 0.3
+
+
+def test_six_term_das_on_spliced_samples(fixture_dirs):
+    model_dir, data = fixture_dirs
+    model, tokenizer = load_videollama2(model_dir)
+    records = json.loads((data / "data.json").read_text())[:2]
+    media = MediaLoader.for_config(model.config, model.image_size)
+    samples = [encode_record(tokenizer, r, data, media) for r in records]
+    store = capture_decoder_inputs(model, iter(samples), "cpu", "cpu", 2)
+    assert isinstance(store, CalibrationStore) and len(store) == 2
+    ids = store.modality_ids[0]
+    assert int((ids == 1).sum()) == VIDEO_TOKENS and int((ids == 2).sum()) == AUDIO_TOKENS
+    first_video = int((ids == 1).nonzero()[0])
+    assert ids[first_video:first_video + VIDEO_TOKENS + AUDIO_TOKENS].tolist() == [1] * VIDEO_TOKENS + [2] * AUDIO_TOKENS
+    assert store.labels[0].shape == (1, store.hidden[0].shape[1])
+    terms = diversity_terms(store.hidden[0][0], ids)
+    assert {term_name(t, MODALITY_NAMES) for t in terms} == SIX_TERMS
+    assert all(0.0 <= v <= 2.0 for v in terms.values())
+    diversity = DiversitySweep("model.layers", DASConfig())
+    sweep(model.model.layers, store.clone(), diversity, "cpu", desc="test")
+    for group in diversity.groups:
+        assert len(diversity.accumulator.term_means(group)) == 6

@@ -1,0 +1,179 @@
+"""Evaluate a VideoLLaMA2-AV checkpoint on AVInstruct-format question answering.
+
+    python -m videollama2.eval --model_path DIR [--data_path JSON --data_folder DIR]
+                               [--max_samples N] [--max_new_tokens K] [--device cpu|cuda]
+
+Metrics: exact-match accuracy of the greedy answer (case, whitespace and trailing punctuation
+normalised) and answer perplexity (teacher forced on the reference answer and its end-of-turn
+tokens, token-weighted over the data set), overall and per question `kind` when records carry
+one. Prints one JSON line on stdout. Without --data_path the embedded synthetic eval split is
+used (a banner on stderr says so).
+
+`evaluate(model, tokenizer, records, data_folder, media)` is the same computation in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mmprune.cli import OneLineErrorParser, run_main
+from mmprune.errors import UserInputError
+from videollama2.data import check_media, encode_record, load_records, reference_answer
+from videollama2.embedded import paths
+from videollama2.media import MediaLoader
+from videollama2.model import IGNORE_INDEX
+
+DEFAULT_MAX_NEW_TOKENS = 8
+
+
+def normalize_answer(text: str) -> str:
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.rstrip(".!?,;:").strip()
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        value = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(value, int) and value != tokenizer.unk_token_id:
+            ids.add(value)
+    return sorted(i for i in ids if i is not None)
+
+
+def last_answer_span(labels: torch.Tensor) -> tuple[int, int] | None:
+    positions = (labels[0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    if not positions:
+        return None
+    start = positions[-1]
+    while start - 1 in positions:
+        start -= 1
+    return start, positions[-1] + 1
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: dict, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """Argmax decoding with the KV cache; the media are encoded once, in the first step."""
+    out = model(prompt["input_ids"], video=prompt.get("video"), audio=prompt.get("audio"), use_cache=True,
+                last_logits_only=True)
+    tokens: list[int] = []
+    while True:
+        next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens.append(int(next_id))
+        if tokens[-1] in stop_ids or len(tokens) == max_new_tokens:
+            return tokens
+        out = model(next_id, past_key_values=out.past_key_values, use_cache=True, last_logits_only=True)
+
+
+@torch.no_grad()
+def score_record(model, full: dict, stop_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, int]:
+    """(greedy answer ids, answer NLL sum, answer token count). One teacher-forced pass gives the
+    NLL and the argmax at every answer position; when those reproduce the reference through its
+    stop token, greedy decoding would too, so it is not rerun."""
+    out = model(full["input_ids"], video=full.get("video"), audio=full.get("audio"), labels=full["labels"])
+    span = last_answer_span(out.labels.cpu())
+    if span is None:
+        raise UserInputError("a record has no answer tokens to score")
+    start, end = span
+    logits = out.logits[0, start - 1:end - 1].float()
+    targets = out.labels[0, start:end].to(logits.device)
+    nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    predicted, reference = logits.argmax(dim=-1).tolist(), targets.tolist()
+    stops = [i for i, t in enumerate(reference) if t in stop_ids]
+    if stops and stops[0] < max_new_tokens and predicted[:stops[0] + 1] == reference[:stops[0] + 1]:
+        return reference[:stops[0] + 1], nll, end - start
+    prompt_end = full["input_ids"].shape[1] - (end - start)  # the answer is the text's tail
+    prompt = dict(full, input_ids=full["input_ids"][:, :prompt_end])
+    return greedy_decode(model, prompt, max_new_tokens, stop_ids), nll, end - start
+
+
+def _summary(correct: int, n: int, nll: float, tokens: int) -> dict:
+    return {"n": n, "accuracy": correct / n if n else None,
+            "answer_perplexity": math.exp(nll / tokens) if tokens else None}
+
+
+def evaluate(model, tokenizer, records: list, data_folder, media: MediaLoader,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True, desc: str = "eval") -> dict:
+    """{"n", "accuracy", "answer_perplexity", "per_kind": {kind: {same}}} of greedy answers."""
+    if not records:
+        raise UserInputError("no records to evaluate; check --data_path and --max_samples")
+    model.eval()
+    stop_ids = stop_token_ids(tokenizer)
+    totals: dict = {}
+    for record in tqdm(records, desc=desc, disable=not progress, file=sys.stderr):
+        reference = reference_answer(record)
+        if reference is None:
+            raise UserInputError(f"record {record.get('id')!r} does not end with a gpt answer, so it cannot be scored")
+        full = encode_record(tokenizer, record, data_folder, media, with_answer=True)
+        if full["labels"][0, -1] == IGNORE_INDEX:
+            raise UserInputError(f"record {record.get('id')!r}: the rendered conversation does not end with its answer")
+        tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens)
+        prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+        correct = normalize_answer(prediction) == normalize_answer(reference)
+        for key in {None, record.get("kind")}:
+            acc = totals.setdefault(key, [0, 0, 0.0, 0])
+            acc[0] += correct
+            acc[1] += 1
+            acc[2] += nll
+            acc[3] += count
+    result = _summary(*totals.pop(None))
+    result["per_kind"] = {kind: _summary(*totals[kind]) for kind in sorted(totals, key=str) if kind is not None}
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineErrorParser(prog="python -m videollama2.eval",
+                                description="Greedy exact-match accuracy and answer perplexity of a VideoLLaMA2-AV "
+                                            "checkpoint.")
+    parser.add_argument("--model_path", required=True, help="checkpoint folder, e.g. the embedded "
+                                                            "checkpoints/embedded/videollama2-av-tiny or a pruned one")
+    parser.add_argument("--data_path", default=None, help="AVInstruct-format JSON (default: the embedded eval split)")
+    parser.add_argument("--data_folder", default=None,
+                        help="folder the records' media paths are relative to (default: the JSON's folder, or the "
+                             "embedded media folder)")
+    parser.add_argument("--max_samples", type=int, default=None, help="evaluate the first N records only")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return parser.parse_args(argv)
+
+
+def run(argv=None) -> dict:
+    from videollama2.checkpoint import load_videollama2
+
+    args = parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserInputError(f"--max_samples must be at least 1, got {args.max_samples}")
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.data_path is None:
+        sys.stderr.write(f"=== videollama2.eval: no --data_path, using the EMBEDDED synthetic eval split "
+                         f"{paths.EVAL_DATA_PATH} ===\n")
+        data_path, folder = paths.EVAL_DATA_PATH, Path(args.data_folder or paths.MEDIA_FOLDER)
+    else:
+        data_path = Path(args.data_path)
+        folder = Path(args.data_folder) if args.data_folder else data_path.parent
+    records = load_records(data_path)[: args.max_samples]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_videollama2(args.model_path, dtype=args.dtype, device=device)
+    media = MediaLoader.for_config(model.config, model.image_size)
+    check_media(records, folder, media)
+    result = evaluate(model, tokenizer, records, folder, media, args.max_new_tokens)
+    return {"model_path": str(args.model_path), "data_path": str(data_path), **result}
+
+
+def main(argv=None) -> int:
+    result = run(argv)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,233 @@
+"""`python -m videollama2.pruners`: prune the LLM decoder of a VideoLLaMA2.1-AV checkpoint (TAMP
+and baselines), calibrating on audio-visual AVInstruct data.
+
+Accepts the public TAMP code's flags (--model_path --data_path --data_folder --nsamples --seed
+--llm_sparsity_ratio --vit_sparsity_ratio --aud_sparsity_ratio --sparsity_type --prune_method
+--token_selection --score_method ...). Without --model_path / --data_path it uses the public
+scripts' real paths when they exist, otherwise the embedded tiny default (with a banner).
+Per-token modality ids are 0 text, 1 video, 2 audio, so DAS scores 6 diversity terms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from mmprune.cli import (
+    LoadedModel, OneLineErrorParser, add_pruning_arguments, banner, default_output_dir, prune_config_from_args,
+    run_and_save, run_main,
+)
+from mmprune.errors import UserInputError
+from mmprune.output import check_output_dir
+from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.sparsity import check_ratio
+from videollama2.checkpoint import load_tokenizer
+from videollama2.config import VideoLLaMA2Config
+from videollama2.data import check_media, encode_record, load_records, select_samples
+from videollama2.embedded import paths as embedded
+from videollama2.media import MediaLoader
+from videollama2.model import MODALITY_NAMES, VideoLLaMA2ForCausalLM, decoder_layers
+from videollama2.pruning import capture_decoder_inputs, prune_tower
+
+REAL_MODEL, REAL_DATA, REAL_MEDIA = embedded.REAL_MODEL, embedded.REAL_DATA, embedded.REAL_MEDIA
+
+
+def parse_args(argv):
+    parser = OneLineErrorParser(prog="python -m videollama2.pruners", description=__doc__)
+    data = parser.add_argument_group("model and calibration data")
+    data.add_argument("--model_path", default=None, help=f"VideoLLaMA2.1-AV checkpoint folder (default {REAL_MODEL})")
+    data.add_argument("--data_path", default=None, help=f"AVInstruct-format JSON (default {REAL_DATA})")
+    data.add_argument("--data_folder", default=None,
+                      help=f"media are data_folder/<record video|audio> (default {REAL_MEDIA} for the default data, "
+                           "else the JSON's folder)")
+    data.add_argument("--sample_select", choices=["random", "longest"], default="random",
+                      help="calibration draw: random (seeded, as the public code) or the longest conversations")
+    add_pruning_arguments(parser)
+    towers = parser.add_argument_group("towers")
+    towers.add_argument("--aud_sparsity_ratio", default="0", help="Wanda sparsity of the BEATs encoder's linears "
+                                                                  "(0: untouched)")
+    towers.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for models under 50M parameters on the CPU, whose small "
+                             "matrices gain nothing from threads, else torch's default)")
+    ev = parser.add_argument_group("evaluation after pruning")
+    ev.add_argument("--eval", dest="eval", action="store_true", default=None,
+                    help="evaluate dense and pruned accuracy (default: on for the embedded model only)")
+    ev.add_argument("--no_eval", dest="eval", action="store_false")
+    ev.add_argument("--eval_data_path", default=None, help="AVInstruct-format JSON (default: the embedded eval split)")
+    ev.add_argument("--eval_data_folder", default=None)
+    ev.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+    return parser.parse_args(argv)
+
+
+def resolve_paths(args) -> bool:
+    """Fill in defaults; returns whether the embedded model is used. Explicit paths are never
+    replaced: a missing one is reported by the loaders."""
+    notes = []
+    if args.model_path is None:
+        if os.path.isdir(REAL_MODEL):
+            args.model_path = REAL_MODEL
+        else:
+            args.model_path = str(embedded.CHECKPOINT_DIR)
+            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny VideoLLaMA2-AV {args.model_path}")
+    uses_embedded_model = os.path.realpath(args.model_path) == os.path.realpath(embedded.CHECKPOINT_DIR)
+    if args.data_path is None:
+        if os.path.isfile(REAL_DATA):
+            args.data_path = REAL_DATA
+            args.data_folder = args.data_folder or REAL_MEDIA
+        else:
+            args.data_path = str(embedded.DATA_PATH)
+            args.data_folder = args.data_folder or str(embedded.MEDIA_FOLDER)
+            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic audio-visual QA {args.data_path}")
+    args.data_folder = args.data_folder or os.path.dirname(os.path.abspath(args.data_path))
+    if notes:
+        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
+               + ["Set MODEL_PATH / DATA_PATH / DATA_FOLDER (or --model_path / --data_path / --data_folder) "
+                  "for a real checkpoint."])
+    return uses_embedded_model
+
+
+def longest(records: list, nsamples: int) -> list:
+    """The public code's `longest` draw: the nsamples records with the most conversation characters."""
+    lengths = [sum(len(turn["value"]) for turn in r["conversations"]) for r in records]
+    return [records[int(i)] for i in np.argsort(lengths, kind="stable")[-nsamples:]]
+
+
+def image_size_of(config: VideoLLaMA2Config) -> int:
+    return config.vision_config().image_size if config.has_vision else 0
+
+
+def report_modalities(report: dict) -> None:
+    """Token counts and the per-block mean of each DAS term, on stderr."""
+    counts = report["calibration"].get("tokens_per_modality")
+    if counts:
+        sys.stderr.write("calibration tokens: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "\n")
+    terms = report.get("das", {}).get("group_terms")
+    if not terms:
+        return
+    blocks: dict = {}
+    for group, values in terms.items():
+        index = int(group.split("layers.")[1].split(".")[0])
+        for term, value in values.items():
+            blocks.setdefault(index, {}).setdefault(term, []).append(value)
+    names = sorted({t for b in blocks.values() for t in b})
+    sys.stderr.write(f"DAS diversity terms (mean over each block's linears): {len(names)} terms\n")
+    sys.stderr.write("  block " + " ".join(f"{n:>13}" for n in names) + "\n")
+    for index in sorted(blocks):
+        row = " ".join(f"{np.mean(blocks[index][n]) if n in blocks[index] else float('nan'):13.4f}" for n in names)
+        sys.stderr.write(f"  {index:5d} {row}\n")
+
+
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def set_threads(args, model, device: str) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserInputError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif device == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    args.threads_resolved = torch.get_num_threads()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = prune_config_from_args(args)
+    aud_ratio = check_ratio(args.aud_sparsity_ratio, "--aud_sparsity_ratio")
+    vit_ratio = float(args.vit_sparsity_ratio)
+    uses_embedded = resolve_paths(args)
+    if args.eval is None:
+        args.eval = uses_embedded
+    output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio,
+                                                       args.sparsity_type)
+    args.save_model = output_dir
+    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.data_folder])
+    if args.eval_samples is not None and args.eval_samples < 1:
+        raise UserInputError(f"--eval_samples must be at least 1, got {args.eval_samples}")
+
+    timer = PhaseTimer()
+    config = VideoLLaMA2Config.from_dir(args.model_path)
+    if vit_ratio > 0 and not config.has_vision:
+        raise UserInputError("--vit_sparsity_ratio is set but the checkpoint has no vision tower")
+    if aud_ratio > 0 and not config.has_audio:
+        raise UserInputError("--aud_sparsity_ratio is set but the checkpoint has no audio tower")
+    media = MediaLoader.for_config(config, image_size_of(config))
+    with timer.phase("load_data"):
+        records = load_records(args.data_path)
+        if args.sample_select == "longest":
+            records = longest(records, min(args.nsamples, len(records)))
+        else:
+            records = select_samples(records, args.nsamples, args.seed)
+        check_media(records, args.data_folder, media)
+        eval_records, eval_folder = None, None
+        if args.eval:
+            eval_path = args.eval_data_path or str(embedded.EVAL_DATA_PATH)
+            eval_folder = args.eval_data_folder or (str(embedded.MEDIA_FOLDER) if not args.eval_data_path
+                                                    else os.path.dirname(os.path.abspath(eval_path)))
+            eval_records = load_records(eval_path)[: args.eval_samples]
+            check_media(eval_records, eval_folder, media)
+    torch.manual_seed(args.seed)
+    with timer.phase("load_model"):
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = VideoLLaMA2ForCausalLM.from_pretrained(args.model_path, dtype=dtype)
+        tokenizer = load_tokenizer(args.model_path)
+    prefix, layers = decoder_layers(model)
+    check_pattern_fits(layers, prefix, cfg.pattern)
+    set_threads(args, model, cfg.device)
+
+    def samples():
+        return (encode_record(tokenizer, r, args.data_folder, media, with_answer=True) for r in records)
+
+    def evaluate():
+        from videollama2.eval import evaluate as run_eval
+
+        model.to(cfg.device)
+        return run_eval(model, tokenizer, eval_records, eval_folder, media, desc="evaluate")
+
+    def prune_extra(timer):
+        extra = {}
+        store_device = "cpu" if args.offload_activations else cfg.device
+        for which, ratio in (("vit", vit_ratio), ("aud", aud_ratio)):
+            if ratio > 0:
+                with timer.phase(f"prune_{'vision' if which == 'vit' else 'audio'}_tower"):
+                    extra.update(prune_tower(model, which, samples(), ratio, cfg.device, store_device, len(records)))
+        return extra
+
+    def save(folder):
+        model.to("cpu").save_pretrained(folder)
+
+    loaded = LoadedModel(
+        name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="videollama2_av",
+        model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
+        capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
+        save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
+        head=LanguageHead(model.model.norm, model.lm_head),
+    )
+    calibration = {"data_path": args.data_path, "data_folder": args.data_folder, "nsamples": args.nsamples,
+                   "seed": args.seed, "sample_select": args.sample_select,
+                   "sample_ids": [r.get("id") for r in records], "full_conversations": True,
+                   "video_tokens_per_sample": model.video_token_count() if config.has_vision else 0,
+                   "audio_tokens_per_sample": model.audio_token_count() if config.has_audio else 0}
+    report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
+    report_modalities(report)
+    summary = {"output_dir": output_dir, "method": cfg.name, "target_sparsity": cfg.sparsity,
+               "sparsity_type": str(cfg.pattern), "achieved_sparsity": report["achieved_sparsity"],
+               "tokens_per_modality": report["calibration"].get("tokens_per_modality")}
+    if "evaluation" in report:
+        dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
+        summary["dense_accuracy"], summary["pruned_accuracy"] = dense["accuracy"], pruned["accuracy"]
+        summary["dense_answer_perplexity"] = dense["answer_perplexity"]
+        summary["pruned_answer_perplexity"] = pruned["answer_perplexity"]
+        summary["pruned_accuracy_per_kind"] = {k: v["accuracy"] for k, v in pruned["per_kind"].items()}
+        sys.stderr.write(f"\naccuracy dense {dense['accuracy']:.3f} -> pruned {pruned['accuracy']:.3f}; "
+                         f"answer perplexity {dense['answer_perplexity']:.3f} -> {pruned['answer_perplexity']:.3f}\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
