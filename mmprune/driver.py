@@ -115,7 +115,7 @@ def sweep(
             linears = block_linears(block)
             visitor.begin_block(index, block, linears)
             with LinearTaps(linears, visitor.keep_outputs) as taps:
-                for sample in range(len(store)):
+                for sample in tqdm(range(len(store)), desc=f"block {index}", unit="sample", leave=False):
                     hidden, kwargs = store.inputs(sample, device)
                     out = block_output(block, hidden, kwargs)
                     visitor.observe(index, sample, hidden, out, taps, store.modality_ids[sample].to(device), kwargs)
