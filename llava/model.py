@@ -7,10 +7,8 @@ import torch
 from torch import nn
 
 from llava.data import IMAGE, TEXT, model_inputs
-from mmprune.calibration import CalibrationStore, capture_block_inputs
-from mmprune.driver import sweep
-from mmprune.methods.wanda import WandaPruner
-from mmprune.sparsity import SparsityPattern
+from mmprune.calibration import CalibrationStore, capture_block_inputs, move_except
+from mmprune.towers import prune_tower_wanda
 
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
 
@@ -31,19 +29,6 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def vision_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return find_layer_list(model, "EncoderLayer")
-
-
-def move_except(model: nn.Module, keep: nn.Module, device: str) -> None:
-    """Move every parameter and buffer of `model` except those inside `keep` to `device`, so the
-    embedding stage runs on the accelerator while the decoder layers stay where they are."""
-    kept = {id(p) for p in keep.parameters()} | {id(b) for b in keep.buffers()}
-    for module in model.modules():
-        for key, param in module._parameters.items():
-            if param is not None and id(param) not in kept and param.device != torch.device(device):
-                module._parameters[key] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
-        for key, buf in module._buffers.items():
-            if buf is not None and id(buf) not in kept:
-                module._buffers[key] = buf.to(device)
 
 
 def _to_device(encoded: dict, device: str, dtype: torch.dtype) -> dict:
@@ -70,8 +55,7 @@ def capture_decoder_inputs(model: nn.Module, samples, device: str, store_device:
 
 
 def prune_vision_tower(model: nn.Module, samples, ratio: float, device: str, store_device: str, total: int) -> dict:
-    """Wanda (all tokens, per-row groups) on the CLIP encoder layers at a uniform ratio, through
-    the same core driver as the decoder."""
+    """Wanda at a uniform ratio on the CLIP encoder layers (all tiles of a sample form one batch)."""
     prefix, layers = vision_layers(model)
     tower = model.model.vision_tower
     tower.to(device)
@@ -81,13 +65,4 @@ def prune_vision_tower(model: nn.Module, samples, ratio: float, device: str, sto
         pixels = sample["pixel_values"].to(device, dtype)
         tower(pixels.reshape(-1, *pixels.shape[-3:]))
 
-    store = capture_block_inputs(layers[0], run_tower, samples, modality_ids_of=None,
-                                 store_device=store_device, total=total)
-    names = [f"{prefix}.{i}.{rel}" for i, layer in enumerate(layers)
-             for rel, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    pruner = WandaPruner(prefix, SparsityPattern(), {n: ratio for n in names})
-    sweep(layers, store, pruner, device, desc="prune vision tower (wanda)")
-    zeros = sum(r.zeros for r in pruner.results)
-    total_weights = sum(r.shape[0] * r.shape[1] for r in pruner.results)
-    return {"vision_tower": {"method": "wanda", "target_sparsity": ratio, "achieved_sparsity": zeros / total_weights,
-                             "pruned_linears": len(pruner.results)}}
+    return prune_tower_wanda(layers, prefix, run_tower, samples, ratio, device, store_device, total, "vision_tower")

@@ -39,6 +39,20 @@ def _to(value: Any, device: torch.device | str) -> Any:
 _DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache_position")
 
 
+def move_except(model: nn.Module, keep: nn.Module, device) -> None:
+    """Move every parameter and buffer of `model` except those inside `keep` to `device`, so the
+    embedding stage runs on the accelerator while the decoder layers stay where they are (the
+    driver moves them one at a time)."""
+    kept = {id(p) for p in keep.parameters()} | {id(b) for b in keep.buffers()}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in kept and param.device != torch.device(device):
+                module._parameters[key] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+        for key, buf in module._buffers.items():
+            if buf is not None and id(buf) not in kept:
+                module._buffers[key] = buf.to(device)
+
+
 def check_finite(tensor: torch.Tensor, where: str) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteActivationError(
