@@ -258,3 +258,20 @@ def test_collate_pads_right(model_and_processor, dataset):
         model(**data.model_inputs(batch))
     with pytest.raises(ValueError, match="with and without images"):
         data.collate(encoded[:1] + [data.encode_record(processor, _text_only(), "/x")], 0)
+
+
+def test_multi_turn_labels_every_answer(model_and_processor, tmp_path):
+    """Training conversations: each gpt turn is labelled, the image sits in the first turn."""
+    _, processor = model_and_processor
+    rng = vqa.task_rng("multi", 0)
+    scene, turns = vqa.make_conversation(rng, max_objects=3, max_turns=4)
+    while len(turns) < 3:
+        scene, turns = vqa.make_conversation(rng, max_objects=3, max_turns=4)
+    record = vqa.conversation_record(turns, "multi", 0)
+    encoded = data.encode_conversation(processor, record, vqa.render(scene))
+    labels = encoded["labels"][0]
+    tokens = processor.tokenizer.convert_ids_to_tokens(labels[labels != data.IGNORE_INDEX].tolist())
+    expected = [t for _, answer, _ in turns for t in (answer, tiny.EOT)]
+    assert tokens == expected
+    assert data.build_messages(record)[0]["content"][0] == {"type": "image"}
+    assert all(m["content"][0]["type"] == "text" for m in data.build_messages(record)[1:])

@@ -170,31 +170,41 @@ def _position_answer(obj: Obj, scene: Scene, axis: str) -> str | None:
     return names[0] if offset < 0 else names[1]
 
 
-def ask(rng: random.Random, kind: str, scene: Scene) -> tuple | None:
-    """(question, answer) of the given kind about the scene, or None if it has no clean one."""
+def ask_about(rng: random.Random, kind: str, scene: Scene, exclude: tuple = ()) -> tuple | None:
+    """(question, answer, object asked about or None) of the given kind, or None if the scene
+    has no clean question of that kind about an object outside `exclude`."""
     if kind == "color":
-        candidates = _unique(scene.objects, "shape")
+        candidates = [o for o in _unique(scene.objects, "shape") if o not in exclude]
         if not candidates:
             return None
         obj = rng.choice(candidates)
-        return rng.choice(QUESTION_TEMPLATES["color"]).format(shape=obj.shape), obj.color
+        return rng.choice(QUESTION_TEMPLATES["color"]).format(shape=obj.shape), obj.color, obj
     if kind == "shape":
-        candidates = _unique(scene.objects, "color")
+        candidates = [o for o in _unique(scene.objects, "color") if o not in exclude]
         if not candidates:
             return None
         obj = rng.choice(candidates)
-        return rng.choice(QUESTION_TEMPLATES["shape"]).format(color=obj.color), obj.shape
+        return rng.choice(QUESTION_TEMPLATES["shape"]).format(color=obj.color), obj.shape, obj
     if kind == "count":
-        return rng.choice(QUESTION_TEMPLATES["count"]), COUNT_WORDS[len(scene.objects)]
+        return rng.choice(QUESTION_TEMPLATES["count"]), COUNT_WORDS[len(scene.objects)], None
     if kind == "position":
-        obj = rng.choice(scene.objects)
+        candidates = [o for o in scene.objects if o not in exclude]
+        if not candidates:
+            return None
+        obj = rng.choice(candidates)
         axis = rng.choice(("horizontal", "vertical"))
         answer = _position_answer(obj, scene, axis)
         if answer is None:
             return None
         question = rng.choice(QUESTION_TEMPLATES[axis]).format(color=obj.color, shape=obj.shape)
-        return question, answer
+        return question, answer, obj
     raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
+
+
+def ask(rng: random.Random, kind: str, scene: Scene) -> tuple | None:
+    """(question, answer) of the given kind about the scene, or None if it has no clean one."""
+    qa = ask_about(rng, kind, scene)
+    return None if qa is None else qa[:2]
 
 
 def render(scene: Scene) -> Image.Image:
@@ -239,6 +249,40 @@ def iter_samples(task: str, seed: int):
         rng.shuffle(kinds)
         for kind in kinds:
             yield make_sample(rng, kind)
+
+
+def make_conversation(rng: random.Random, max_objects: int, max_turns: int) -> tuple:
+    """(scene, [(question, answer, kind), ...]) for multi-turn training conversations.
+
+    1..max_turns questions of distinct kinds about one scene of 1..max_objects objects: several
+    answers per image give more supervision per forward pass (the image tokens dominate). Each
+    object is asked about at most once, so no turn can be answered by copying an earlier
+    question or answer (e.g. "is the red circle ..." followed by "what color is the circle?").
+    """
+    while True:
+        scene = random_scene(rng, rng.randint(1, max_objects))
+        if scene is None:
+            continue
+        kinds = list(KINDS)
+        rng.shuffle(kinds)
+        turns, used = [], []
+        for kind in kinds[:rng.randint(1, max_turns)]:
+            qa = ask_about(rng, kind, scene, exclude=tuple(used))
+            if qa is not None:
+                turns.append((qa[0], qa[1], kind))
+                used += [qa[2]] if qa[2] is not None else []
+        if turns:
+            return scene, turns
+
+
+def conversation_record(turns: list, task: str, index: int) -> dict:
+    """A multi-turn raw-format record; the image placeholder opens the first question."""
+    conversations = []
+    for i, (question, answer, _kind) in enumerate(turns):
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        conversations.append({"from": "gpt", "value": answer})
+    return {"id": f"{task}_{index:05d}", "image": f"{task}/{index:05d}.png",
+            "conversations": conversations, "kind": turns[-1][2]}
 
 
 def scene_to_json(scene: Scene) -> list:

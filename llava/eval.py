@@ -1,0 +1,237 @@
+"""Evaluate a LLaVA-NeXT checkpoint on LLaVA-NeXT raw-format VQA data.
+
+    python -m llava.eval --model_path DIR [--data_path JSON --image_folder DIR]
+                         [--max_samples N] [--max_new_tokens K]
+
+Metrics: exact-match accuracy of the greedy answer (case, whitespace and trailing punctuation
+normalised) and answer-token perplexity (teacher forced on the reference answer and its
+end-of-turn token, token-weighted over the data set), overall and per question `kind` when
+records carry one. Prints one JSON line on stdout. Without --data_path the embedded synthetic
+eval split is used (a banner on stderr says so).
+
+`evaluate(model, processor, records, image_folder)` is the same computation for in-process use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from llava.data import IGNORE_INDEX, encode_record, load_records, model_inputs, reference_answer
+from llava.embedded import paths
+from mmprune.errors import UserInputError
+
+DEFAULT_MAX_NEW_TOKENS = 8
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding whitespace or trailing punctuation."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.rstrip(".!?,;:").strip()
+
+
+def stop_token_ids(tokenizer) -> list:
+    """EOS plus Llama-3's end-of-turn token when the tokenizer has it."""
+    ids = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.append(eot)
+    return sorted({i for i in ids if i is not None})
+
+
+def _on_device(inputs: dict, model) -> dict:
+    """Move tensors to the model's device; pixel values also to its floating dtype."""
+    moved = {}
+    for key, value in inputs.items():
+        value = value.to(model.device)
+        if key == "pixel_values":
+            value = value.to(model.dtype)
+        moved[key] = value
+    return moved
+
+
+def last_answer_span(labels: torch.Tensor) -> tuple | None:
+    """[start, end) of the last run of labelled positions in a (1, L) labels tensor."""
+    positions = (labels[0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    if not positions:
+        return None
+    start = positions[-1]
+    while start - 1 in positions:
+        start -= 1
+    return start, positions[-1] + 1
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: dict, max_new_tokens: int, stop_ids: list) -> list:
+    """Token ids chosen by plain greedy decoding (argmax, KV cache), ending at a stop token.
+
+    Written out rather than model.generate(): no generation_config processors can change the
+    argmax, and it avoids generate()'s per-call overhead on tiny models.
+    """
+    inputs = _on_device(model_inputs(prompt), model)
+    mask = inputs["attention_mask"]
+    out = model(**inputs, use_cache=True)
+    tokens = []
+    while True:
+        next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens.append(int(next_id))
+        if tokens[-1] in stop_ids or len(tokens) == max_new_tokens:
+            return tokens
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        out = model(input_ids=next_id, attention_mask=mask, past_key_values=out.past_key_values,
+                    use_cache=True)
+
+
+def _slice_prompt(full: dict, end: int) -> dict:
+    """The first `end` positions of an encoded conversation (image inputs kept whole)."""
+    return {key: value[:, :end] if key in ("input_ids", "attention_mask") else value
+            for key, value in model_inputs(full).items()}
+
+
+@torch.no_grad()
+def score_record(model, full: dict, stop_ids: list, max_new_tokens: int) -> tuple:
+    """(greedy answer token ids, answer NLL sum, answer token count) for one encoded record.
+
+    One teacher-forced pass over prompt + reference answer gives the NLL and, at every answer
+    position, the argmax next token. If those argmaxes reproduce the reference up to its stop
+    token, greedy decoding would produce exactly the reference (each step sees the same prefix),
+    so it is not rerun; otherwise greedy decoding runs from the prompt.
+    """
+    span = last_answer_span(full["labels"])
+    if span is None:
+        raise UserInputError("the record has no answer tokens to score")
+    start, end = span
+    logits = model(**_on_device(model_inputs(full), model)).logits[0, start - 1:end - 1].float()
+    targets = full["input_ids"][0, start:end].to(logits.device)
+    nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    predicted = logits.argmax(dim=-1).tolist()
+    reference = targets.tolist()
+    stops = [i for i, t in enumerate(reference) if t in stop_ids]
+    if stops and stops[0] < max_new_tokens and predicted[:stops[0] + 1] == reference[:stops[0] + 1]:
+        tokens = reference[:stops[0] + 1]
+    else:
+        tokens = greedy_decode(model, _slice_prompt(full, start), max_new_tokens, stop_ids)
+    return tokens, nll, end - start
+
+
+def _summary(correct: int, n: int, nll: float, tokens: int) -> dict:
+    return {
+        "n": n,
+        "accuracy": correct / n if n else None,
+        "answer_perplexity": math.exp(nll / tokens) if tokens else None,  # None: no answer tokens
+    }
+
+
+def evaluate(model, processor, records: list, image_folder, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Greedy exact-match accuracy and answer perplexity of `model` on `records`.
+
+    Each record must end with a gpt answer; its last human turn is the prompt. Returns
+    {"n", "accuracy", "answer_perplexity", "per_kind": {kind: {same three}}}; per_kind is empty
+    when no record carries a `kind`. Perplexity is token-weighted over all answer tokens (the
+    answer and its end-of-turn token). The model is put in eval mode.
+    """
+    if not records:
+        raise UserInputError("no records to evaluate; check --data_path and --max_samples")
+    model.eval()
+    tokenizer = processor.tokenizer
+    stop_ids = stop_token_ids(tokenizer)
+    totals = {}  # kind (None = overall) -> [correct, n, nll, tokens]
+    for record in tqdm(records, desc=desc, disable=not progress, file=sys.stderr):
+        reference = reference_answer(record)
+        if reference is None:
+            raise UserInputError(f"record {record.get('id')!r} does not end with a gpt answer, so it "
+                                 "cannot be scored")
+        full = encode_record(processor, record, image_folder, with_answer=True)
+        tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens)
+        prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+        correct = normalize_answer(prediction) == normalize_answer(reference)
+        for key in {None, record.get("kind")}:
+            acc = totals.setdefault(key, [0, 0, 0.0, 0])
+            acc[0] += correct
+            acc[1] += 1
+            acc[2] += nll
+            acc[3] += count
+    result = _summary(*totals.pop(None))
+    result["per_kind"] = {kind: _summary(*totals[kind]) for kind in sorted(totals, key=str) if kind is not None}
+    return result
+
+
+def load_model(model_path, device: str | None = None):
+    """(model, processor) from a llava-hf style directory; float32 on CPU, bfloat16 on GPU."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise UserInputError(f"model directory {model_path} has no config.json; pass a llava-hf "
+                             "LLaVA-NeXT checkpoint directory to --model_path")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+        model = LlavaNextForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
+    return model.to(device), processor
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava.eval",
+        description="Greedy exact-match accuracy and answer perplexity of a LLaVA-NeXT checkpoint.")
+    parser.add_argument("--model_path", type=Path, required=True,
+                        help="llava-hf LLaVA-NeXT checkpoint directory, e.g. the embedded "
+                             "checkpoints/embedded/llava-next-tiny")
+    parser.add_argument("--data_path", type=Path, default=None,
+                        help="LLaVA-NeXT raw-format JSON (default: the embedded synthetic eval split)")
+    parser.add_argument("--image_folder", type=Path, default=None,
+                        help="folder the records' image paths are relative to "
+                             "(default: the data file's folder, or the embedded eval images)")
+    parser.add_argument("--max_samples", type=int, default=None, help="evaluate the first N records only")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help="generation limit per answer (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def resolve_data(args) -> tuple:
+    """(data_path, image_folder), falling back to the embedded eval split with a banner."""
+    if args.data_path is None:
+        print(f"=== llava.eval: no --data_path, using the EMBEDDED synthetic eval split "
+              f"{paths.EVAL_DATA_PATH} ===", file=sys.stderr)
+        return paths.EVAL_DATA_PATH, args.image_folder or paths.EVAL_IMAGE_FOLDER
+    return args.data_path, args.image_folder or args.data_path.parent
+
+
+def run(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserInputError(f"--max_samples must be at least 1, got {args.max_samples}")
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    data_path, image_folder = resolve_data(args)
+    records = load_records(data_path)[:args.max_samples]
+    model, processor = load_model(args.model_path, args.device)
+    result = evaluate(model, processor, records, image_folder, args.max_new_tokens)
+    return {"model_path": str(args.model_path), **result}
+
+
+def main(argv=None) -> int:
+    try:
+        result = run(argv)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

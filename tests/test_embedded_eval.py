@@ -1,0 +1,114 @@
+"""The committed embedded checkpoint and llava/eval.py."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+from llava import data, eval as llava_eval
+from llava.embedded import paths, tiny
+
+pytestmark = pytest.mark.skipif(not (paths.CHECKPOINT_DIR / "config.json").is_file(),
+                                reason="embedded checkpoint not trained")
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    model = LlavaNextForConditionalGeneration.from_pretrained(paths.CHECKPOINT_DIR, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(paths.CHECKPOINT_DIR)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return data.load_records(paths.EVAL_DATA_PATH)
+
+
+def test_checkpoint_is_small_and_complete():
+    files = {f.name: f.stat().st_size for f in paths.CHECKPOINT_DIR.iterdir() if f.is_file()}
+    assert "model.safetensors" in files and "training_info.json" in files
+    assert sum(files.values()) < 15 * 1024 * 1024
+    info = json.loads((paths.CHECKPOINT_DIR / "training_info.json").read_text())
+    assert info["heldout_eval"]["accuracy"] >= 0.9
+    assert info["minutes"] <= 30
+
+
+def test_checkpoint_has_the_llava_next_architecture(checkpoint):
+    model, processor = checkpoint
+    config = model.config
+    assert config.image_grid_pinpoints == tiny.IMAGE_GRID_PINPOINTS
+    assert config.vision_feature_select_strategy == "default" and config.vision_feature_layer == -2
+    assert config.vision_config.model_type == "clip_vision_model"
+    assert config.vision_config.num_hidden_layers >= 3
+    text = config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads  # GQA
+    assert text.hidden_size % 8 == 0 and text.intermediate_size % 8 == 0
+    assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids(tiny.IMAGE)
+    assert data.image_token_id(processor) == config.image_token_id
+    assert processor.num_additional_image_tokens == 1 and processor.patch_size == tiny.PATCH
+    assert model.model.image_newline.shape == (text.hidden_size,)
+
+
+def test_processor_roundtrip_keeps_template(checkpoint, heldout):
+    _, processor = checkpoint
+    fresh = tiny.build_processor()
+    record = heldout[0]
+    a = data.encode_record(processor, record, paths.EVAL_IMAGE_FOLDER)
+    b = data.encode_record(fresh, record, paths.EVAL_IMAGE_FOLDER)
+    for key in ("input_ids", "labels", "modality_ids", "image_sizes"):
+        assert torch.equal(a[key], b[key]), key
+    assert torch.allclose(a["pixel_values"], b["pixel_values"])
+
+
+def test_heldout_accuracy(checkpoint, heldout):
+    model, processor = checkpoint
+    result = llava_eval.evaluate(model, processor, heldout[:40], paths.EVAL_IMAGE_FOLDER, progress=False)
+    assert result["n"] == 40
+    assert result["accuracy"] >= 0.85
+    assert result["answer_perplexity"] < 2.0
+    assert set(result["per_kind"]) == {"color", "shape", "count", "position"}
+    assert sum(k["n"] for k in result["per_kind"].values()) == 40
+
+
+def test_fast_path_equals_generate(checkpoint, heldout):
+    """score_record's greedy answer is what model.generate() produces greedily."""
+    model, processor = checkpoint
+    stop = llava_eval.stop_token_ids(processor.tokenizer)
+    for record in heldout[:12]:
+        full = data.encode_record(processor, record, paths.EVAL_IMAGE_FOLDER)
+        tokens, _, _ = llava_eval.score_record(model, full, stop, max_new_tokens=8)
+        start, _ = llava_eval.last_answer_span(full["labels"])
+        prompt = llava_eval._slice_prompt(full, start)
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=stop,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+        assert tokens == generated[0, start:].tolist()
+        assert llava_eval.greedy_decode(model, prompt, 8, stop) == tokens
+
+
+def test_normalize_answer():
+    assert llava_eval.normalize_answer("  Red. ") == "red"
+    assert llava_eval.normalize_answer("Top\n left!?") == "top left"
+
+
+def test_cli_prints_one_json_line(capsys):
+    code = llava_eval.main(["--model_path", str(paths.CHECKPOINT_DIR), "--max_samples", "6"])
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result) == {"model_path", "n", "accuracy", "answer_perplexity", "per_kind"}
+    assert result["n"] == 6
+    assert "EMBEDDED" in captured.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model_path", "/nonexistent/model"], "no config.json"),
+    (["--model_path", str(paths.CHECKPOINT_DIR), "--data_path", "/nonexistent/data.json"], "does not exist"),
+    (["--model_path", str(paths.CHECKPOINT_DIR), "--max_samples", "0"], "--max_samples"),
+])
+def test_cli_errors(capsys, argv, match):
+    assert llava_eval.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1]
