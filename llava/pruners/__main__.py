@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     with timer.phase("load_model"):
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         model, processor = load_llava_next(args.model_path, dtype=dtype)
+    if cfg.device == "cpu":
+        from llava.eval import set_cpu_threads
+
+        set_cpu_threads(model, None)  # one thread for tiny models: their ops are too small to split
     prefix, layers = decoder_layers(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
     vit_ratio = float(args.vit_sparsity_ratio)
