@@ -8,10 +8,10 @@ set -euo pipefail
 
 prune_main() {
   local method="$1"; shift
-  local sparsity="${1:-0.5}"
-  local sparsity_type="${2:-unstructured}"
-  [ $# -gt 0 ] && shift
-  [ $# -gt 0 ] && shift
+  # positional SPARSITY and TYPE are optional; the first argument that starts with "--" begins the flags
+  local sparsity=0.5 sparsity_type=unstructured
+  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity="$1"; shift; fi
+  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity_type="$1"; shift; fi
   case "$sparsity_type" in
     unstructured|2:4|4:8) ;;
     *) echo "error: sparsity type '$sparsity_type' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;
