@@ -8,24 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmprune.calibration import CalibrationStore, capture_block_inputs
-from mmprune.driver import sweep
-from mmprune.methods.wanda import WandaPruner
-from mmprune.sparsity import SparsityPattern
+from mmprune.calibration import CalibrationStore, capture_block_inputs, move_except
+from mmprune.towers import prune_tower_wanda
 from videollama2.model import VideoLLaMA2ForCausalLM, decoder_layers
-
-
-def move_except(model: nn.Module, keep: nn.Module, device: str) -> None:
-    """Move every parameter and buffer of `model` except those inside `keep` to `device` (the
-    decoder layers stay where they are: the driver moves one at a time)."""
-    kept = {id(p) for p in keep.parameters()} | {id(b) for b in keep.buffers()}
-    for module in model.modules():
-        for key, param in module._parameters.items():
-            if param is not None and id(param) not in kept and param.device != torch.device(device):
-                module._parameters[key] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
-        for key, buf in module._buffers.items():
-            if buf is not None and id(buf) not in kept:
-                module._buffers[key] = buf.to(device)
 
 
 def capture_decoder_inputs(model: VideoLLaMA2ForCausalLM, samples, device: str, store_device: str,
@@ -62,9 +47,8 @@ def tower_layers(model: VideoLLaMA2ForCausalLM, which: str) -> tuple[str, nn.Mod
 @torch.no_grad()
 def prune_tower(model: VideoLLaMA2ForCausalLM, which: str, samples, ratio: float, device: str, store_device: str,
                 total: int) -> dict:
-    """Wanda (all tokens, per-row groups) at a uniform ratio on every linear of the tower's encoder
-    layers, with the core's capture and driver (the inputs are the calibration samples' frames or
-    fbank features)."""
+    """Wanda at a uniform ratio on the vision ("vit") or audio ("aud") tower's encoder layers, with
+    the core's tower pruning (the inputs are the calibration samples' frames or fbank features)."""
     prefix, layers, tower = tower_layers(model, which)
     if tower is None:
         raise ValueError(f"the model has no {'vision' if which == 'vit' else 'audio'} tower")
@@ -77,14 +61,5 @@ def prune_tower(model: VideoLLaMA2ForCausalLM, which: str, samples, ratio: float
         tower(data.flatten(0, 1) if which == "vit" else data)
 
     usable = (s for s in samples if key in s)
-    store = capture_block_inputs(layers[0], run, usable, modality_ids_of=None, store_device=store_device,
-                                 total=total)
-    names = [f"{prefix}.{i}.{rel}" for i, layer in enumerate(layers)
-             for rel, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    pruner = WandaPruner(prefix, SparsityPattern(), {n: ratio for n in names})
-    sweep(layers, store, pruner, device, desc=f"prune {'vision' if which == 'vit' else 'audio'} tower (wanda)")
-    zeros = sum(r.zeros for r in pruner.results)
-    weights = sum(r.shape[0] * r.shape[1] for r in pruner.results)
     label = "vision_tower" if which == "vit" else "audio_tower"
-    return {label: {"method": "wanda", "target_sparsity": ratio, "achieved_sparsity": zeros / weights,
-                    "pruned_linears": len(pruner.results), "calibration_samples": len(store)}}
+    return prune_tower_wanda(layers, prefix, run, usable, ratio, device, store_device, total, label)
