@@ -177,16 +177,23 @@ class VideoLLaMA2ForCausalLM(nn.Module):
 
     def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, video: torch.Tensor | None = None,
-                     audio: torch.Tensor | None = None) -> SplicedInputs:
+                     audio: torch.Tensor | None = None, video_tokens: torch.Tensor | None = None,
+                     audio_tokens: torch.Tensor | None = None) -> SplicedInputs:
         """Replace each sample's placeholder by its media tokens (video first, then audio); samples are
-        right-padded to the longest result."""
+        right-padded to the longest result. `video_tokens` / `audio_tokens` are already encoded
+        media (B, tokens, d), used instead of encoding `video` / `audio`."""
         batch = input_ids.shape[0]
         embed = self.model.embed_tokens
         media = []
-        if video is not None:
-            media.append((self.encode_video(video.to(self.device)), VIDEO))
-        if audio is not None:
-            media.append((self.encode_audio(audio.to(self.device)), AUDIO))
+        if video_tokens is None and video is not None:
+            video_tokens = self.encode_video(video.to(self.device))
+        if audio_tokens is None and audio is not None:
+            audio_tokens = self.encode_audio(audio.to(self.device))
+        if video_tokens is not None:
+            media.append((video_tokens, VIDEO))
+            video = video_tokens
+        if audio_tokens is not None:
+            media.append((audio_tokens, AUDIO))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rows = []
@@ -265,6 +272,17 @@ class VideoLLaMA2ForCausalLM(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         return VideoLLaMA2Output(logits, loss, out.past_key_values if use_cache else None, modality, labels)
+
+    def lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                video_tokens: torch.Tensor | None = None, audio_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token cross-entropy on the labelled positions, from already encoded media (training)."""
+        spliced = self.embed_inputs(input_ids.to(self.device), attention_mask, labels.to(self.device),
+                                    video_tokens=video_tokens, audio_tokens=audio_tokens)
+        mask = None if bool(spliced.attention_mask.all()) else spliced.attention_mask
+        hidden = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = self.lm_head(hidden)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), spliced.labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
 
     # ---------------------------------------------------------------------------- checkpoints
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shared by scripts_videollama2/prune/<method>.sh: positional [SPARSITY=0.5] [unstructured|2:4|4:8],
-# then any extra flags for `python -m videollama2.pruners`. Environment overrides: MODEL_PATH,
+# then any extra flags for `python -m videollama2.pruners` (flags may also come first:
+# `tamp.sh --no_eval` keeps the default sparsity). Environment overrides: MODEL_PATH,
 # DATA_PATH, DATA_FOLDER, OUTPUT_DIR, NSAMPLES, SEED, DEVICE, VIT_SPARSITY, AUD_SPARSITY,
 # OVERWRITE=1, PYTHON. The allocation cap defaults to SPARSITY + 0.1 as in the public scripts.
 # Unset paths fall back to the public scripts' real paths (checkpoints/VideoLLaMA2.1-7B-AV,
@@ -10,10 +11,10 @@ set -euo pipefail
 
 prune_main() {
   local method="$1"; shift
-  local sparsity="${1:-0.5}"
-  local sparsity_type="${2:-unstructured}"
-  [ $# -gt 0 ] && shift
-  [ $# -gt 0 ] && shift
+  # positional SPARSITY and TYPE are optional: a first argument starting with "--" is a flag
+  local sparsity=0.5 sparsity_type=unstructured
+  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity="$1"; shift; fi
+  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity_type="$1"; shift; fi
   case "$sparsity_type" in
     unstructured|2:4|4:8) ;;
     *) echo "error: sparsity type '$sparsity_type' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;

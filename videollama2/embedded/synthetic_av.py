@@ -2,7 +2,7 @@
 
 A clip lasts 2 s (16 frames at 8 fps, 64x64, H.264 + AAC at 16 kHz):
 
-- video: a coloured shape (circle, square, triangle; red, green, blue, yellow) moves across a dark
+- video: a coloured shape (ring, square, triangle; red, green, blue, yellow) moves across a dark
   noisy background during the first second, then a second shape of another colour and another
   kind during the second second;
 - audio: a faint noise floor and one sound event, either early (within the first second) or late
@@ -40,7 +40,7 @@ FRAMES = int(FPS * SECONDS)
 SIZE = 64
 SAMPLE_RATE = 16000
 
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("ring", "square", "triangle")
 COLORS = {"red": (225, 45, 45), "green": (45, 190, 70), "blue": (55, 95, 240), "yellow": (235, 215, 45)}
 SOUNDS = ("hum", "beep", "hiss")
 TIMINGS = ("early", "late")
@@ -53,7 +53,7 @@ QUESTIONS = {
     "both": (("what color is the shape during the sound ?", "color", "sound"),
              ("what shape is on screen during the sound ?", "shape", "sound")),
 }
-SAFE_LOW, SAFE_HIGH = 6, 48  # shapes stay inside these pixel bounds (the STC floors the last patch row/col)
+SAFE_LOW, SAFE_HIGH = 4, 60  # shapes stay inside these pixel bounds
 
 
 @dataclass
@@ -93,7 +93,7 @@ def draw_clip_spec(rng: random.Random, seed: int) -> ClipSpec:
     kinds = rng.sample(SHAPES, 2)
     shapes = []
     for color, kind in zip(colors, kinds):
-        size = rng.randint(16, 24)
+        size = rng.randint(22, 28)
         x0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
         y0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
         speed = rng.uniform(1.0, 3.0)
@@ -131,8 +131,8 @@ def render_frames(spec: ClipSpec) -> np.ndarray:
         draw = ImageDraw.Draw(image)
         x, y = _position(shape, t % half)
         s = shape.size
-        if shape.shape == "circle":
-            draw.ellipse([x, y, x + s, y + s], fill=shape.rgb)
+        if shape.shape == "ring":
+            draw.ellipse([x, y, x + s, y + s], outline=shape.rgb, width=5)
         elif shape.shape == "square":
             draw.rectangle([x + 2, y + 2, x + s - 2, y + s - 2], fill=shape.rgb)
         else:

@@ -1,15 +1,17 @@
 """The tiny VideoLLaMA2-AV of the embedded default: the released architecture, only small.
 
 - Qwen2 decoder (GQA, RoPE, q/k/v biases), hidden and MLP widths multiples of 8 (4:8 applies);
-- SigLIP (14-px patches on 70x70 frames: 5x5 patches, an odd grid, so the STC's flooring drops
-  the last patch row and column as in the real 27x27 grid), features from layer -2;
-- STC connector v35 (RegStage depth `STC_DEPTH`), 8 frames -> 4 x 2 x 2 = 16 video tokens;
+  RoPE base 1e4 instead of the real 1e6, whose rotations are too slow over a 130-token sequence to
+  tell the first half of the video tokens from the second;
+- SigLIP on 64x64 frames with 8-px patches (8x8 patches), features from layer -2;
+- STC connector v35 (RegStage depth `STC_DEPTH`), 8 frames -> 4 x 4 x 4 = 64 video tokens;
 - BEATs (post-LN, deep norm, gated relative position bias, weight-normed conv positions), 128 mel
-  bins and 16x16 patches as the real one: 2 s of audio -> 198 frames -> 12 x 8 = 96 audio tokens;
+  bins and 16x16 patches as the real one: 8 clips of 0.125 s = 1 s of audio -> 98 frames ->
+  6 x 8 = 48 audio tokens;
 - audio MLP (mlp2x_gelu) to the LLM width.
 
-Media and audio-visual tokens (112) outnumber the ~35 text tokens of a prompt, as in the real
-model (2848 media tokens). The tokenizer is word level with Qwen2's special tokens and a
+Video and audio tokens (112, in about the real 1352 : 1496 proportion) outnumber the ~22 text
+tokens of a prompt, as in the real model (2848 media tokens). The tokenizer is word level with Qwen2's special tokens and a
 Qwen2-style chat template (default system message), so prompts have the released structure.
 config.json follows the released fields; `vision_config`, `audio_config`, `stc_depth` and the
 `audio_*` media fields are the small model's additions (absent in the released file).
@@ -42,12 +44,12 @@ CHAT_TEMPLATE = (
 )
 
 NUM_FRAMES = 8
-IMAGE_SIZE = 70
-PATCH = 14
+IMAGE_SIZE = 64
+PATCH = 8
 STC_DEPTH = 1
-AUDIO_SECONDS = 2.0
+AUDIO_SECONDS = 1.0
 AUDIO_CLIPS = 8
-AUDIO_CLIP_SECONDS = 0.25
+AUDIO_CLIP_SECONDS = 0.125
 
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2)
@@ -87,7 +89,7 @@ def build_config(tokenizer) -> VideoLLaMA2Config:
         "hidden_act": "silu",
         "max_position_embeddings": 1024,
         "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
+        "rope_theta": 10000.0,  # the real 1e6 barely rotates over ~130 positions; order matters here
         "tie_word_embeddings": False,
         "use_sliding_window": False,
         "attention_dropout": 0.0,
