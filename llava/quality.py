@@ -26,10 +26,13 @@ from llava.eval import evaluate
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from mmprune.cli import run_main
 from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
-from mmprune.report import toolkit_commit, versions
+from mmprune.report import toolkit_commit, update_markdown_section, versions
 from mmprune.sparsity import SparsityPattern
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp"]
+
+
+RESULTS_TITLE = "# Results on the embedded LLaVA-NeXT\n\nEach section is written by the command it names."
 
 
 def parse_args(argv):
@@ -128,7 +131,7 @@ def write_outputs(args, results: dict) -> None:
     for run in results["runs"]:
         by_key.setdefault((run["method"], run["setting"]), []).append(run)
     lines = [
-        "# Quality table: the embedded LLaVA-NeXT",
+        "## Weight pruning: the embedded LLaVA-NeXT",
         "",
         f"Produced by `make quality` (`python -m llava.quality`) on {meta['date']}, commit `{meta['commit']}`, "
         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
@@ -159,8 +162,8 @@ def write_outputs(args, results: dict) -> None:
     lines += ["", "![accuracy against sparsity](results_accuracy.png)", "",
               "Regenerate with `make quality`; raw runs (per seed, per question kind, achieved sparsity, "
               "pruning time) are in `docs/results.json`.", ""]
-    with open(os.path.join(args.out_dir, "results.md"), "w") as handle:
-        handle.write("\n".join(lines))
+    update_markdown_section(os.path.join(args.out_dir, "results.md"), "weight-pruning", "\n".join(lines),
+                            title=RESULTS_TITLE)
     plot(args, results, by_key, methods, os.path.join(args.out_dir, "results_accuracy.png"))
 
 

@@ -126,3 +126,24 @@ def plot_sparsity(path: str, outcome: PruneOutcome, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def update_markdown_section(path: str, section: str, body: str, title: str = "# Results") -> None:
+    """Replace the text between `<!-- section:NAME -->` and `<!-- /section:NAME -->` in `path`.
+
+    Several generators (the quality table, FitPrune, EAS) each own one section of the same file;
+    a missing file starts with `title`, a missing section is appended. Written atomically.
+    """
+    begin, end = f"<!-- section:{section} -->", f"<!-- /section:{section} -->"
+    text = open(path).read() if os.path.exists(path) else f"{title}\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
