@@ -1,7 +1,7 @@
 """Evaluate a LLaVA-NeXT checkpoint on LLaVA-NeXT raw-format VQA data.
 
     python -m llava.eval --model_path DIR [--data_path JSON --image_folder DIR]
-                         [--max_samples N] [--max_new_tokens K]
+                         [--max_samples N] [--max_new_tokens K] [--token_recipe RECIPE.json]
 
 Metrics: exact-match accuracy of the greedy answer (case, whitespace and trailing punctuation
 normalised) and answer-token perplexity (teacher forced on the reference answer and its
@@ -25,7 +25,9 @@ import torch
 from tqdm import tqdm
 
 from llava.data import IGNORE_INDEX, encode_record, load_records, model_inputs, reference_answer
+from llava import eas
 from llava.embedded import paths
+from mmprune.cli import set_cpu_threads  # noqa: F401  (re-exported for the llava tools)
 from mmprune.errors import UserInputError
 
 DEFAULT_MAX_NEW_TOKENS = 8
@@ -95,20 +97,37 @@ def _slice_prompt(full: dict, end: int) -> dict:
             for key, value in model_inputs(full).items()}
 
 
+def _prompt_then_answer_logits(model, full: dict, start: int, end: int) -> torch.Tensor:
+    """Next-token logits at positions start-1 .. end-2: the prompt alone first (a token recipe
+    picks its kept visual tokens from the prompt, as in generation), then the answer on the cache."""
+    out = model(**_on_device(_slice_prompt(full, start), model), use_cache=True)
+    logits = [out.logits[0, -1:]]
+    if end - start > 1:
+        answer = full["input_ids"][:, start:end - 1].to(model.device)
+        mask = torch.ones(1, end - 1, dtype=torch.long, device=model.device)
+        logits.append(model(input_ids=answer, attention_mask=mask, past_key_values=out.past_key_values,
+                            use_cache=True).logits[0])
+    return torch.cat(logits).float()
+
+
 @torch.no_grad()
-def score_record(model, full: dict, stop_ids: list, max_new_tokens: int) -> tuple:
+def score_record(model, full: dict, stop_ids: list, max_new_tokens: int, prompt_first: bool = False) -> tuple:
     """(greedy answer token ids, answer NLL sum, answer token count) for one encoded record.
 
     One teacher-forced pass over prompt + reference answer gives the NLL and, at every answer
     position, the argmax next token. If those argmaxes reproduce the reference up to its stop
     token, greedy decoding would produce exactly the reference (each step sees the same prefix),
-    so it is not rerun; otherwise greedy decoding runs from the prompt.
+    so it is not rerun; otherwise greedy decoding runs from the prompt. prompt_first (used with a
+    token recipe) runs the prompt alone, then the answer on its KV cache.
     """
     span = last_answer_span(full["labels"])
     if span is None:
         raise UserInputError("the record has no answer tokens to score")
     start, end = span
-    logits = model(**_on_device(model_inputs(full), model)).logits[0, start - 1:end - 1].float()
+    if prompt_first:
+        logits = _prompt_then_answer_logits(model, full, start, end)
+    else:
+        logits = model(**_on_device(model_inputs(full), model)).logits[0, start - 1:end - 1].float()
     targets = full["input_ids"][0, start:end].to(logits.device)
     nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
     predicted = logits.argmax(dim=-1).tolist()
@@ -130,17 +149,25 @@ def _summary(correct: int, n: int, nll: float, tokens: int) -> dict:
 
 
 def evaluate(model, processor, records: list, image_folder, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             progress: bool = True, desc: str = "eval") -> dict:
+             progress: bool = True, desc: str = "eval", token_recipe=None) -> dict:
     """Greedy exact-match accuracy and answer perplexity of `model` on `records`.
 
     Each record must end with a gpt answer; its last human turn is the prompt. Returns
     {"n", "accuracy", "answer_perplexity", "per_kind": {kind: {same three}}}; per_kind is empty
     when no record carries a `kind`. Perplexity is token-weighted over all answer tokens (the
-    answer and its end-of-turn token). The model is put in eval mode.
+    answer and its end-of-turn token). The model is put in eval mode. token_recipe (a FitPrune
+    recipe or its JSON path) drops visual tokens in every prefill (llava.fitprune.apply_token_recipe).
     """
     if not records:
         raise UserInputError("no records to evaluate; check --data_path and --max_samples")
     model.eval()
+    if token_recipe is not None:
+        from llava.fitprune import apply_token_recipe
+
+        with apply_token_recipe(model, token_recipe):
+            return evaluate(model, processor, records, image_folder, max_new_tokens, progress, desc)
+    # EAS adapters pool over the prompt, so the answer must not be in the same pass either
+    prompt_first = bool(getattr(model, "_mmprune_token_recipe", False) or hasattr(model, "eas_state"))
     tokenizer = processor.tokenizer
     stop_ids = stop_token_ids(tokenizer)
     totals = {}  # kind (None = overall) -> [correct, n, nll, tokens]
@@ -150,7 +177,7 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
             raise UserInputError(f"record {record.get('id')!r} does not end with a gpt answer, so it "
                                  "cannot be scored")
         full = encode_record(processor, record, image_folder, with_answer=True)
-        tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens)
+        tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens, prompt_first)
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
         correct = normalize_answer(prediction) == normalize_answer(reference)
         for key in {None, record.get("kind")}:
@@ -176,19 +203,12 @@ def load_model(model_path, device: str | None = None):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         processor = AutoProcessor.from_pretrained(model_path)
-        model = LlavaNextForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+        with eas.quiet_load(model_path):
+            model = LlavaNextForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
+    eas.install_from_config(model, model_path)  # skipped attention + adapters of an EAS model
     return model.to(device), processor
-
-
-def set_cpu_threads(model, threads: int | None) -> None:
-    """Tiny models run batch-1 inference fastest on one thread: every op is too small to split,
-    and on a busy machine OpenMP barriers between threads cost far more than the op itself."""
-    if threads is None and model.device.type == "cpu" and model.num_parameters() < 100_000_000:
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -210,6 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for models under 100M parameters on CPU, "
                              "else torch's default)")
+    parser.add_argument("--token_recipe", type=Path, default=None,
+                        help="FitPrune recipe JSON (scripts/fitprune/search.sh): drop visual tokens in the "
+                             "prefill as it says")
     return parser.parse_args(argv)
 
 
@@ -230,10 +253,16 @@ def run(argv=None) -> dict:
         raise UserInputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     data_path, image_folder = resolve_data(args)
     records = load_records(data_path)[:args.max_samples]
+    recipe = None
+    if args.token_recipe is not None:
+        from mmprune.fitprune import load_recipe
+
+        recipe = load_recipe(args.token_recipe)  # a bad file fails before the model loads
     model, processor = load_model(args.model_path, args.device)
     set_cpu_threads(model, args.threads)
-    result = evaluate(model, processor, records, image_folder, args.max_new_tokens)
-    return {"model_path": str(args.model_path), **result}
+    result = evaluate(model, processor, records, image_folder, args.max_new_tokens, token_recipe=recipe)
+    extra = {"token_recipe": str(args.token_recipe)} if recipe is not None else {}
+    return {"model_path": str(args.model_path), **extra, **result}
 
 
 def main(argv=None) -> int:
