@@ -375,6 +375,12 @@ class TokenRecipeHandle:
     def last_drops(self) -> list[int]:
         return list(self._state.last_dropped)
 
+    @property
+    def last_layer_inputs(self) -> list[torch.Tensor]:
+        """Per layer, the prompt positions present at its input in the latest prefill, then the
+        positions that left the last layer."""
+        return list(self._state.layer_inputs or []) + [self._state.keep]
+
     def remove(self) -> None:
         if self._restore is not None:
             self._restore()
