@@ -35,10 +35,14 @@ def last_token_attention(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None = None,
+    key_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-averaged softmax attention of the last token over all N tokens (float32, shape N).
 
     Equals the last row of the block's causal attention probabilities averaged over heads.
+    `key_states`: k_proj's output for these hidden states (N x KV*hd, before RoPE), when the
+    caller already has it from the block's forward; the key projection, the dominant cost, is
+    then not recomputed.
     """
     attn = block.self_attn
     config = attn.config
@@ -47,7 +51,9 @@ def last_token_attention(
     x = block.input_layernorm(hidden_states)  # (1, N, d)
     n_tokens = x.shape[1]
     query = attn.q_proj(x[:, -1:]).view(1, 1, n_heads, head_dim).transpose(1, 2)  # (1, H, 1, hd)
-    key = attn.k_proj(x).view(1, n_tokens, n_kv, head_dim).transpose(1, 2)  # (1, KV, N, hd)
+    if key_states is None:
+        key_states = attn.k_proj(x)
+    key = key_states.reshape(1, n_tokens, n_kv, head_dim).transpose(1, 2)  # (1, KV, N, hd)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms, if the block has them
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = position_embeddings

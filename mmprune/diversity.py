@@ -55,12 +55,20 @@ def similarity_terms(
     """
     if mode not in MODES:
         raise ValueError(f"unknown similarity mode {mode!r}; choose one of {MODES}")
-    unit = normalize_rows(features)
-    modality_ids = modality_ids.reshape(-1).to(unit.device)
+    features = features.reshape(-1, features.shape[-1]).float()
+    modality_ids = modality_ids.reshape(-1).to(features.device)
     present = sorted(int(m) for m in torch.unique(modality_ids))
     index = {m: (modality_ids == m).nonzero().squeeze(1) for m in present}
-    sums = {m: unit[index[m]].sum(dim=0, dtype=torch.float64) for m in present}
-    norms = {m: unit[index[m]].pow(2).sum(dtype=torch.float64) for m in present}
+    # per-modality sums of the unit rows as one (M x N) @ (N x d) product with 1/|f| folded into
+    # the weights: one pass over the features, no normalised copy (the `mean` mode's whole cost)
+    lengths = torch.linalg.vector_norm(features, dim=1)
+    inverse = 1.0 / lengths.clamp_min(1e-12)
+    onehot = (modality_ids.unsqueeze(0) == torch.tensor(present, device=features.device).unsqueeze(1)).float()
+    sum_rows = ((onehot * inverse) @ features).double()
+    norm_rows = onehot.double() @ (lengths * inverse).double().pow(2)  # 1 per token, 0 for a zero row
+    sums = {m: sum_rows[i] for i, m in enumerate(present)}
+    norms = {m: norm_rows[i] for i, m in enumerate(present)}
+    unit = normalize_rows(features) if mode == "positive" and cosine is None else None
     terms: dict[Term, float] = {}
     for i, m in enumerate(present):
         n = index[m].numel()

@@ -44,6 +44,15 @@ class SelectionStats:
         return {b: self.selected[b] / self.total[b] for b in self.selected}
 
 
+def _tapped_keys(block: nn.Module, taps: LinearTaps) -> torch.Tensor | None:
+    """k_proj's output from the block's forward, if the taps kept it (spares recomputing it)."""
+    k_proj = getattr(getattr(block, "self_attn", None), "k_proj", None)
+    for rel, linear in taps.linears.items():
+        if linear is k_proj:
+            return taps.outputs.get(rel)
+    return None
+
+
 class WandaPruner:
     """Block visitor for the sequential driver: statistics, then masks, block by block."""
 
@@ -73,13 +82,15 @@ class WandaPruner:
         self._block = block
 
     def observe(self, index, sample, block_input, block_output, taps: LinearTaps, modality_ids, kwargs) -> None:
-        if self.amia is None:
+        if self.amia is None or getattr(self._block, "self_attn", None) is None:
+            # no attention to rank tokens by (e.g. an EAS block that skips it): all tokens
             for rel, x in taps.inputs.items():
                 self._norms.add(rel, x)
             return
+        keys = _tapped_keys(self._block, taps)
         with taps.paused():  # the row calls q/k_proj, which must not replace the kept inputs
             attention = last_token_attention(
-                self._block, block_input, kwargs["position_embeddings"], kwargs.get("attention_mask")
+                self._block, block_input, kwargs["position_embeddings"], kwargs.get("attention_mask"), keys
             )
         cfg = self.amia
         if cfg.scope == "block":
