@@ -790,7 +790,11 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
     kwargs = {"dtype": load_dtype, "attn_implementation": attn_implementation}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = LlavaNextForConditionalGeneration.from_pretrained(str(hf_dir), **kwargs)
+    from llava import eas
+
+    with eas.quiet_load(hf_dir):
+        model = LlavaNextForConditionalGeneration.from_pretrained(str(hf_dir), **kwargs)
+    eas.install_from_config(model, hf_dir)  # skipped attention + adapters of an EAS model
     try:
         processor = AutoProcessor.from_pretrained(str(hf_dir))
     except (OSError, ValueError) as exc:
