@@ -199,13 +199,14 @@ def max_head_probs(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, v
     n_heads, n_tokens, head_dim = query.shape
     n_kv = key.shape[0]
     groups = n_heads // n_kv
-    keys = key.float()
+    keys_t = key.float().transpose(1, 2)  # (KV, hd, n)
     columns = torch.arange(n_tokens, device=query.device)
     out = []
     for chunk in rows.split(_ROW_CHUNK):
-        q = query[:, chunk].float().reshape(n_kv, groups, len(chunk), head_dim)
-        logits = torch.einsum("kgrd,knd->kgrn", q, keys) * scaling
-        logits = logits.masked_fill(columns[None, :] > chunk[:, None], float("-inf"))
+        # query heads of one key head side by side: (KV, G * rows, hd) @ (KV, hd, n), one batched matmul
+        q = query[:, chunk].float().reshape(n_kv, groups * len(chunk), head_dim)
+        logits = torch.matmul(q, keys_t).view(n_kv, groups, len(chunk), n_tokens) * scaling
+        logits.masked_fill_(columns[None, :] > chunk[:, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)[..., v_start:v_start + n_visual]
         out.append(probs.reshape(n_heads, len(chunk), n_visual).amax(dim=0))
     return torch.cat(out)
@@ -221,11 +222,16 @@ def visual_scores(query: torch.Tensor, key: torch.Tensor, v_start: int, n_visual
     return probs[:n_visual].sum(0) / n_visual, probs[n_visual:].sum(0), n_tokens - v_start - n_visual
 
 
+def product_drop(s: torch.Tensor, c: torch.Tensor, n_drop: int) -> torch.Tensor:
+    """Indices of the n_drop visual tokens with the lowest s*c (ties: the earlier position first)."""
+    return torch.sort(s * c, stable=True).indices[:n_drop]
+
+
 def product_keep(s: torch.Tensor, c: torch.Tensor, n_drop: int) -> torch.Tensor:
-    """Sorted indices of the visual tokens kept at inference: the n_drop lowest s*c leave
-    (ties: the earlier position leaves first)."""
-    order = torch.sort(s * c, stable=True).indices
-    return torch.sort(order[n_drop:]).values
+    """Sorted indices of the visual tokens kept at inference (the complement of product_drop)."""
+    keep = torch.ones_like(s, dtype=torch.bool)
+    keep[product_drop(s, c, n_drop)] = False
+    return keep.nonzero().flatten()
 
 
 def _deletable(scores: torch.Tensor, floor: float) -> torch.Tensor:
@@ -457,10 +463,9 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
 
                 def decide(query, key):
                     s, c, _ = visual_scores(query, key, start, n_cur, layer.self_attn.scaling)
-                    kept_visual = product_keep(s, c, n_drop) + start
-                    n_tokens = query.shape[1]
-                    return torch.cat([torch.arange(start, device=query.device), kept_visual,
-                                      torch.arange(start + n_cur, n_tokens, device=query.device)])
+                    keep = torch.ones(query.shape[1], dtype=torch.bool, device=query.device)
+                    keep[product_drop(s, c, n_drop) + start] = False
+                    return keep.nonzero().flatten()
 
                 out, keep_local = forward_dropping(layer, hidden, decide, **named)
                 state.keep = state.keep[keep_local.to(state.keep.device)]
