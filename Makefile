@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-peer quality clean-outputs
+.PHONY: setup demo test test-fast test-peer quality fitprune-results clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ test-fast: setup
 # Every method x sparsity x seed on the embedded LLaVA-NeXT -> docs/results.md (takes a while).
 quality: setup
 	$(PY) -m llava.quality
+
+# FitPrune recipes, accuracy and prefill timing on the embedded LLaVA-NeXT -> docs/results.md (minutes).
+fitprune-results: setup
+	OMP_NUM_THREADS=1 $(PY) -m llava.fitprune_results
 
 # Pruned outputs of the scripts (the committed embedded checkpoint is kept).
 clean-outputs:
