@@ -1,0 +1,175 @@
+"""Part 5: one decoder block shaped like LLaVA-NeXT-8B's LLM (Llama-3-8B: hidden 4096, MLP 14336,
+32 heads, 8 KV heads), random weights, N = 2928 tokens per sample, pruned by the project's own
+pipeline (`plan_sparsity` + the sequential driver) with the captured activations in a CPU store.
+
+Per method: time per block per sample (everything that repeats per sample: forward passes,
+statistics, DAS/AMIA) and the per-block constant (mask / OBS after the samples), so that
+32 blocks x 128 samples extrapolate as 32 * (128 * per_sample + per_block). The floor is the dense
+forward of one sample through one block, timed the same way, and its FLOPs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from bench.common import MB, measure, rss_mb
+from bench.micro import N_TOKENS, synthetic_tokens
+from mmprune.calibration import CalibrationStore
+from mmprune.driver import block_linears, block_output, sweep
+from mmprune.methods.sparsegpt import SparseGPTPruner
+from mmprune.methods.wanda import WandaPruner
+from mmprune.pipeline import PhaseTimer, PruneConfig, plan_sparsity
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+FULL_BLOCKS, FULL_SAMPLES = 32, 128
+PREFIX = "layers"
+
+
+def config_8b(attn: str = "sdpa") -> LlamaConfig:
+    config = LlamaConfig(**SHAPE, num_hidden_layers=1, rope_theta=5e5, vocab_size=32, max_position_embeddings=8192)
+    config._attn_implementation = attn
+    return config
+
+
+def make_block(config: LlamaConfig, dtype=torch.float32, device="cpu") -> nn.Module:
+    torch.manual_seed(0)  # every method prunes the same weights
+    return LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
+
+
+def make_store(config: LlamaConfig, samples: int, device="cpu", dtype=torch.float32,
+               store_device="cpu") -> CalibrationStore:
+    """Block inputs with the structure of image + text tokens (see bench.micro), RoPE as kwargs."""
+    rope = LlamaRotaryEmbedding(config).to(device)
+    store = CalibrationStore(device=store_device)
+    positions = torch.arange(N_TOKENS, device=device)[None]
+    for s in range(samples):
+        features, ids = synthetic_tokens(N_TOKENS, config.hidden_size, seed=100 + s)
+        hidden = (features / features.std()).to(dtype)[None]
+        cos, sin = rope(hidden.to(device), positions)
+        store.hidden.append(hidden.to(store_device))
+        store.kwargs.append({"position_embeddings": (cos.to(store_device), sin.to(store_device)), "use_cache": False})
+        store.modality_ids.append(ids)
+        store.labels.append(None)
+    return store
+
+
+def forward_flops(config: LlamaConfig, tokens: int) -> float:
+    """Multiply-adds x 2 of one block's forward on `tokens` tokens: the linears, plus QK^T and
+    attention x V over the causal half."""
+    h, m, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    linear = 2 * tokens * (h * h * 2 + h * kv * 2 + 3 * h * m)
+    attention = 2 * 2 * config.num_attention_heads * config.head_dim * tokens * (tokens + 1) / 2
+    return linear + attention
+
+
+def activation_bytes(config: LlamaConfig, tokens: int, bytes_per: int = 4) -> int:
+    """One sample's activations inside a block: every distinct linear input and output (what the
+    pruners' taps may hold), plus the block input."""
+    h, m, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    widths = h + (h + 2 * kv) + (h + h) + (h + 2 * m) + (m + h)  # in; qkv out; o in/out; gate-up in/out; down
+    return tokens * widths * bytes_per
+
+
+class TimedVisitor:
+    """Delegates to a pruner and times its end_block (the per-block constant)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.keep_outputs = inner.keep_outputs
+        self.modifies_block = inner.modifies_block
+        self.end_seconds = 0.0
+
+    def begin_block(self, *args):
+        self.inner.begin_block(*args)
+
+    def observe(self, *args):
+        self.inner.observe(*args)
+
+    def end_block(self, *args):
+        start = time.perf_counter()
+        self.inner.end_block(*args)
+        self.end_seconds += time.perf_counter() - start
+
+
+def _store_bytes(store: CalibrationStore) -> int:
+    return sum(h.numel() * h.element_size() for h in store.hidden)
+
+
+def run_method(method: str, config: LlamaConfig, samples: int, device: str = "cpu", dtype=torch.float32,
+               store_device: str = "cpu") -> dict:
+    """Prune one fresh block with `method` on `samples` samples; times and peak memory."""
+    base = rss_mb()
+    block = make_block(config, dtype, device)
+    blocks = nn.ModuleList([block])
+    store = make_store(config, samples, device, dtype, store_device)
+    cfg = PruneConfig(method=method, sparsity=0.5, device=device)
+    names = {0: "text", 1: "image"}
+    timer = PhaseTimer()
+    with measure(device) as m:
+        plan, _, _ = plan_sparsity(blocks, PREFIX, store, cfg, names, timer, None)
+        if cfg.pruner == "sparsegpt":
+            pruner = SparseGPTPruner(PREFIX, cfg.pattern, plan)
+        else:
+            pruner = WandaPruner(PREFIX, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
+        visitor = TimedVisitor(pruner)
+        with timer.phase("prune_sweep"):
+            sweep(blocks, store, visitor, device, desc=f"8B-shaped block ({method})")
+    zeros = sum(int((lin.weight == 0).sum()) for lin in block_linears(block).values())
+    params = sum(lin.weight.numel() for lin in block_linears(block).values())
+    weights_mb = sum(p.numel() * p.element_size() for p in block.parameters()) / MB
+    store_mb = _store_bytes(store) / MB * (2 if cfg.layerwise == "das" else 1)  # DAS sweeps a clone
+    out = {
+        "samples": samples, "total_s": m.seconds, "per_block_s": visitor.end_seconds,
+        "per_sample_s": (m.seconds - visitor.end_seconds) / samples, "phases_s": dict(timer.seconds),
+        "achieved_sparsity": zeros / params, "weights_mb": weights_mb, "store_mb": store_mb,
+        "peak_mb": m.peak_total_mb - base if device == "cpu" else m.peak_total_mb,
+    }
+    if device == "cpu":  # the offloaded store is on the same memory here: report the peak without it
+        out["peak_without_store_mb"] = out["peak_mb"] - store_mb
+    else:
+        out["peak_without_store_mb"] = out["peak_mb"]  # the store lives on the CPU, outside this peak
+    if pruner.__class__ is WandaPruner and pruner.amia is not None:
+        out["amia_selected_fraction"] = pruner.selection.fractions().get(0)
+    out["extrapolated_s"] = FULL_BLOCKS * (FULL_SAMPLES * out["per_sample_s"] + out["per_block_s"])
+    del block, blocks, store, pruner, visitor
+    return out
+
+
+@torch.no_grad()
+def dense_forward(config: LlamaConfig, samples: int, device: str = "cpu", dtype=torch.float32) -> dict:
+    """The floor: one dense forward per sample through the block."""
+    block = make_block(config, dtype, device)
+    store = make_store(config, samples, device, dtype, device)
+    times = []
+    with measure(device) as m:
+        for s in range(samples):
+            hidden, kwargs = store.inputs(s, device)
+            start = time.perf_counter()
+            block_output(block, hidden, kwargs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    flops = forward_flops(config, N_TOKENS)
+    per_sample = min(times)
+    return {"per_sample_s": per_sample, "flops_per_sample": flops, "gflops_per_s": flops / per_sample / 1e9,
+            "peak_above_inputs_mb": m.peak_mb,
+            "extrapolated_s": FULL_BLOCKS * FULL_SAMPLES * per_sample}
+
+
+def bench_scale(samples: int = 2, methods=("wanda", "sparsegpt", "tamp")) -> dict:
+    config = config_8b()
+    out = {"N": N_TOKENS, "shape": SHAPE, "samples": samples, "dtype": "float32"}
+    out["floor"] = dense_forward(config, samples)
+    h, m, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    weights = (2 * h * h + 2 * h * kv + 3 * h * m + 2 * h) * 4  # linears and the two norms, float32
+    out["bound_mb"] = {"weights": weights / MB, "activations": activation_bytes(config, N_TOKENS) / MB,
+                       "transfer_buffer": N_TOKENS * config.hidden_size * 4 / MB}
+    out["bound_mb"]["limit_1_5x"] = 1.5 * sum(out["bound_mb"].values())
+    for method in methods:
+        out[method] = run_method(method, config, samples)
+    return out
