@@ -34,7 +34,7 @@ def settings_of(model: nn.Module) -> dict | None:
 
 
 def install(model: nn.Module, skipped, rank: int, groups: int = 2, tau: float = 10.0, scale: float = 1.0,
-            dropout: float = 0.1, fuse: bool = True) -> eas.EASState:
+            dropout: float = 0.1, fuse: bool = False) -> eas.EASState:
     """Attach PIAs to `skipped` layers and remove their attention (weights start fresh)."""
     _, layers = decoder_layers(model)
     state = eas.attach(model, layers, sorted(skipped), rank, groups, tau, scale, dropout, fuse)
@@ -87,7 +87,7 @@ def install_from_config(model: nn.Module, model_path) -> nn.Module:
                              f"{FORMAT}); re-save the model with this version")
     device = next(model.parameters()).device
     install(model, cfg["skipped_layers"], cfg["rank"], cfg["groups"], cfg["tau"], cfg["scale"],
-            fuse=cfg.get("fuse", True))
+            fuse=cfg.get("fuse", False))
     load_adapter_weights(model, model_path)
     model.to(device)
     model.eval()
@@ -95,7 +95,7 @@ def install_from_config(model: nn.Module, model_path) -> nn.Module:
 
 
 def write_settings(model: nn.Module, skipped, rank: int, groups: int, tau: float, scale: float,
-                   fuse: bool = True, **metadata) -> dict:
+                   fuse: bool = False, **metadata) -> dict:
     """Put the config field that `install_from_config` reads on the model's config."""
     cfg = {"format": FORMAT, "skipped_layers": sorted(int(i) for i in skipped), "rank": rank, "groups": groups,
            "tau": tau, "scale": scale, "fuse": fuse, **metadata}

@@ -67,13 +67,16 @@ def parse_args(argv):
     eas_args.add_argument("--tau", type=float, default=10.0, help="router temperature")
     eas_args.add_argument("--scale", type=float, default=1.0)
     eas_args.add_argument("--dropout", type=float, default=0.1)
+    eas_args.add_argument("--fuse", action="store_true",
+                          help="save the model with PIA folded into the FFN at inference (default: unfused, "
+                               "faster on the embedded model; docs/eas.md)")
     eas_args.add_argument("--search_steps", type=int, default=300)
     eas_args.add_argument("--warmup_steps", type=int, default=100,
                           help="search warm-up: K ramps from 1 and the policy is not updated")
     eas_args.add_argument("--nas_turn", type=int, default=3, help="steps between policy updates")
     eas_args.add_argument("--nas_samples", type=int, default=5, help="configurations scored per update")
     eas_args.add_argument("--eta", type=float, default=1.0, help="policy step size")
-    eas_args.add_argument("--finetune_steps", type=int, default=600, help="adapter training with the skip set fixed")
+    eas_args.add_argument("--finetune_steps", type=int, default=500, help="adapter training with the skip set fixed")
     eas_args.add_argument("--batch_size", type=int, default=16)
     eas_args.add_argument("--lr", type=float, default=1e-3)
     eas_args.add_argument("--weight_decay", type=float, default=0.0)
@@ -306,9 +309,9 @@ def main(argv=None) -> int:
     train_info = finetune(model, layers, batches, args, skip)
 
     eas.finalize(layers, skip, model.eas_state)
-    model.eas_state.fuse = True
+    model.eas_state.fuse = args.fuse
     model.eval()
-    settings = write_settings(model, skip, args.rank, args.groups, args.tau, args.scale, fuse=True,
+    settings = write_settings(model, skip, args.rank, args.groups, args.tau, args.scale, fuse=args.fuse,
                               base_model=str(args.model_path), k=len(skip), num_layers=len(layers))
     if args.eval:
         from llava.eval import evaluate

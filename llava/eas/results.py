@@ -1,0 +1,209 @@
+"""`python -m llava.eas.results`: the "eas" section of docs/results.md on the embedded LLaVA-NeXT.
+
+Runs, through the project's own commands: TAMP at 0.5 (`bash scripts/prune/tamp.sh`), EAS with
+K = 25 % and 50 % of the blocks on the dense and on the TAMP model (`bash scripts/eas/train.sh`),
+TAMP on top of the K = 50 % EAS model (`python -m llava.pruners`), accuracy of every model
+(`python -m llava.eval`), then times the prefill of dense and each EAS model in this process,
+alternating models, several repeats, median. Rerunnable; --reuse keeps models already in --work_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llava.embedded import paths as embedded
+from mmprune.report import update_markdown_section
+
+ROOT = embedded.REPO_ROOT
+KS = ("0.25", "0.5")
+
+
+def _run(cmd: list[str], env: dict | None = None) -> str:
+    sys.stderr.write(f"$ {' '.join(cmd)}\n")
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    done = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: `{' '.join(cmd)}` failed with status {done.returncode}")
+    return done.stdout
+
+
+def _evaluate(model_dir: Path, max_samples: int | None) -> dict:
+    cmd = [sys.executable, "-m", "llava.eval", "--model_path", str(model_dir)]
+    if max_samples:
+        cmd += ["--max_samples", str(max_samples)]
+    return json.loads(_run(cmd).strip().splitlines()[-1])
+
+
+def build_models(work: Path, reuse: bool, extra_train: list[str]) -> dict:
+    """{name: (directory, base name)}, trained or reused."""
+    models = {"dense": (embedded.CHECKPOINT_DIR, None)}
+    tamp = work / "tamp0.5"
+    if not (reuse and tamp.is_dir()):
+        _run(["bash", "scripts/prune/tamp.sh", "0.5", "--no_eval"], {"OUTPUT_DIR": str(tamp), "OVERWRITE": "1"})
+    models["TAMP 0.5"] = (tamp, None)
+    for base_name, base_dir in (("dense", embedded.CHECKPOINT_DIR), ("TAMP 0.5", tamp)):
+        for k in KS:
+            out = work / f"eas_{'tamp' if base_dir == tamp else 'dense'}_k{k}"
+            if not (reuse and out.is_dir()):
+                _run(["bash", "scripts/eas/train.sh", k, "--no_eval", *extra_train],
+                     {"MODEL_PATH": str(base_dir), "OUTPUT_DIR": str(out), "OVERWRITE": "1"})
+            models[f"{base_name} + EAS K={k}"] = (out, base_name)
+    then = work / "eas_dense_k0.5_then_tamp0.5"
+    if not (reuse and then.is_dir()):
+        _run([sys.executable, "-m", "llava.pruners", "--method", "tamp", "--llm_sparsity_ratio", "0.5",
+              "--model_path", str(work / "eas_dense_k0.5"), "--save_model", str(then), "--overwrite", "--no_eval"])
+    models["dense + EAS K=0.5, then TAMP 0.5"] = (then, "dense")
+    return models
+
+
+@torch.no_grad()
+def time_prefill(entries: dict, n_prompts: int, repeats: int) -> dict:
+    """Median seconds to prefill n_prompts eval prompts (batch 1, KV cache, last-position logits),
+    whole model and decoder stack alone. entries: {name: (directory, fuse or None)}. Every prompt
+    runs on every model back to back (rotating order), so load drift on a shared machine hits all."""
+    from llava.data import encode_record, load_records, model_inputs
+    from llava.eval import load_model
+
+    torch.set_num_threads(1)
+    records = load_records(embedded.EVAL_DATA_PATH)[:n_prompts]
+    cache = {}
+    loaded = {}
+    for name, (path, fuse) in entries.items():
+        if str(path) not in cache:
+            cache[str(path)] = load_model(path, "cpu")
+        loaded[name] = (cache[str(path)][0], fuse)
+    processor = next(iter(cache.values()))[1]
+    prompts = [model_inputs(encode_record(processor, r, embedded.EVAL_IMAGE_FOLDER, with_answer=False,
+                                          add_generation_prompt=True)) for r in records]
+    clock = {"decoder": 0.0}
+    for model, _ in cache.values():
+        stack = model.model.language_model
+        start = {}
+        stack.register_forward_pre_hook(lambda *a, s=start: s.__setitem__("t", time.perf_counter()))
+        stack.register_forward_hook(lambda *a, s=start: clock.__setitem__(
+            "decoder", clock["decoder"] + time.perf_counter() - s["t"]))
+
+    def prefill(name, inputs):
+        model, fuse = loaded[name]
+        if fuse is not None:
+            model.eas_state.fuse = fuse
+        clock["decoder"] = 0.0
+        t0 = time.perf_counter()
+        model(**inputs, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0, clock["decoder"]
+
+    names = list(loaded)
+    for inputs in prompts[:4]:  # warm-up
+        for name in names:
+            prefill(name, inputs)
+    whole = {name: [] for name in names}
+    stack = {name: [] for name in names}
+    for rep in range(repeats):
+        totals = {name: [0.0, 0.0] for name in names}
+        for i, inputs in enumerate(prompts):
+            shift = (rep + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                t, dec = prefill(name, inputs)
+                totals[name][0] += t
+                totals[name][1] += dec
+        for name in names:
+            whole[name].append(totals[name][0])
+            stack[name].append(totals[name][1])
+    return {name: {"prefill_s": statistics.median(whole[name]), "decoder_s": statistics.median(stack[name])}
+            for name in names}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "## EAS: attention skipping with PIA adapters (embedded LLaVA-NeXT)",
+        "",
+        f"Generated by `{meta['command']}` in {meta['minutes']:.1f} min on a shared 2-core CPU machine "
+        f"(other jobs running). Accuracy: `python -m llava.eval` on the {meta['eval_n']} held-out eval "
+        "records (greedy exact match). Prefill: median over "
+        f"{meta['repeats']} alternating repeats of {meta['n_prompts']} eval prompts, batch 1, one thread, "
+        "KV cache, last-position logits; *whole* = model forward (vision tower included), *decoder* = "
+        "the Llama stack alone. The tiny decoder has 4 blocks (d 128), so K=0.25 skips 1 block and "
+        "K=0.5 skips 2; layer 0 is never skipped. Adapters trained on fresh synthetic samples "
+        "(task `eas_train`, validation `eas_val`), never on the eval split; everything else frozen. "
+        "TAMP's unstructured zeros give no CPU speedup: only skipping does.",
+        "",
+        "| model | skipped layers | accuracy | answer ppl | prefill whole (s) | speedup | prefill decoder (s) | speedup | search + training (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['skipped'] or '-'} | {r['accuracy']:.3f} | {r['answer_perplexity']:.3f} | "
+            f"{r['prefill_s']:.3f} | {r['speedup']:.2f}x | {r['decoder_s']:.3f} | {r['decoder_speedup']:.2f}x | "
+            f"{r['train_minutes'] if r['train_minutes'] is not None else '-'} |")
+    lines += ["", "Search probabilities p = sigmoid(theta) per candidate layer at the end of the search:", ""]
+    for r in rows:
+        if r.get("probs"):
+            probs = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(r["probs"].items(), key=lambda kv: int(kv[0])))
+            lines.append(f"- {r['name']}: {probs}")
+    lines += ["", "Speedups are against the dense model (same process, same prompts, interleaved). The "
+              "*folded* row is the K=0.5 model with the PIA folded into gate/up per example at prefill "
+              "(its accuracy is the unfused row's: same model, outputs equal up to float rounding, "
+              "tests/test_eas.py); saved models run unfused by default. One seed per row."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llava.eas.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work_dir", type=Path, default=Path("/tmp/mmprune-eas-results"))
+    parser.add_argument("--reuse", action="store_true", help="keep models already in --work_dir")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+    parser.add_argument("--n_prompts", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--train_args", default="", help="extra flags for python -m llava.eas (quoted)")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    models = build_models(args.work_dir, args.reuse, args.train_args.split())
+    rows = []
+    for name, (path, _) in models.items():
+        result = _evaluate(path, args.eval_samples)
+        row = {"name": name, "path": str(path), "accuracy": result["accuracy"],
+               "answer_perplexity": result["answer_perplexity"], "n": result["n"], "skipped": None,
+               "train_minutes": None, "probs": None}
+        report = Path(path) / "eas_report.json"
+        config = json.loads((Path(path) / "config.json").read_text())
+        if "eas" in config:
+            row["skipped"] = ", ".join(map(str, config["eas"]["skipped_layers"]))
+        if report.is_file():
+            info = json.loads(report.read_text())
+            row["train_minutes"] = info["minutes"]
+            row["probs"] = info["search"].get("probs")
+        rows.append(row)
+    entries = {name: (path, None) for name, (path, _) in models.items()}
+    fused_name = "dense + EAS K=0.5, PIA folded into the FFN"
+    entries[fused_name] = (models["dense + EAS K=0.5"][0], True)
+    rows.append(dict(next(r for r in rows if r["name"] == "dense + EAS K=0.5"), name=fused_name, probs=None))
+    timing = time_prefill(entries, args.n_prompts, args.repeats)
+    dense = timing["dense"]
+    for row in rows:
+        t = timing[row["name"]]
+        row.update(prefill_s=t["prefill_s"], decoder_s=t["decoder_s"], speedup=dense["prefill_s"] / t["prefill_s"],
+                   decoder_speedup=dense["decoder_s"] / t["decoder_s"])
+    meta = {"command": "python -m llava.eas.results", "minutes": (time.monotonic() - start) / 60,
+            "eval_n": rows[0]["n"], "repeats": args.repeats, "n_prompts": args.n_prompts}
+    update_markdown_section(str(args.results), "eas", markdown(rows, meta))
+    with open(args.work_dir / "eas_results.json", "w") as f:
+        json.dump({"rows": rows, "meta": meta}, f, indent=1)
+    print(json.dumps({"minutes": round(meta["minutes"], 1), "rows": [
+        {k: r[k] for k in ("name", "skipped", "accuracy", "speedup", "decoder_speedup")} for r in rows]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
