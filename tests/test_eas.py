@@ -276,3 +276,18 @@ def test_train_cli_end_to_end_and_reload(tmp_path):
     assert any(layers[i].eas_pia.B_weight.abs().sum() > 0 for i in skipped)
     with pytest.raises(UserInputError, match="already exists"):
         main(args)
+
+
+def test_train_script_refuses_existing_output_and_bad_k(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from llava.embedded import paths
+
+    env = dict(os.environ, OUTPUT_DIR=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    script = str(paths.REPO_ROOT / "scripts" / "eas" / "train.sh")
+    done = subprocess.run(["bash", script, "0.5"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "already exists" in done.stderr
+    done = subprocess.run(["bash", script, "half"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "is not a number" in done.stderr
