@@ -387,10 +387,3 @@ def search_skip_set(candidates: list[int], cfg: SearchConfig, train_step: Callab
     return SearchResult(skip=sorted(candidates[i] for i in order[:cfg.k]),
                         probs={candidates[i]: float(probs[i]) for i in range(len(candidates))}, history=history)
 
-
-def skipped_macs_per_token(hidden: int, heads: int, kv_heads: int, head_dim: int, context: int) -> int:
-    """Attention MACs one token no longer spends in a skipped block: q/k/v/o projections plus
-    QK^T and AV over `context` positions (the adapter, folded, costs nothing per token)."""
-    projections = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    return projections + 2 * heads * head_dim * context
-
