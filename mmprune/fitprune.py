@@ -422,8 +422,11 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
     if recipe.num_layers != len(layers):
         raise UserInputError(f"the token recipe has {recipe.num_layers} layers but the model has {len(layers)} "
                              "decoder layers; the recipe belongs to another model: run the search on this one")
+    previous = 1.0
     for index, layer in enumerate(layers):
-        check_llama_like(layer, index)
+        if recipe.keep_fraction[index] < previous:  # only dropping layers run their parts themselves
+            check_llama_like(layer, index)
+        previous = recipe.keep_fraction[index]
     if getattr(model, "_mmprune_token_recipe", None) is not None:
         raise UserInputError("a token recipe is already applied to this model; remove() it first")
     state = _DropState(recipe, restore_length)
