@@ -247,6 +247,56 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
     return report
 
 
+SMALL_MODEL_PARAMETERS = 100_000_000
+
+
+def set_cpu_threads(model: nn.Module, threads: int | None = None, device: str | None = None) -> int:
+    """Set torch's CPU threads: `threads` when given, else 1 for a model under 100M parameters on
+    the CPU. Tiny models run fastest on one thread: every op is too small to split, and on a busy
+    machine OpenMP barriers between threads cost more than the op itself. Returns the count in use."""
+    if threads is not None and threads < 1:
+        raise UserInputError(f"--threads must be at least 1, got {threads}")
+    device = device or next(model.parameters()).device.type
+    if threads is None and device == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser, data_help: str, folder_flag: str) -> None:
+    """--eval/--no_eval, --eval_data_path, --eval_<folder_flag>, --eval_samples of the prune CLIs."""
+    ev = parser.add_argument_group("evaluation after pruning")
+    ev.add_argument("--eval", dest="eval", action="store_true", default=None,
+                    help="evaluate dense and pruned accuracy (default: on for the embedded model only)")
+    ev.add_argument("--no_eval", dest="eval", action="store_false")
+    ev.add_argument("--eval_data_path", default=None, help=f"{data_help} (default: the embedded eval split)")
+    ev.add_argument(f"--eval_{folder_flag}", default=None)
+    ev.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+
+
+def check_eval_samples(args: argparse.Namespace) -> None:
+    if args.eval_samples is not None and args.eval_samples < 1:
+        raise UserInputError(f"--eval_samples must be at least 1, got {args.eval_samples}")
+
+
+def run_summary(report: dict, cfg: PruneConfig, output_dir: str) -> dict:
+    """The one JSON line a prune CLI prints; with evaluation, also dense -> pruned on stderr."""
+    summary = {"output_dir": output_dir, "method": cfg.name, "target_sparsity": cfg.sparsity,
+               "sparsity_type": str(cfg.pattern), "achieved_sparsity": report["achieved_sparsity"],
+               "tokens_per_modality": report["calibration"].get("tokens_per_modality")}
+    if "evaluation" in report:
+        dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
+        summary["dense_accuracy"], summary["pruned_accuracy"] = dense["accuracy"], pruned["accuracy"]
+        summary["dense_answer_perplexity"] = dense["answer_perplexity"]
+        summary["pruned_answer_perplexity"] = pruned["answer_perplexity"]
+        if pruned.get("per_kind"):
+            summary["pruned_accuracy_per_kind"] = {k: v["accuracy"] for k, v in pruned["per_kind"].items()}
+        sys.stderr.write(f"\naccuracy dense {dense['accuracy']:.3f} -> pruned {pruned['accuracy']:.3f}; "
+                         f"answer perplexity {dense['answer_perplexity']:.3f} -> {pruned['answer_perplexity']:.3f}\n")
+    return summary
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Entry-point wrapper: user errors become one `error:` line and exit status 2."""
     try:

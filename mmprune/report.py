@@ -147,3 +147,26 @@ def update_markdown_section(path: str, section: str, body: str, title: str = "# 
     with open(tmp, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def modality_summary(report: dict) -> str:
+    """Calibration token counts and the per-block mean of each DAS term, as printable lines."""
+    lines = []
+    counts = report["calibration"].get("tokens_per_modality")
+    if counts:
+        lines.append("calibration tokens: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    terms = report.get("das", {}).get("group_terms")
+    if terms:
+        blocks: dict[int, dict[str, list[float]]] = {}
+        for group, values in terms.items():
+            index = int(re.search(r"\.(\d+)(?:\.|$)", group).group(1))  # block groups end at the index
+            for term, value in values.items():
+                blocks.setdefault(index, {}).setdefault(term, []).append(value)
+        names = sorted({t for b in blocks.values() for t in b})
+        lines.append(f"DAS diversity terms (mean over each block's linears): {len(names)} terms")
+        lines.append("  block " + " ".join(f"{n:>13}" for n in names))
+        for index in sorted(blocks):
+            cells = [sum(blocks[index][n]) / len(blocks[index][n]) if n in blocks[index] else float("nan")
+                     for n in names]
+            lines.append(f"  {index:5d} " + " ".join(f"{c:13.4f}" for c in cells))
+    return "\n".join(lines)

@@ -17,12 +17,12 @@ from llava.data import encode_record, load_image, load_records, record_image, se
 from llava.embedded import paths as embedded
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
 from mmprune.cli import (
-    LoadedModel, OneLineErrorParser, add_pruning_arguments, banner, default_output_dir,
-    prune_config_from_args, run_and_save, run_main,
+    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, banner, check_eval_samples,
+    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
 )
-from mmprune.errors import UserInputError
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.report import modality_summary
 
 REAL_MODEL = "checkpoints/llama3-llava-next-8b"
 REAL_RAW_DIR = "playground/LLaVA-NeXT-Data/llava_next_raw_format"
@@ -38,13 +38,9 @@ def parse_args(argv):
     data.add_argument("--task_split_path", default=None, help="task_split.json (default: beside the data JSON)")
     data.add_argument("--task_name", default="sharegpt4v", help="calibration task (first folder of the record images)")
     add_pruning_arguments(parser)
-    ev = parser.add_argument_group("evaluation after pruning")
-    ev.add_argument("--eval", dest="eval", action="store_true", default=None,
-                    help="evaluate dense and pruned accuracy (default: on for the embedded model only)")
-    ev.add_argument("--no_eval", dest="eval", action="store_false")
-    ev.add_argument("--eval_data_path", default=None, help="raw-format JSON (default: the embedded eval split)")
-    ev.add_argument("--eval_image_folder", default=None)
-    ev.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for models under 100M parameters on the CPU)")
+    add_eval_arguments(parser, "raw-format JSON", "image_folder")
     return parser.parse_args(argv)
 
 
@@ -95,8 +91,7 @@ def main(argv=None) -> int:
     output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio, args.sparsity_type)
     args.save_model = output_dir
     check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
-    if args.eval_samples is not None and args.eval_samples < 1:
-        raise UserInputError(f"--eval_samples must be at least 1, got {args.eval_samples}")
+    check_eval_samples(args)
 
     timer = PhaseTimer()
     with timer.phase("load_data"):
@@ -112,10 +107,7 @@ def main(argv=None) -> int:
     with timer.phase("load_model"):
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         model, processor = load_llava_next(args.model_path, dtype=dtype)
-    if cfg.device == "cpu":
-        from llava.eval import set_cpu_threads
-
-        set_cpu_threads(model, None)  # one thread for tiny models: their ops are too small to split
+    set_cpu_threads(model, args.threads, cfg.device)
     prefix, layers = decoder_layers(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
     vit_ratio = float(args.vit_sparsity_ratio)
@@ -150,16 +142,8 @@ def main(argv=None) -> int:
                    "task_name": args.task_name, "nsamples": args.nsamples, "seed": args.seed,
                    "sample_ids": [r.get("id") for r in records], "full_conversations": True}
     report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
-    summary = {"output_dir": output_dir, "method": cfg.name, "target_sparsity": cfg.sparsity,
-               "sparsity_type": str(cfg.pattern), "achieved_sparsity": report["achieved_sparsity"]}
-    if "evaluation" in report:
-        dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
-        summary["dense_accuracy"], summary["pruned_accuracy"] = dense["accuracy"], pruned["accuracy"]
-        summary["dense_answer_perplexity"] = dense["answer_perplexity"]
-        summary["pruned_answer_perplexity"] = pruned["answer_perplexity"]
-        sys.stderr.write(f"\naccuracy dense {dense['accuracy']:.3f} -> pruned {pruned['accuracy']:.3f}; "
-                         f"answer perplexity {dense['answer_perplexity']:.3f} -> {pruned['answer_perplexity']:.3f}\n")
-    print(json.dumps(summary))
+    sys.stderr.write(modality_summary(report) + "\n")
+    print(json.dumps(run_summary(report, cfg, output_dir)))
     return 0
 
 

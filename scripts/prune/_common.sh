@@ -4,35 +4,15 @@
 # IMAGE_FOLDER, TASK_SPLIT, TASK_NAME, OUTPUT_DIR, NSAMPLES, SEED, DEVICE, OVERWRITE=1, PYTHON.
 # The allocation cap defaults to SPARSITY + 0.1 as in the public scripts.
 # Unset paths fall back to the README's real paths, or to the embedded default when those are absent.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/prune_common.sh"
 
 prune_main() {
   local method="$1"; shift
-  # positional SPARSITY and TYPE are optional; the first argument that starts with "--" begins the flags
-  local sparsity=0.5 sparsity_type=unstructured
-  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity="$1"; shift; fi
-  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity_type="$1"; shift; fi
-  case "$sparsity_type" in
-    unstructured|2:4|4:8) ;;
-    *) echo "error: sparsity type '$sparsity_type' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;
-  esac
-  local root
-  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-  cd "$root"
-  local python="${PYTHON:-}"
-  if [ -z "$python" ]; then
-    if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-  fi
-  local args=(--method "$method" --llm_sparsity_ratio "$sparsity" --sparsity_type "$sparsity_type"
-              --task_name "${TASK_NAME:-sharegpt4v}" --seed "${SEED:-42}" --nsamples "${NSAMPLES:-128}"
+  prune_setup "$@"
+  local args=(--method "$method" "${COMMON_ARGS[@]}" --task_name "${TASK_NAME:-sharegpt4v}"
               --vit_sparsity_ratio 0)
-  [ -n "${MODEL_PATH:-}" ] && args+=(--model_path "$MODEL_PATH")
-  [ -n "${DATA_PATH:-}" ] && args+=(--data_path "$DATA_PATH")
-  [ -n "${IMAGE_FOLDER:-}" ] && args+=(--image_folder "$IMAGE_FOLDER")
-  [ -n "${TASK_SPLIT:-}" ] && args+=(--task_split_path "$TASK_SPLIT")
-  [ -n "${OUTPUT_DIR:-}" ] && args+=(--save_model "$OUTPUT_DIR")
-  [ -n "${DEVICE:-}" ] && args+=(--device "$DEVICE")
-  [ "${OVERWRITE:-0}" = "1" ] && args+=(--overwrite)
-  echo "[$method] sparsity $sparsity ($sparsity_type)" >&2
-  exec "$python" -m llava.pruners "${args[@]}" "$@"
+  if [ -n "${IMAGE_FOLDER:-}" ]; then args+=(--image_folder "$IMAGE_FOLDER"); fi
+  if [ -n "${TASK_SPLIT:-}" ]; then args+=(--task_split_path "$TASK_SPLIT"); fi
+  echo "[$method] sparsity $SPARSITY_ARG ($TYPE_ARG)" >&2
+  exec "$PY" -m llava.pruners "${args[@]}" "${REST_ARGS[@]}"
 }

@@ -7,34 +7,14 @@
 # Unset paths fall back to the public scripts' real paths (checkpoints/VideoLLaMA2.1-7B-AV,
 # datasets/avinstruct_avqa_music.json, datasets/AVQA_music), or to the embedded default when
 # those are absent.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/prune_common.sh"
 
 prune_main() {
   local method="$1"; shift
-  # positional SPARSITY and TYPE are optional: a first argument starting with "--" is a flag
-  local sparsity=0.5 sparsity_type=unstructured
-  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity="$1"; shift; fi
-  if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then sparsity_type="$1"; shift; fi
-  case "$sparsity_type" in
-    unstructured|2:4|4:8) ;;
-    *) echo "error: sparsity type '$sparsity_type' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;
-  esac
-  local root
-  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-  cd "$root"
-  local python="${PYTHON:-}"
-  if [ -z "$python" ]; then
-    if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-  fi
-  local args=(--method "$method" --llm_sparsity_ratio "$sparsity" --sparsity_type "$sparsity_type"
-              --seed "${SEED:-42}" --nsamples "${NSAMPLES:-128}"
+  prune_setup "$@"
+  local args=(--method "$method" "${COMMON_ARGS[@]}"
               --vit_sparsity_ratio "${VIT_SPARSITY:-0}" --aud_sparsity_ratio "${AUD_SPARSITY:-0}")
-  [ -n "${MODEL_PATH:-}" ] && args+=(--model_path "$MODEL_PATH")
-  [ -n "${DATA_PATH:-}" ] && args+=(--data_path "$DATA_PATH")
-  [ -n "${DATA_FOLDER:-}" ] && args+=(--data_folder "$DATA_FOLDER")
-  [ -n "${OUTPUT_DIR:-}" ] && args+=(--save_model "$OUTPUT_DIR")
-  [ -n "${DEVICE:-}" ] && args+=(--device "$DEVICE")
-  [ "${OVERWRITE:-0}" = "1" ] && args+=(--overwrite)
-  echo "[$method] sparsity $sparsity ($sparsity_type)" >&2
-  exec "$python" -m videollama2.pruners "${args[@]}" "$@"
+  if [ -n "${DATA_FOLDER:-}" ]; then args+=(--data_folder "$DATA_FOLDER"); fi
+  echo "[$method] sparsity $SPARSITY_ARG ($TYPE_ARG)" >&2
+  exec "$PY" -m videollama2.pruners "${args[@]}" "${REST_ARGS[@]}"
 }

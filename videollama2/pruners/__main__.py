@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from mmprune.cli import (
-    LoadedModel, OneLineErrorParser, add_pruning_arguments, banner, default_output_dir, prune_config_from_args,
-    run_and_save, run_main,
+    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, banner, check_eval_samples,
+    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
 )
 from mmprune.errors import UserInputError
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.report import modality_summary
 from mmprune.sparsity import check_ratio
 from videollama2.checkpoint import load_tokenizer
 from videollama2.config import VideoLLaMA2Config
@@ -53,13 +54,7 @@ def parse_args(argv):
     towers.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for models under 50M parameters on the CPU, whose small "
                              "matrices gain nothing from threads, else torch's default)")
-    ev = parser.add_argument_group("evaluation after pruning")
-    ev.add_argument("--eval", dest="eval", action="store_true", default=None,
-                    help="evaluate dense and pruned accuracy (default: on for the embedded model only)")
-    ev.add_argument("--no_eval", dest="eval", action="store_false")
-    ev.add_argument("--eval_data_path", default=None, help="AVInstruct-format JSON (default: the embedded eval split)")
-    ev.add_argument("--eval_data_folder", default=None)
-    ev.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+    add_eval_arguments(parser, "AVInstruct-format JSON", "data_folder")
     return parser.parse_args(argv)
 
 
@@ -100,40 +95,6 @@ def image_size_of(config: VideoLLaMA2Config) -> int:
     return config.vision_config().image_size if config.has_vision else 0
 
 
-def report_modalities(report: dict) -> None:
-    """Token counts and the per-block mean of each DAS term, on stderr."""
-    counts = report["calibration"].get("tokens_per_modality")
-    if counts:
-        sys.stderr.write("calibration tokens: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "\n")
-    terms = report.get("das", {}).get("group_terms")
-    if not terms:
-        return
-    blocks: dict = {}
-    for group, values in terms.items():
-        index = int(group.split("layers.")[1].split(".")[0])
-        for term, value in values.items():
-            blocks.setdefault(index, {}).setdefault(term, []).append(value)
-    names = sorted({t for b in blocks.values() for t in b})
-    sys.stderr.write(f"DAS diversity terms (mean over each block's linears): {len(names)} terms\n")
-    sys.stderr.write("  block " + " ".join(f"{n:>13}" for n in names) + "\n")
-    for index in sorted(blocks):
-        row = " ".join(f"{np.mean(blocks[index][n]) if n in blocks[index] else float('nan'):13.4f}" for n in names)
-        sys.stderr.write(f"  {index:5d} {row}\n")
-
-
-SMALL_MODEL_PARAMETERS = 50_000_000
-
-
-def set_threads(args, model, device: str) -> None:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserInputError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif device == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
-        torch.set_num_threads(1)
-    args.threads_resolved = torch.get_num_threads()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = prune_config_from_args(args)
@@ -146,8 +107,7 @@ def main(argv=None) -> int:
                                                        args.sparsity_type)
     args.save_model = output_dir
     check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.data_folder])
-    if args.eval_samples is not None and args.eval_samples < 1:
-        raise UserInputError(f"--eval_samples must be at least 1, got {args.eval_samples}")
+    check_eval_samples(args)
 
     timer = PhaseTimer()
     config = VideoLLaMA2Config.from_dir(args.model_path)
@@ -177,7 +137,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.model_path)
     prefix, layers = decoder_layers(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
-    set_threads(args, model, cfg.device)
+    args.threads_resolved = set_cpu_threads(model, args.threads, cfg.device)
 
     def samples():
         return (encode_record(tokenizer, r, args.data_folder, media, with_answer=True) for r in records)
@@ -213,19 +173,8 @@ def main(argv=None) -> int:
                    "video_tokens_per_sample": model.video_token_count() if config.has_vision else 0,
                    "audio_tokens_per_sample": model.audio_token_count() if config.has_audio else 0}
     report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
-    report_modalities(report)
-    summary = {"output_dir": output_dir, "method": cfg.name, "target_sparsity": cfg.sparsity,
-               "sparsity_type": str(cfg.pattern), "achieved_sparsity": report["achieved_sparsity"],
-               "tokens_per_modality": report["calibration"].get("tokens_per_modality")}
-    if "evaluation" in report:
-        dense, pruned = report["evaluation"]["dense"], report["evaluation"]["pruned"]
-        summary["dense_accuracy"], summary["pruned_accuracy"] = dense["accuracy"], pruned["accuracy"]
-        summary["dense_answer_perplexity"] = dense["answer_perplexity"]
-        summary["pruned_answer_perplexity"] = pruned["answer_perplexity"]
-        summary["pruned_accuracy_per_kind"] = {k: v["accuracy"] for k, v in pruned["per_kind"].items()}
-        sys.stderr.write(f"\naccuracy dense {dense['accuracy']:.3f} -> pruned {pruned['accuracy']:.3f}; "
-                         f"answer perplexity {dense['answer_perplexity']:.3f} -> {pruned['answer_perplexity']:.3f}\n")
-    print(json.dumps(summary))
+    sys.stderr.write(modality_summary(report) + "\n")
+    print(json.dumps(run_summary(report, cfg, output_dir)))
     return 0
 
 
