@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from mmprune.training import SamplePool
 from videollama2.checkpoint import save_model
 from videollama2.data import collate, conversation_segments, load_records, tokenize_segments
 from videollama2.embedded import paths, synthetic_av as av, tiny
@@ -71,17 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class ClipPool:
+class ClipPool(SamplePool):
     """Decoded training clips: resized uint8 frames and fbank features, with their ClipSpec."""
 
     def __init__(self, model, folder: Path, seed: int):
+        super().__init__(self.make_clip)
         self.config = model.config
         self.image_size = model.image_size
         self.folder = folder
         self.next_seed = av.TRAIN_SEED_OFFSET + seed * 100_000
-        self.items: list = []
 
-    def make(self):
+    def make_clip(self):
         spec, frames, audio = av.make_clip(self.next_seed)
         self.next_seed += 1
         path = self.folder / "clip.mp4"
@@ -92,12 +93,7 @@ class ClipPool:
         return spec, video, audio_features(fit_length(samples, config.audio_samples))
 
     def fill(self, size: int, desc: str = "training clips") -> None:
-        for _ in tqdm(range(size - len(self.items)), desc=desc, file=sys.stderr):
-            self.items.append(self.make())
-
-    def refresh(self, count: int, rng: random.Random) -> None:
-        for _ in range(count):
-            self.items[rng.randrange(len(self.items))] = self.make()
+        super().fill(size, desc)
 
 
 class Prompts:
