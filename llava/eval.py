@@ -16,27 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llava.data import IGNORE_INDEX, encode_record, load_records, model_inputs, reference_answer
+from llava.data import encode_record, load_records, model_inputs, reference_answer
 from llava import eas
 from llava.embedded import paths
 from mmprune.cli import set_cpu_threads  # noqa: F401  (re-exported for the llava tools)
 from mmprune.errors import UserInputError
+from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer  # noqa: F401
 
 DEFAULT_MAX_NEW_TOKENS = 8
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, single spaces, no surrounding whitespace or trailing punctuation."""
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    return text.rstrip(".!?,;:").strip()
 
 
 def stop_token_ids(tokenizer) -> list:
@@ -57,17 +50,6 @@ def _on_device(inputs: dict, model) -> dict:
             value = value.to(model.dtype)
         moved[key] = value
     return moved
-
-
-def last_answer_span(labels: torch.Tensor) -> tuple | None:
-    """[start, end) of the last run of labelled positions in a (1, L) labels tensor."""
-    positions = (labels[0] != IGNORE_INDEX).nonzero().flatten().tolist()
-    if not positions:
-        return None
-    start = positions[-1]
-    while start - 1 in positions:
-        start -= 1
-    return start, positions[-1] + 1
 
 
 @torch.no_grad()
@@ -128,24 +110,10 @@ def score_record(model, full: dict, stop_ids: list, max_new_tokens: int, prompt_
         logits = _prompt_then_answer_logits(model, full, start, end)
     else:
         logits = model(**_on_device(model_inputs(full), model)).logits[0, start - 1:end - 1].float()
-    targets = full["input_ids"][0, start:end].to(logits.device)
-    nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    predicted = logits.argmax(dim=-1).tolist()
-    reference = targets.tolist()
-    stops = [i for i, t in enumerate(reference) if t in stop_ids]
-    if stops and stops[0] < max_new_tokens and predicted[:stops[0] + 1] == reference[:stops[0] + 1]:
-        tokens = reference[:stops[0] + 1]
-    else:
+    nll, tokens = teacher_forced_answer(logits, full["input_ids"][0, start:end], stop_ids, max_new_tokens)
+    if tokens is None:
         tokens = greedy_decode(model, _slice_prompt(full, start), max_new_tokens, stop_ids)
     return tokens, nll, end - start
-
-
-def _summary(correct: int, n: int, nll: float, tokens: int) -> dict:
-    return {
-        "n": n,
-        "accuracy": correct / n if n else None,
-        "answer_perplexity": math.exp(nll / tokens) if tokens else None,  # None: no answer tokens
-    }
 
 
 def evaluate(model, processor, records: list, image_folder, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -170,7 +138,7 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
     prompt_first = bool(getattr(model, "_mmprune_token_recipe", False) or hasattr(model, "eas_state"))
     tokenizer = processor.tokenizer
     stop_ids = stop_token_ids(tokenizer)
-    totals = {}  # kind (None = overall) -> [correct, n, nll, tokens]
+    tally = AnswerTally()
     for record in tqdm(records, desc=desc, disable=not progress, file=sys.stderr):
         reference = reference_answer(record)
         if reference is None:
@@ -179,16 +147,8 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
         full = encode_record(processor, record, image_folder, with_answer=True)
         tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens, prompt_first)
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
-        correct = normalize_answer(prediction) == normalize_answer(reference)
-        for key in {None, record.get("kind")}:
-            acc = totals.setdefault(key, [0, 0, 0.0, 0])
-            acc[0] += correct
-            acc[1] += 1
-            acc[2] += nll
-            acc[3] += count
-    result = _summary(*totals.pop(None))
-    result["per_kind"] = {kind: _summary(*totals[kind]) for kind in sorted(totals, key=str) if kind is not None}
-    return result
+        tally.add(record.get("kind"), normalize_answer(prediction) == normalize_answer(reference), nll, count)
+    return tally.result()
 
 
 def load_model(model_path, device: str | None = None):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
@@ -26,17 +24,13 @@ from tqdm import tqdm
 
 from mmprune.cli import OneLineErrorParser, run_main
 from mmprune.errors import UserInputError
+from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer
 from videollama2.data import check_media, encode_record, load_records, reference_answer
 from videollama2.embedded import paths
 from videollama2.media import MediaLoader
 from videollama2.model import IGNORE_INDEX
 
 DEFAULT_MAX_NEW_TOKENS = 8
-
-
-def normalize_answer(text: str) -> str:
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    return text.rstrip(".!?,;:").strip()
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -46,16 +40,6 @@ def stop_token_ids(tokenizer) -> list[int]:
         if isinstance(value, int) and value != tokenizer.unk_token_id:
             ids.add(value)
     return sorted(i for i in ids if i is not None)
-
-
-def last_answer_span(labels: torch.Tensor) -> tuple[int, int] | None:
-    positions = (labels[0] != IGNORE_INDEX).nonzero().flatten().tolist()
-    if not positions:
-        return None
-    start = positions[-1]
-    while start - 1 in positions:
-        start -= 1
-    return start, positions[-1] + 1
 
 
 @torch.no_grad()
@@ -82,21 +66,13 @@ def score_record(model, full: dict, stop_ids: list[int], max_new_tokens: int) ->
     if span is None:
         raise UserInputError("a record has no answer tokens to score")
     start, end = span
-    logits = out.logits[0, start - 1:end - 1].float()
-    targets = out.labels[0, start:end].to(logits.device)
-    nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    predicted, reference = logits.argmax(dim=-1).tolist(), targets.tolist()
-    stops = [i for i, t in enumerate(reference) if t in stop_ids]
-    if stops and stops[0] < max_new_tokens and predicted[:stops[0] + 1] == reference[:stops[0] + 1]:
-        return reference[:stops[0] + 1], nll, end - start
+    nll, tokens = teacher_forced_answer(out.logits[0, start - 1:end - 1], out.labels[0, start:end], stop_ids,
+                                        max_new_tokens)
+    if tokens is not None:
+        return tokens, nll, end - start
     prompt_end = full["input_ids"].shape[1] - (end - start)  # the answer is the text's tail
     prompt = dict(full, input_ids=full["input_ids"][:, :prompt_end])
     return greedy_decode(model, prompt, max_new_tokens, stop_ids), nll, end - start
-
-
-def _summary(correct: int, n: int, nll: float, tokens: int) -> dict:
-    return {"n": n, "accuracy": correct / n if n else None,
-            "answer_perplexity": math.exp(nll / tokens) if tokens else None}
 
 
 def evaluate(model, tokenizer, records: list, data_folder, media: MediaLoader,
@@ -106,7 +82,7 @@ def evaluate(model, tokenizer, records: list, data_folder, media: MediaLoader,
         raise UserInputError("no records to evaluate; check --data_path and --max_samples")
     model.eval()
     stop_ids = stop_token_ids(tokenizer)
-    totals: dict = {}
+    tally = AnswerTally()
     for record in tqdm(records, desc=desc, disable=not progress, file=sys.stderr):
         reference = reference_answer(record)
         if reference is None:
@@ -116,16 +92,8 @@ def evaluate(model, tokenizer, records: list, data_folder, media: MediaLoader,
             raise UserInputError(f"record {record.get('id')!r}: the rendered conversation does not end with its answer")
         tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens)
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
-        correct = normalize_answer(prediction) == normalize_answer(reference)
-        for key in {None, record.get("kind")}:
-            acc = totals.setdefault(key, [0, 0, 0.0, 0])
-            acc[0] += correct
-            acc[1] += 1
-            acc[2] += nll
-            acc[3] += count
-    result = _summary(*totals.pop(None))
-    result["per_kind"] = {kind: _summary(*totals[kind]) for kind in sorted(totals, key=str) if kind is not None}
-    return result
+        tally.add(record.get("kind"), normalize_answer(prediction) == normalize_answer(reference), nll, count)
+    return tally.result()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
