@@ -40,6 +40,11 @@ quality: setup
 fitprune-results: setup
 	OMP_NUM_THREADS=1 $(PY) -m llava.fitprune_results
 
+# Speed, memory and scale benchmarks -> BENCHMARKS.md (~15 min on 2 CPU cores; creates .venv-peer
+# for the llm-compressor comparison if missing; the GPU part runs only where CUDA is available).
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
+
 # Pruned outputs of the scripts (the committed embedded checkpoint is kept).
 clean-outputs:
 	find checkpoints -mindepth 1 -maxdepth 1 ! -name embedded -exec rm -rf {} +

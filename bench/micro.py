@@ -114,7 +114,7 @@ def bench_amia(widths=(1024, 4096), repeats: int = 2) -> dict:
         fast_s, picked = best_of(
             lambda: greedy_select(scores, graph, kernel, threshold, cfg.suppression_temperature, check_every=1),
             repeats)
-        out[width] = {"direct_s": direct.seconds, "incremental_s": fast_s, "speedup": ratio(direct.seconds, fast_s),
+        out[str(width)] = {"direct_s": direct.seconds, "incremental_s": fast_s, "speedup": ratio(direct.seconds, fast_s),
                       "selected": int(picked.numel()), "identical": bool(torch.equal(picked, reference))}
     return out
 

@@ -76,5 +76,7 @@ fi
 "$PY" -m pip install --quiet -c "$CONSTRAINTS" "${DEP_LIST[@]}" >"$LOG" 2>&1 \
     || { echo "peer tests: cannot install the test dependencies ($(reason))"; cat "$LOG"; exit 1; }
 
+# PEER_SETUP_ONLY=1: build the venv and stop (`make bench` runs its peer side there)
+[ "${PEER_SETUP_ONLY:-0}" = 1 ] && exit 0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "$PY" -m pytest -q tests/peer

@@ -1,0 +1,57 @@
+"""Profile of one embedded TAMP run (`bash scripts/prune/tamp.sh` defaults: 128 samples, 50 %
+unstructured, no vision-tower pruning) under cProfile, in a subprocess, summarised by where the
+pruning time goes: the blocks' forward passes against what TAMP adds (DAS, AMIA, masks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (label, file suffix, function name) of the calls whose cumulative time is reported
+FUNCTIONS = [
+    ("prune_decoder (DAS sweep + prune sweep)", "mmprune/pipeline.py", "prune_decoder"),
+    ("block forward passes", "mmprune/driver.py", "block_output"),
+    ("AMIA select_tokens", "mmprune/amia.py", "select_tokens"),
+    ("  AMIA greedy_select", "mmprune/amia.py", "greedy_select"),
+    ("  AMIA build_graph", "mmprune/amia.py", "build_graph"),
+    ("DAS/AMIA similarity_terms", "mmprune/diversity.py", "similarity_terms"),
+    ("last-token attention row", "mmprune/attention.py", "last_token_attention"),
+    ("Wanda masks (end_block)", "mmprune/methods/wanda.py", "end_block"),
+    ("load_llava_next (model + processor)", "llava/convert.py", "load_llava_next"),
+    ("plot_sparsity", "mmprune/report.py", "plot_sparsity"),
+]
+
+
+def summarise(stats_path: str) -> dict[str, float]:
+    stats = pstats.Stats(stats_path).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    out = {}
+    for label, suffix, name in FUNCTIONS:
+        out[label] = sum(v[3] for (f, _, n), v in stats.items() if n == name and f.endswith(suffix))
+    return out
+
+
+def profile_tamp(nsamples: int = 128, python: str = sys.executable) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        prof = os.path.join(tmp, "tamp.prof")
+        out_dir = os.path.join(tmp, "pruned")
+        cmd = [python, "-m", "cProfile", "-o", prof, "-m", "llava.pruners", "--method", "tamp",
+               "--llm_sparsity_ratio", "0.5", "--sparsity_type", "unstructured", "--seed", "42",
+               "--nsamples", str(nsamples), "--vit_sparsity_ratio", "0", "--save_model", out_dir, "--no_eval"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"profiled TAMP run failed:\n{done.stderr[-2000:]}")
+        report = json.loads(Path(out_dir, "pruning_report.json").read_text())
+        return {"functions_s": summarise(prof), "phases_s": report["time_seconds"], "nsamples": nsamples,
+                "selected_fraction": report.get("amia", {}).get("selected_token_fraction_per_block")}
+
+
+if __name__ == "__main__":
+    print(json.dumps(profile_tamp(), indent=1))
