@@ -24,12 +24,10 @@ from llava.data import IMAGE, encode_record, load_records, select_task
 from llava.embedded import paths as embedded
 from llava.model import capture_decoder_inputs, decoder_layers
 from mmprune import fitprune as core
-from mmprune.cli import OneLineErrorParser, banner, run_main
+from mmprune.cli import OneLineErrorParser, run_main
 from mmprune.errors import UserInputError
 
-REAL_MODEL = "checkpoints/llama3-llava-next-8b"
-REAL_RAW_DIR = "playground/LLaVA-NeXT-Data/llava_next_raw_format"
-REAL_DATA = f"{REAL_RAW_DIR}/llava_next_raw_format_processed.json"
+REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
 DEFAULT_NSAMPLES = 66  # the reference's ≈0.01 % slice of llava_v1_5_mix665k
 
 
@@ -134,29 +132,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def resolve_paths(args) -> None:
-    notes = []
-    if args.model_path is None:
-        if os.path.isdir(REAL_MODEL):
-            args.model_path = REAL_MODEL
-        else:
-            args.model_path = str(embedded.CHECKPOINT_DIR)
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
-    if args.data_path is None:
-        if os.path.isfile(REAL_DATA):
-            args.data_path = REAL_DATA
-        else:
-            args.data_path = str(embedded.DATA_PATH)
-            args.image_folder = args.image_folder or str(embedded.IMAGE_FOLDER)
-            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic VQA {args.data_path}")
-    args.image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data_path))
-    args.task_split_path = args.task_split_path or os.path.join(
-        os.path.dirname(os.path.abspath(args.data_path)), "task_split.json")
-    if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
-               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
-
-
 def main(argv=None) -> int:
     from llava.eval import load_model, set_cpu_threads
 
@@ -165,7 +140,7 @@ def main(argv=None) -> int:
         raise UserInputError(f"--budget {args.budget} must be in (0, 1), e.g. 0.5 for half the visual FLOPs")
     if not 0.0 < args.tolerance < 1.0:
         raise UserInputError(f"--tolerance {args.tolerance} must be in (0, 1)")
-    resolve_paths(args)
+    embedded.resolve_model_and_data(args)
     name = os.path.basename(os.path.normpath(args.model_path))
     output = args.output or os.path.join("checkpoints", f"{name}_fitprune_{args.budget}.json")
     if os.path.exists(output) and not args.overwrite:

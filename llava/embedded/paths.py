@@ -24,3 +24,35 @@ CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "llava-next-tiny"
 
 # The real-data defaults (used by split_finetune_llava_next.py, as in the public TAMP code).
 REAL_DATA_PATH = Path("playground/LLaVA-NeXT-Data/llava_next_raw_format/llava_next_raw_format_processed.json")
+REAL_MODEL = "checkpoints/llama3-llava-next-8b"
+REAL_DATA = str(REAL_DATA_PATH)
+
+
+def resolve_model_and_data(args) -> bool:
+    """Fill args.model_path / data_path / image_folder / task_split_path in place: the README's
+    real paths when they exist, else the embedded default, announced by a banner. Explicit paths
+    are never replaced (a missing one is reported by the loaders). Returns whether the model is
+    the embedded one."""
+    import os
+
+    from mmprune.cli import banner
+
+    notes = []
+    if args.model_path is None:
+        args.model_path = REAL_MODEL if os.path.isdir(REAL_MODEL) else str(CHECKPOINT_DIR)
+        if args.model_path != REAL_MODEL:
+            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
+    if args.data_path is None:
+        if os.path.isfile(REAL_DATA):
+            args.data_path = REAL_DATA
+        else:
+            args.data_path = str(DATA_PATH)
+            args.image_folder = args.image_folder or str(IMAGE_FOLDER)
+            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic VQA {args.data_path}")
+    data_dir = os.path.dirname(os.path.abspath(args.data_path))
+    args.image_folder = args.image_folder or data_dir
+    args.task_split_path = args.task_split_path or os.path.join(data_dir, "task_split.json")
+    if notes:
+        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
+               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
+    return os.path.realpath(args.model_path) == os.path.realpath(CHECKPOINT_DIR)

@@ -17,16 +17,14 @@ from llava.data import encode_record, load_image, load_records, record_image, se
 from llava.embedded import paths as embedded
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
 from mmprune.cli import (
-    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, banner, check_eval_samples,
+    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
     default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
 )
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
 from mmprune.report import modality_summary
 
-REAL_MODEL = "checkpoints/llama3-llava-next-8b"
-REAL_RAW_DIR = "playground/LLaVA-NeXT-Data/llava_next_raw_format"
-REAL_DATA = f"{REAL_RAW_DIR}/llava_next_raw_format_processed.json"
+REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
 
 
 def parse_args(argv):
@@ -44,35 +42,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def resolve_paths(args) -> bool:
-    """Fill in defaults; returns whether the embedded model is used. Explicit paths are never
-    replaced: a missing one is reported by the loaders."""
-    notes = []
-    uses_embedded_model = False
-    if args.model_path is None:
-        if os.path.isdir(REAL_MODEL):
-            args.model_path = REAL_MODEL
-        else:
-            args.model_path = str(embedded.CHECKPOINT_DIR)
-            uses_embedded_model = True
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
-    else:
-        uses_embedded_model = os.path.realpath(args.model_path) == os.path.realpath(embedded.CHECKPOINT_DIR)
-    if args.data_path is None:
-        if os.path.isfile(REAL_DATA):
-            args.data_path = REAL_DATA
-        else:
-            args.data_path = str(embedded.DATA_PATH)
-            args.image_folder = args.image_folder or str(embedded.IMAGE_FOLDER)
-            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic VQA {args.data_path}")
-    args.image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data_path))
-    args.task_split_path = args.task_split_path or os.path.join(os.path.dirname(os.path.abspath(args.data_path)), "task_split.json")
-    if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
-               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
-    return uses_embedded_model
-
-
 def check_images(records, image_folder) -> None:
     """Open every calibration image now, so a missing or corrupt file stops the run before the
     model is loaded."""
@@ -85,7 +54,7 @@ def check_images(records, image_folder) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = prune_config_from_args(args)
-    uses_embedded = resolve_paths(args)
+    uses_embedded = embedded.resolve_model_and_data(args)
     if args.eval is None:
         args.eval = uses_embedded
     output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio, args.sparsity_type)
