@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmprune.calibration import CalibrationStore, check_finite
+from mmprune.offload import materialized
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -87,18 +88,21 @@ class BlockVisitor(Protocol):
 
 
 @contextmanager
-def on_device(module: nn.Module, device: torch.device | str):
-    """Temporarily move a module to the compute device (no-op when it is already there)."""
-    first = next(module.parameters(), None)
-    home = first.device if first is not None else torch.device(device)
-    moved = home != torch.device(device)
-    if moved:
-        module.to(device)
-    try:
-        yield module
-    finally:
+def on_device(module: nn.Module, device: torch.device | str, keep_changes: bool = True):
+    """Temporarily move a module to the compute device (no-op when it is already there). A block
+    that accelerate keeps offloaded (device_map with "cpu"/"disk") is loaded from its offload store
+    instead, and its changed weights written back on exit (`keep_changes`)."""
+    with materialized(module, device, keep_changes):
+        first = next(module.parameters(), None)
+        home = first.device if first is not None else torch.device(device)
+        moved = home != torch.device(device)
         if moved:
-            module.to(home)
+            module.to(device)
+        try:
+            yield module
+        finally:
+            if moved:
+                module.to(home)
 
 
 @torch.no_grad()
@@ -111,7 +115,7 @@ def sweep(
 ) -> None:
     """Visit every block in order; `store` ends holding the last block's outputs."""
     for index, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
-        with on_device(block, device):
+        with on_device(block, device, keep_changes=visitor.modifies_block):
             linears = block_linears(block)
             visitor.begin_block(index, block, linears)
             with LinearTaps(linears, visitor.keep_outputs) as taps:
