@@ -52,6 +52,10 @@ def parse_args(argv):
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--ecoflap_samples", type=int, default=None, help="default: all calibration samples")
     parser.add_argument("--out_dir", default="docs")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="seeds run in this many worker processes at once, one CPU thread each")
+    parser.add_argument("--only_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker: one seed
+    parser.add_argument("--partial", default=None, help=argparse.SUPPRESS)  # worker: raw results JSON
     return parser.parse_args(argv)
 
 
@@ -68,7 +72,6 @@ def setting_label(sparsity: float, pattern: SparsityPattern) -> str:
 
 
 def run_all(args) -> dict:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     model, processor = load_llava_next(args.model_path, dtype=torch.float32)
     prefix, layers = decoder_layers(model)
     head = LanguageHead(model.model.language_model.norm, model.lm_head)
@@ -84,6 +87,8 @@ def run_all(args) -> dict:
     print(f"dense: accuracy {dense['accuracy']:.4f}", file=sys.stderr)
     runs = []
     for seed in args.seeds:
+        if args.only_seed is not None and seed != args.only_seed:
+            continue
         calib = select_task(records, args.task_split_path, args.task_name, args.nsamples, seed)
         samples = [encode_record(processor, r, args.image_folder, with_answer=True) for r in calib]
         store = capture_decoder_inputs(model, samples, "cpu", "cpu", len(samples))
@@ -123,7 +128,8 @@ def write_outputs(args, results: dict) -> None:
     labels = [setting_label(s, p) for s, p in settings(args)]
     meta = {"date": _dt.date.today().isoformat(), "commit": toolkit_commit(), "versions": versions(),
             "model_path": args.model_path, "data_path": args.data_path, "task_name": args.task_name,
-            "nsamples": args.nsamples, "seeds": args.seeds, "eval_data_path": args.eval_data_path,
+            "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
+            "eval_data_path": args.eval_data_path,
             "eval_samples": results["dense"]["n"], "minutes": round(results["minutes"], 1)}
     with open(os.path.join(args.out_dir, "results.json"), "w") as handle:
         json.dump({"meta": meta, **results}, handle, indent=1)
@@ -141,20 +147,20 @@ def write_outputs(args, results: dict) -> None:
         f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run); "
         f"evaluation: {results['dense']['n']} held-out samples of `{args.eval_data_path}`, greedy exact match.",
         "",
-        "## Accuracy (%)",
+        "### Accuracy (%)",
         "",
         "| method | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
-        f"| dense | " + " | ".join([f"{100 * results['dense']['accuracy']:.1f}"] * len(labels)) + " |",
+        "| dense | " + " | ".join([f"{100 * results['dense']['accuracy']:.1f}"] * len(labels)) + " |",
     ]
     methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
     for method in methods:
         cells = [_cell([100 * r["accuracy"] for r in by_key.get((method, l), [])], 1) if (method, l) in by_key
                  else "—" for l in labels]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "## Answer-token perplexity", "",
+    lines += ["", "### Answer-token perplexity", "",
               "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
-              f"| dense | " + " | ".join([f"{results['dense']['answer_perplexity']:.3f}"] * len(labels)) + " |"]
+              "| dense | " + " | ".join([f"{results['dense']['answer_perplexity']:.3f}"] * len(labels)) + " |"]
     for method in methods:
         cells = [_cell([r["answer_perplexity"] for r in by_key[(method, l)]], 3) if (method, l) in by_key
                  else "—" for l in labels]
@@ -191,9 +197,51 @@ def plot(args, results, by_key, methods, path) -> None:
     plt.close(fig)
 
 
+def run_in_workers(args, argv: list[str]) -> dict:
+    """One worker process per seed, `args.jobs` at a time (tiny models run best on one thread
+    each); their raw results are merged in seed order."""
+    import subprocess
+    import tempfile
+
+    started = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pending = list(args.seeds)
+        running: list[tuple[subprocess.Popen, int]] = []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                seed = pending.pop(0)
+                path = os.path.join(tmp, f"{seed}.json")
+                cmd = [sys.executable, "-m", "llava.quality", *argv, "--only_seed", str(seed), "--partial", path]
+                running.append((subprocess.Popen(cmd, env=env), seed))
+            proc, seed = running.pop(0)
+            if proc.wait() != 0:
+                for other, _ in running:
+                    other.kill()
+                raise RuntimeError(f"the quality worker for seed {seed} failed (exit {proc.returncode}); see above")
+            parts.append((seed, os.path.join(tmp, f"{seed}.json")))
+        loaded = {seed: json.load(open(path)) for seed, path in parts}
+    dense = loaded[args.seeds[0]]["dense"]
+    for seed, part in loaded.items():  # the dense model does not depend on the seed: a cheap sanity check
+        if part["dense"]["accuracy"] != dense["accuracy"]:
+            raise RuntimeError(f"dense accuracy differs between workers (seed {seed}): nondeterministic evaluation")
+    runs = [run for seed in args.seeds for run in loaded[seed]["runs"]]
+    return {"dense": dense, "runs": runs, "minutes": (time.perf_counter() - started) / 60}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    results = run_all(args)
+    if args.partial:
+        torch.set_num_threads(1)
+        with open(args.partial, "w") as handle:
+            json.dump(run_all(args), handle)
+        return 0
+    if args.jobs > 1 and len(args.seeds) > 1:
+        results = run_in_workers(args, argv)
+    else:
+        results = run_all(args)
     write_outputs(args, results)
     print(json.dumps({"results": os.path.join(args.out_dir, "results.md"), "runs": len(results["runs"]),
                       "minutes": round(results["minutes"], 1)}))
