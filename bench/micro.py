@@ -137,6 +137,7 @@ def bench_attention_row() -> dict:
     causal = torch.full((N_TOKENS, N_TOKENS), float("-inf")).triu(1)[None, None]
     normed = layer.input_layernorm(hidden)
     keys = layer.self_attn.k_proj(normed)[0]  # what the pruner's taps hold after the block's forward
+    queries = layer.self_attn.q_proj(normed)  # computed by the forward too (all tokens)
     attn = layer.self_attn
 
     def full_from_hidden():
@@ -144,9 +145,10 @@ def bench_attention_row() -> dict:
         return probs[0, :, -1].mean(dim=0)
 
     def full_from_projections():
-        # the probabilities alone, given q and k: the part of the forward the public code keeps
+        # the probabilities alone, given the forward's q and k: what keeping the full attention
+        # matrix adds to a forward (the public code's output_attentions)
         hd, n_kv = attn.head_dim, attn.config.num_key_value_heads
-        q = attn.q_proj(normed).view(1, N_TOKENS, -1, hd).transpose(1, 2)
+        q = queries.view(1, N_TOKENS, -1, hd).transpose(1, 2)
         k = keys.view(1, N_TOKENS, n_kv, hd).transpose(1, 2).repeat_interleave(attn.num_key_value_groups, dim=1)
         cos, sin = (t.unsqueeze(1) for t in rope)
         q = q * cos + torch.cat((-q[..., hd // 2:], q[..., : hd // 2]), -1) * sin

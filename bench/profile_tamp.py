@@ -37,15 +37,32 @@ def summarise(stats_path: str) -> dict[str, float]:
     return out
 
 
-def profile_tamp(nsamples: int = 128, python: str = sys.executable) -> dict:
+def code_at(commit: str, folder: Path) -> Path:
+    """The packages (mmprune/, llava/) as they were at `commit`, extracted with git archive (no
+    checkout, the working tree is left alone)."""
+    if not (folder / "mmprune").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit, "mmprune", "llava"], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def profile_tamp(nsamples: int = 128, python: str = sys.executable, code: Path = ROOT) -> dict:
+    """Profile the run with the packages found in `code` (python -m puts it first on sys.path);
+    the model and data are always the working tree's embedded default."""
+    from llava.embedded import paths as embedded
+
     with tempfile.TemporaryDirectory() as tmp:
         prof = os.path.join(tmp, "tamp.prof")
         out_dir = os.path.join(tmp, "pruned")
         cmd = [python, "-m", "cProfile", "-o", prof, "-m", "llava.pruners", "--method", "tamp",
                "--llm_sparsity_ratio", "0.5", "--sparsity_type", "unstructured", "--seed", "42",
-               "--nsamples", str(nsamples), "--vit_sparsity_ratio", "0", "--save_model", out_dir, "--no_eval"]
+               "--nsamples", str(nsamples), "--vit_sparsity_ratio", "0", "--save_model", out_dir, "--no_eval",
+               "--model_path", str(embedded.CHECKPOINT_DIR), "--data_path", str(embedded.DATA_PATH),
+               "--image_folder", str(embedded.IMAGE_FOLDER), "--task_split_path", str(embedded.TASK_SPLIT_PATH)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"profiled TAMP run failed:\n{done.stderr[-2000:]}")
         report = json.loads(Path(out_dir, "pruning_report.json").read_text())
@@ -53,5 +70,16 @@ def profile_tamp(nsamples: int = 128, python: str = sys.executable) -> dict:
                 "selected_fraction": report.get("amia", {}).get("selected_token_fraction_per_block")}
 
 
+BASE_COMMIT = "9edd137"  # before the speed work of BENCHMARKS.md
+
+
+def profile_before_after(nsamples: int = 128) -> dict:
+    """The base commit's code and the current code, one after the other on the same machine state."""
+    before_code = code_at(BASE_COMMIT, Path(tempfile.gettempdir()) / f"mmprune-{BASE_COMMIT}")
+    before = profile_tamp(nsamples, code=before_code)
+    after = profile_tamp(nsamples)
+    return {"before": dict(before, commit=BASE_COMMIT), "after": after}
+
+
 if __name__ == "__main__":
-    print(json.dumps(profile_tamp(), indent=1))
+    print(json.dumps(profile_before_after(), indent=1))

@@ -104,7 +104,7 @@ def render(r: dict) -> str:
         f"{_f(t['full_from_hidden']['s'] * 1e3)} ms | {_f(t['full_from_hidden']['peak_mb'])} MB |",
         f"| single row given the forward's keys (what the pruner does now: k_proj output from the taps) | "
         f"{_f(t['row_given_keys']['s'] * 1e3)} ms | {_f(t['row_given_keys']['peak_mb'])} MB |",
-        f"| full probabilities given q and k (softmax(QK^T) over H x N x N) | {_f(t['full_given_qk']['s'] * 1e3)} ms | "
+        f"| full probabilities given the forward's q and k (RoPE, softmax(QK^T) over H x N x N) | {_f(t['full_given_qk']['s'] * 1e3)} ms | "
         f"{_f(t['full_given_qk']['peak_mb'])} MB |",
         "",
         f"- Equal within 1e-5: {_target(t['max_abs_diff'] <= 1e-5)} (max abs diff {t['max_abs_diff']:.1e}).",
@@ -210,8 +210,9 @@ def render(r: dict) -> str:
     lines += [
         "## Profile of one embedded TAMP run (`bash scripts/prune/tamp.sh` defaults)",
         "",
-        f"cProfile, 128 samples, embedded tiny LLaVA-NeXT. Before: commit `{pb['commit']}` ({pb['note']}). "
-        "After: this run. Cumulative seconds (cProfile slows Python-heavy code, so these overstate the per-step "
+        f"cProfile, {pa['nsamples']} samples, embedded tiny LLaVA-NeXT (the working tree's checkpoint and data for "
+        f"both). Before: the packages at commit `{pb['commit']}` (extracted with `git archive`); after: the current "
+        "code; run one after the other in this `make bench`. Cumulative seconds (cProfile slows Python-heavy code, so these overstate the per-step "
         "loops; the run's own phase timer is in the last rows).",
         "",
         "| part | before | after |",
@@ -253,7 +254,7 @@ def main() -> None:
     from bench.gpu import bench_gpu
     from bench.micro import bench_amia, bench_attention_row, bench_das
     from bench.peer import bench_peer
-    from bench.profile_tamp import profile_tamp
+    from bench.profile_tamp import profile_before_after
     from bench.scale import bench_scale
 
     start = time.perf_counter()
@@ -261,8 +262,7 @@ def main() -> None:
     steps = [("das", bench_das), ("amia", bench_amia), ("attention", bench_attention_row),
              ("scale", lambda: bench_scale(args.scale_samples)),
              ("peer", lambda: bench_peer(nsamples=args.peer_samples, rounds=args.peer_rounds)),
-             ("profile", lambda: {"before": json.loads((ROOT / "bench" / "profile_before.json").read_text()),
-                                  "after": profile_tamp()}),
+             ("profile", profile_before_after),
              ("gpu", bench_gpu)]
     for name, fn in steps:
         t0 = time.perf_counter()
