@@ -48,8 +48,9 @@ def last_token_attention(
     config = attn.config
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = attn.head_dim
-    x = block.input_layernorm(hidden_states)  # (1, N, d)
-    n_tokens = x.shape[1]
+    n_tokens = hidden_states.shape[1]
+    # the norm is per token: with the keys given, only the last token's normalised state is needed
+    x = block.input_layernorm(hidden_states if key_states is None else hidden_states[:, -1:])
     query = attn.q_proj(x[:, -1:]).view(1, 1, n_heads, head_dim).transpose(1, 2)  # (1, H, 1, hd)
     if key_states is None:
         key_states = attn.k_proj(x)
