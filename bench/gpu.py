@@ -17,11 +17,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from bench.scale import FULL_BLOCKS, FULL_SAMPLES, PREFIX, TimedVisitor, config_8b, make_store
-from mmprune.driver import block_linears, sweep
-from mmprune.methods.sparsegpt import SparseGPTPruner
-from mmprune.methods.wanda import WandaPruner
-from mmprune.pipeline import PhaseTimer, PruneConfig, plan_sparsity
+from bench.scale import FULL_BLOCKS, FULL_SAMPLES, achieved_sparsity, config_8b, make_store, prune_blocks
 
 DTYPE = torch.bfloat16
 
@@ -45,28 +41,17 @@ def prune_whole_decoder(method: str, blocks: int = FULL_BLOCKS, samples: int = F
     cuda = device.startswith("cuda")
     layers = _decoder(config, blocks, device)
     store = make_store(config, samples, device, DTYPE, store_device="cpu")
-    cfg = PruneConfig(method=method, sparsity=0.5, device=device)
-    timer = PhaseTimer()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    plan, _, _ = plan_sparsity(layers, PREFIX, store, cfg, {0: "text", 1: "image"}, timer, None)
-    if cfg.pruner == "sparsegpt":
-        pruner = SparseGPTPruner(PREFIX, cfg.pattern, plan)
-    else:
-        pruner = WandaPruner(PREFIX, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
-    visitor = TimedVisitor(pruner)
-    with timer.phase("prune_sweep"):
-        sweep(layers, store, visitor, device, desc=f"8B-shaped decoder ({method}, GPU)")
+    _, timer, _ = prune_blocks(method, layers, store, device, f"8B-shaped decoder ({method}, GPU)")
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    zeros = sum(int((lin.weight == 0).sum()) for b in layers for lin in block_linears(b).values())
-    params = sum(lin.weight.numel() for b in layers for lin in block_linears(b).values())
     return {"blocks": blocks, "samples": samples, "seconds": seconds, "phases_s": dict(timer.seconds),
             "max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "achieved_sparsity": zeros / params}
+            "achieved_sparsity": achieved_sparsity(layers)}
 
 
 def _cuda_time(fn, repeats: int = 20) -> float:

@@ -100,6 +100,27 @@ def _store_bytes(store: CalibrationStore) -> int:
     return sum(h.numel() * h.element_size() for h in store.hidden)
 
 
+def prune_blocks(method: str, blocks: nn.ModuleList, store: CalibrationStore, device: str, desc: str):
+    """The pipeline's plan + sequential prune at 50 %, with the pruner's end_block timed.
+    Returns (visitor, phase timer, config)."""
+    cfg = PruneConfig(method=method, sparsity=0.5, device=device)
+    timer = PhaseTimer()
+    plan, _, _ = plan_sparsity(blocks, PREFIX, store, cfg, {0: "text", 1: "image"}, timer, None)
+    if cfg.pruner == "sparsegpt":
+        pruner = SparseGPTPruner(PREFIX, cfg.pattern, plan)
+    else:
+        pruner = WandaPruner(PREFIX, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
+    visitor = TimedVisitor(pruner)
+    with timer.phase("prune_sweep"):
+        sweep(blocks, store, visitor, device, desc=desc)
+    return visitor, timer, cfg
+
+
+def achieved_sparsity(blocks: nn.ModuleList) -> float:
+    linears = [lin for b in blocks for lin in block_linears(b).values()]
+    return sum(int((lin.weight == 0).sum()) for lin in linears) / sum(lin.weight.numel() for lin in linears)
+
+
 def run_method(method: str, config: LlamaConfig, samples: int, device: str = "cpu", dtype=torch.float32,
                store_device: str = "cpu") -> dict:
     """Prune one fresh block with `method` on `samples` samples; times and peak memory."""
@@ -107,26 +128,15 @@ def run_method(method: str, config: LlamaConfig, samples: int, device: str = "cp
     block = make_block(config, dtype, device)
     blocks = nn.ModuleList([block])
     store = make_store(config, samples, device, dtype, store_device)
-    cfg = PruneConfig(method=method, sparsity=0.5, device=device)
-    names = {0: "text", 1: "image"}
-    timer = PhaseTimer()
     with measure(device) as m:
-        plan, _, _ = plan_sparsity(blocks, PREFIX, store, cfg, names, timer, None)
-        if cfg.pruner == "sparsegpt":
-            pruner = SparseGPTPruner(PREFIX, cfg.pattern, plan)
-        else:
-            pruner = WandaPruner(PREFIX, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
-        visitor = TimedVisitor(pruner)
-        with timer.phase("prune_sweep"):
-            sweep(blocks, store, visitor, device, desc=f"8B-shaped block ({method})")
-    zeros = sum(int((lin.weight == 0).sum()) for lin in block_linears(block).values())
-    params = sum(lin.weight.numel() for lin in block_linears(block).values())
+        visitor, timer, cfg = prune_blocks(method, blocks, store, device, f"8B-shaped block ({method})")
+    pruner = visitor.inner
     weights_mb = sum(p.numel() * p.element_size() for p in block.parameters()) / MB
     store_mb = _store_bytes(store) / MB * (2 if cfg.layerwise == "das" else 1)  # DAS sweeps a clone
     out = {
         "samples": samples, "total_s": m.seconds, "per_block_s": visitor.end_seconds,
         "per_sample_s": (m.seconds - visitor.end_seconds) / samples, "phases_s": dict(timer.seconds),
-        "achieved_sparsity": zeros / params, "weights_mb": weights_mb, "store_mb": store_mb,
+        "achieved_sparsity": achieved_sparsity(blocks), "weights_mb": weights_mb, "store_mb": store_mb,
         "peak_mb": m.peak_total_mb - base if device == "cpu" else m.peak_total_mb,
     }
     if device == "cpu":  # the offloaded store is on the same memory here: report the peak without it
