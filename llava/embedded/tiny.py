@@ -47,6 +47,9 @@ SPECIAL_TOKENS = (BOS, START_HEADER, END_HEADER, EOT, UNK, IMAGE, PAD)
 TILE = 32
 PATCH = 8
 IMAGE_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # (height, width), as in llava-hf
+# RoPE base: Llama-3 uses 5e5, whose rotations are too slow over a ~150-token sequence for the
+# tiny decoder to tell tiles and grid rows apart by position.
+ROPE_THETA = 10000.0
 
 # Llama-3 style: BOS once, then per message a role header, the content (one <image> per image
 # item, text trimmed) and <|eot_id|>; no system prompt. The generation prompt opens the
@@ -128,7 +131,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig:
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     return LlavaNextConfig(

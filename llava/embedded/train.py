@@ -1,30 +1,31 @@
-"""Train the tiny LLaVA-NeXT of the embedded default on freshly drawn synthetic VQA.
+"""Train the tiny LLaVA-NeXT of the embedded default on synthetic VQA.
 
     python -m llava.embedded.train --out checkpoints/embedded/llava-next-tiny [--minutes M] [--seed S]
 
-Two stages, both on samples drawn fresh from `synthetic_vqa` with this seed (task names "train"
-and "vision"), so the committed calibration and eval images are never seen:
+Training conversations (1-4 questions about one image, task name "train", this seed, so the
+committed calibration and eval images are never seen) are encoded by the real processor into a
+pool held in memory (`mmprune.training.SamplePool`); `--refresh` of them are replaced by new ones
+every step, so drawing and encoding stay a small part of a step.
 
 1. Vision pre-training (real LLaVA starts from a pre-trained CLIP; we have none offline): the
    CLIP tower learns to detect (shape, colour) pairs and which half of the image they lie in,
-   through a throw-away linear head max-pooled over the patch features LLaVA-NeXT feeds to the
-   projector (the layer and strategy of the config). Without it shape features, and so every
-   question naming a shape, stayed at chance for thousands of steps in our trials.
-2. The whole model on multi-turn VQA conversations (1-4 questions about one image), loss on the
-   answer tokens only (each answer word and its <|eot_id|>), AdamW with warmup and cosine decay.
-   Scenes start with one object and reach the full 1-3 after 10% of training.
+   through a throw-away linear probe max-pooled over the patch features LLaVA-NeXT feeds to the
+   projector (the layer and strategy of the config).
+2. The whole model on the answer tokens (each answer word and its <|eot_id|>), plus
+   `--aux-weight` x the same probe loss so the tower keeps those features while the decoder
+   learns to read them. AdamW with warmup and cosine decay, gradient clipping at 1.
 
-The schedule ends at --steps or at --minutes of wall time, whichever comes first, so the run
-fits the time on slower machines. Progress and a periodic accuracy on a separate in-memory
-validation set (task "val") go to stderr. At the end the committed held-out eval split (if
-present) is scored once for training_info.json; it is never used to choose anything.
+The schedule ends at --steps or when the --minutes budget of the whole run (pool, stages, final
+scoring) is spent, whichever comes first, so the run fits the time on slower machines. Progress
+and a periodic accuracy on a separate in-memory validation set (task "val") go to stderr. At the
+end the committed held-out eval split (if present) is scored once for training_info.json; it is
+never used to choose anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
@@ -37,6 +38,7 @@ import transformers
 from tqdm import tqdm
 
 from llava.data import collate, encode_conversation, load_records, model_inputs
+from mmprune.training import SamplePool, warmup_cosine
 from llava.embedded import paths, synthetic_vqa as vqa, tiny
 from llava.eval import evaluate
 
@@ -59,8 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-turns", type=int, default=4, help="questions per training conversation")
-    parser.add_argument("--vision-steps", type=int, default=1200, help="stage-1 steps (0 skips it)")
+    parser.add_argument("--vision-steps", type=int, default=1000, help="stage-1 steps (0 skips it)")
     parser.add_argument("--vision-batch-size", type=int, default=64)
+    parser.add_argument("--aux-weight", type=float, default=0.5,
+                        help="weight of the probe loss on the image tokens during stage 2")
+    parser.add_argument("--pool", type=int, default=3000, help="encoded training conversations in memory")
+    parser.add_argument("--refresh", type=int, default=4, help="pool samples replaced by new ones every step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--val-samples", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=250, help="steps between validation runs")
@@ -68,19 +74,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# ------------------------------------------------------------------------------ stage 1
+# ------------------------------------------------------------------------------ samples
 
 
-def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(images, tokens, width): the CLIP features LLaVA-NeXT projects, all tiles of each image."""
-    config = model.config
-    images, tiles = pixel_values.shape[:2]
-    out = model.model.vision_tower(pixel_values.flatten(0, 1), output_hidden_states=True)
-    features = out.hidden_states[config.vision_feature_layer]
-    if config.vision_feature_select_strategy == "default":
-        features = features[:, 1:]  # drop CLS, as the model does
-    return features.reshape(images, tiles * features.shape[1], -1)
+def make_pool(processor, rng: random.Random, max_turns: int) -> SamplePool:
+    """Pool of encoded training conversations (real processor output) with their scenes."""
+    def make():
+        scene, turns = vqa.make_conversation(rng, vqa.MAX_OBJECTS, max_turns)
+        record = vqa.conversation_record(turns, TRAIN_TASK, 0)
+        return encode_conversation(processor, record, vqa.render(scene)), scene
+    return SamplePool(make)
 
+
+# ------------------------------------------------------------------------------ auxiliary probe
 
 SIDES = ("present", "left", "right", "top", "bottom")
 
@@ -98,62 +104,74 @@ def pair_labels(scenes: list) -> torch.Tensor:
     return labels.flatten(1)
 
 
-def pretrain_vision(model, processor, args, deadline: float) -> dict:
-    """Stage 1: multi-label (shape, colour) detection and placement from max-pooled patch features."""
-    rng = vqa.task_rng(VISION_TASK, args.seed)
+def probe_loss(head: torch.nn.Module, features: torch.Tensor, scenes: list) -> torch.Tensor:
+    """Multi-label (shape, colour, side) detection by a linear probe max-pooled over each
+    image's CLIP features (images, tokens, width)."""
+    logits = head(features).amax(dim=1)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, pair_labels(scenes))
+
+
+class FeatureTap:
+    """Keeps the CLIP features LLaVA-NeXT projects (the config's layer and strategy), as
+    (images, tiles x tokens, width), each time the vision tower runs inside the model."""
+
+    def __init__(self, model):
+        self.config = model.config
+        self.features = None
+        self.handle = model.model.vision_tower.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        features = output.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop CLS, as the model does
+        self.features = features
+
+    def per_image(self, images: int) -> torch.Tensor:
+        # every image of the task has the same number of tiles (one anyres pinpoint)
+        return self.features.reshape(images, -1, self.features.shape[-1])
+
+
+def pixel_batch(items: list) -> tuple:
+    return torch.cat([e["pixel_values"] for e, _ in items]), torch.cat([e["image_sizes"] for e, _ in items])
+
+
+def pretrain_vision(model, head, tap: FeatureTap, pool: SamplePool, rng: random.Random, args,
+                    deadline: float) -> dict:
+    """Stage 1: the CLIP tower learns the probe's labels, a stand-in for the pre-trained CLIP of
+    the real model (we have none offline). Without it shape features stayed at chance for
+    thousands of steps in our trials."""
     tower = model.model.vision_tower
-    head = torch.nn.Linear(tower.config.hidden_size, len(PAIRS) * len(SIDES))
-    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()),
-                                  lr=args.vision_lr, weight_decay=args.weight_decay)
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=args.weight_decay)
     model.train()
-    loss = torch.tensor(float("nan"))
+    losses = []
     step = 0
-    bar = tqdm(range(args.vision_steps), desc="stage 1 (vision)", file=sys.stderr)
-    for step in bar:
+    for step in tqdm(range(args.vision_steps), desc="stage 1 (vision)", file=sys.stderr):
         if time.monotonic() > deadline:
             break
-        scenes = [s for s in (vqa.random_scene(rng, rng.randint(1, vqa.MAX_OBJECTS))
-                              for _ in range(args.vision_batch_size)) if s is not None]
-        pixels = processor.image_processor([vqa.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
-        logits = head(vision_features(model, pixels)).amax(dim=1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, pair_labels(scenes))
+        items = pool.draw(args.vision_batch_size, rng)
+        pixels, _ = pixel_batch(items)
+        tower(pixels.flatten(0, 1), output_hidden_states=True)
+        loss = probe_loss(head, tap.per_image(len(items)), [s for _, s in items])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        pool.refresh(args.refresh, rng)
+        losses.append(loss.item())
     else:
         step = args.vision_steps
-    return {"steps": step, "final_loss": round(loss.item(), 5)}
+    return {"steps": step, "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5)}
 
 
 # ------------------------------------------------------------------------------ stage 2
 
 
-def training_batch(processor, rng: random.Random, batch_size: int, max_objects: int, max_turns: int) -> dict:
-    encoded = []
-    for index in range(batch_size):
-        scene, turns = vqa.make_conversation(rng, max_objects, max_turns)
-        record = vqa.conversation_record(turns, TRAIN_TASK, index)
-        encoded.append(encode_conversation(processor, record, vqa.render(scene)))
-    return collate(encoded, processor.tokenizer.pad_token_id)
-
-
-def curriculum_objects(progress: float) -> int:
-    """Most objects per scene: 1 for the first 5% of training, 2 until 10%, then all."""
-    return 1 if progress < 0.05 else 2 if progress < 0.10 else vqa.MAX_OBJECTS
-
-
-def learning_rate(step: int, progress: float, warmup: int, peak: float) -> float:
-    """Linear warmup over `warmup` steps, cosine decay to 10% of the peak at progress 1."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def train_vqa(model, processor, args, start: float, deadline: float, val_records: list, val_folder) -> dict:
-    """Stage 2; progress is the larger of the step fraction and the time fraction."""
-    rng = vqa.task_rng(TRAIN_TASK, args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+def train_vqa(model, head, tap: FeatureTap, processor, pool: SamplePool, rng: random.Random, args, start: float,
+              deadline: float, val_records: list, val_folder) -> dict:
+    """Stage 2: the whole model on the answer tokens, plus aux_weight x the probe loss on the
+    image tokens; progress is the larger of the step fraction and the time fraction."""
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     stage_start = time.monotonic()
     history = []
     step = 0
@@ -165,19 +183,26 @@ def train_vqa(model, processor, args, start: float, deadline: float, val_records
             break
         model.train()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, progress, args.warmup, args.lr)
-        batch = training_batch(processor, rng, args.batch_size, curriculum_objects(progress), args.max_turns)
-        loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+            group["lr"] = warmup_cosine(step, progress, args.warmup, args.lr)
+        items = pool.draw(args.batch_size, rng)
+        batch = collate([e for e, _ in items], processor.tokenizer.pad_token_id)
+        out = model(**model_inputs(batch), labels=batch["labels"])
+        loss = out.loss
+        total = loss
+        if args.aux_weight:  # keeps the tower's features of stage 1 while the decoder learns
+            total = loss + args.aux_weight * probe_loss(head, tap.per_image(len(items)), [s for _, s in items])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        pool.refresh(args.refresh, rng)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", progress=f"{progress:.2f}")
         if step % args.eval_every == 0:
             val = evaluate(model, processor, val_records, val_folder, progress=False)
             history.append({"step": step, "loss": round(loss.item(), 4), "val_accuracy": val["accuracy"],
+                            "per_kind": {k: v["accuracy"] for k, v in val["per_kind"].items()},
                             "minutes": round((time.monotonic() - start) / 60, 2)})
             bar.write(f"step {step}: loss {loss.item():.3f} val accuracy {val['accuracy']:.3f} "
                       + " ".join(f"{k}={v['accuracy']:.2f}" for k, v in val["per_kind"].items()))
@@ -210,43 +235,60 @@ def save_checkpoint(model, processor, out: Path, info: dict) -> None:
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     model, processor = tiny.build(args.seed)
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(PAIRS) * len(SIDES))
+    tap = FeatureTap(model)
     start = time.monotonic()
     deadline = start + args.minutes * 60
+    rng = vqa.task_rng(TRAIN_TASK, args.seed)
+    pool = make_pool(processor, rng, args.max_turns)
+    pool.fill(args.pool)
+    pool_minutes = (time.monotonic() - start) / 60
     with tempfile.TemporaryDirectory() as tmp:
         val_records = vqa.write_task(VAL_TASK, args.val_samples, args.seed, Path(tmp))
-        stage1 = pretrain_vision(model, processor, args, deadline) if args.vision_steps > 0 else None
-        stage2 = train_vqa(model, processor, args, start, deadline, val_records, tmp)
-        minutes = (time.monotonic() - start) / 60
+        # keep time for the final validation and held-out evaluation inside the budget
+        tick = time.monotonic()
+        evaluate(model, processor, val_records[:20], tmp, progress=False)
+        heldout_records = load_records(paths.EVAL_DATA_PATH) if paths.EVAL_DATA_PATH.is_file() else []
+        reserve = (time.monotonic() - tick) / 20 * (len(val_records) + len(heldout_records)) * 1.3 + 10
+        stage1 = pretrain_vision(model, head, tap, pool, rng, args, deadline - reserve) if args.vision_steps > 0 else None
+        stage1_minutes = (time.monotonic() - start) / 60 - pool_minutes
+        stage2 = train_vqa(model, head, tap, processor, pool, rng, args, start, deadline - reserve, val_records, tmp)
+        train_minutes = (time.monotonic() - start) / 60
         final_val = evaluate(model, processor, val_records, tmp, progress=False)
+    tap.handle.remove()
     heldout = None
-    if paths.EVAL_DATA_PATH.is_file():
-        heldout = evaluate(model, processor, load_records(paths.EVAL_DATA_PATH),
-                           paths.EVAL_IMAGE_FOLDER, desc="held-out eval")
+    if heldout_records:
+        heldout = evaluate(model, processor, heldout_records, paths.EVAL_IMAGE_FOLDER, desc="held-out eval")
     info = {
         "seed": args.seed,
-        "minutes": round(minutes, 2),
+        "minutes": round((time.monotonic() - start) / 60, 2),
+        "train_minutes": round(train_minutes, 2),
+        "pool_minutes": round(pool_minutes, 2),
         "threads": args.threads,
+        "pool": args.pool, "refresh_per_step": args.refresh, "samples_generated": pool.made,
         "stage1_vision": {"steps": stage1["steps"], "batch_size": args.vision_batch_size,
-                          "lr": args.vision_lr, "final_loss": stage1["final_loss"]} if stage1 else None,
+                          "lr": args.vision_lr, "final_probe_loss": stage1["final_loss"],
+                          "minutes": round(stage1_minutes, 2)} if stage1 else None,
         "steps": stage2["steps"],
         "max_steps": args.steps,
         "batch_size": args.batch_size,
         "max_turns": args.max_turns,
         "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
+        "aux_weight": args.aux_weight,
         "validation": final_val,
         "heldout_eval": heldout,
         "heldout_eval_path": str(paths.EVAL_DATA_PATH.relative_to(paths.REPO_ROOT)),
         "history": stage2["history"],
         "data": {
             "generator": "llava.embedded.synthetic_vqa",
-            "stage1": {"task": VISION_TASK, "seed": args.seed, "labels": "(shape, color) pairs present, and left/right/top/bottom"},
-            "stage2": {"task": TRAIN_TASK, "seed": args.seed, "fresh_samples_every_step": True,
-                       "turns": f"1-{args.max_turns} questions per image",
-                       "curriculum": "1 object until 5% of training, up to 2 until 10%, then 1-3"},
+            "train": {"task": TRAIN_TASK, "seed": args.seed,
+                      "turns": f"1-{args.max_turns} questions per image, 1-{vqa.MAX_OBJECTS} objects",
+                      "pool": f"{args.pool} encoded conversations, {args.refresh} replaced per step"},
+            "probe_labels": "(shape, color) pairs present, and left/right/top/bottom of the middle",
             "validation": {"task": VAL_TASK, "seed": args.seed, "n": args.val_samples},
             "kinds": list(vqa.KINDS), "shapes": list(vqa.SHAPES), "colors": list(vqa.COLORS),
             "image_sizes_hw": [list(s) for s in vqa.IMAGE_SIZES], "max_objects": vqa.MAX_OBJECTS,
-            "loss": "answer tokens only (answer word and <|eot_id|>)",
+            "loss": "answer tokens only (answer word and <|eot_id|>), plus aux_weight x probe loss",
         },
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
