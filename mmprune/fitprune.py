@@ -25,7 +25,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -255,6 +255,11 @@ def fit_keep(s: torch.Tensor, c_mean: torch.Tensor, s_ref: float, c_ref: float, 
 
 # --------------------------------------------------------------------------------------------
 # One decoder layer run on fewer tokens
+
+
+def has_attention(layer: nn.Module) -> bool:
+    """False for a layer whose attention was removed (an EAS-skipped layer): it drops no tokens."""
+    return getattr(layer, "self_attn", None) is not None
 
 
 def check_llama_like(layer: nn.Module, index: int) -> None:
@@ -546,6 +551,11 @@ def _reference_masses(layers, samples, progress: bool) -> list[list[tuple[float,
         hidden, per_layer = sample.hidden, []
         kwargs = _prefill_kwargs(sample.kwargs)
         for layer in layers:
+            if not has_attention(layer):  # an attention-skipping (EAS) layer sees every token, drops none
+                hidden = layer(hidden, **kwargs)
+                per_layer.append((0.0, 0.0))
+                continue
+
             def decide(query, key, layer=layer):
                 s, c, n_text = visual_scores(query, key, sample.v_start, sample.n_visual, layer.self_attn.scaling)
                 per_layer.append((float(s.sum()), float(c.sum()) / max(n_text, 1)))
@@ -559,18 +569,30 @@ def _reference_masses(layers, samples, progress: bool) -> list[list[tuple[float,
 def _fit(layers, samples, masses, dims: DecoderDims, budget: float, alpha: float):
     """FIT(α): greedy per-layer drops on every sample; returns (per-sample drop lists, reached)."""
     n_layers = len(layers)
+    attends = [has_attention(layer) for layer in layers]
+
+    def attn(n: float, l: int) -> float:  # layers without attention (EAS) cost their FFN side only
+        return attention_macs(n, dims) if attends[l] else 0.0
+
+    def rest(n: float, l: int) -> float:  # cost of layers l+1.. at n visual tokens
+        return sum(attn(n, j) + post_macs(n, dims) for j in range(l + 1, n_layers))
+
     states = [(s.hidden, _prefill_kwargs(s.kwargs), s.n_visual) for s in samples]
     drops = [[0] * n_layers for _ in samples]
     used = [0.0] * len(samples)
-    target = (1 - budget) * sum(n_layers * (attention_macs(s.n_visual, dims) + post_macs(s.n_visual, dims))
-                                for s in samples) / len(samples)
+    target = (1 - budget) * sum(rest(s.n_visual, -1) for s in samples) / len(samples)
     for l, layer in enumerate(layers):
         projected = 0.0
         for x, (_, _, n) in enumerate(states):
-            used[x] += attention_macs(n, dims)
-            projected += used[x] + post_macs(n, dims) + (n_layers - 1 - l) * (attention_macs(n, dims) + post_macs(n, dims))
+            used[x] += attn(n, l)
+            projected += used[x] + post_macs(n, dims) + rest(n, l)
         if projected / len(samples) <= target:
             return drops, True
+        if not attends[l]:
+            for x, (hidden, kwargs, n) in enumerate(states):
+                states[x] = (layer(hidden, **kwargs), kwargs, n)
+                used[x] += post_macs(n, dims)
+            continue
         for x, sample in enumerate(samples):
             hidden, kwargs, n = states[x]
             s_ref, c_ref = masses[x][l]
@@ -611,7 +633,8 @@ def search_recipe(layers: nn.ModuleList, samples: list[CalibSample], dims: Decod
     if len(layers) != dims.num_layers:
         raise ValueError(f"{len(layers)} layers but dims say {dims.num_layers}")
     for index, layer in enumerate(layers):
-        check_llama_like(layer, index)
+        if has_attention(layer):
+            check_llama_like(layer, index)
     masses = _reference_masses(layers, samples, progress)
     lo, hi, best, trace = 0.0, 1.0, None, []
     steps = max(1, math.ceil(math.log2(1.0 / tolerance)))
