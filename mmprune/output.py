@@ -37,6 +37,7 @@ def atomic_output_dir(output_dir: str, overwrite: bool):
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
     try:
         yield staging
         if os.path.exists(output_dir):

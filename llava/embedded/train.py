@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from llava.data import collate, encode_conversation, load_records, model_inputs
 from mmprune.training import SamplePool, warmup_cosine
 from llava.embedded import paths, synthetic_vqa as vqa, tiny
 from llava.eval import evaluate
+from mmprune.output import atomic_output_dir
 
 TRAIN_TASK = "train"
 VISION_TASK = "vision"
@@ -215,21 +215,12 @@ def train_vqa(model, head, tap: FeatureTap, processor, pool: SamplePool, rng: ra
 
 def save_checkpoint(model, processor, out: Path, info: dict) -> None:
     """Write model, processor and training_info.json, replacing `out` only once all is written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    try:
+    with atomic_output_dir(str(out), overwrite=True) as staging:
         model.save_pretrained(staging)  # safetensors, llava-hf key layout
         processor.save_pretrained(staging)
-        with open(staging / "training_info.json", "w", encoding="utf-8") as f:
+        with open(Path(staging) / "training_info.json", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
             f.write("\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def train(args) -> dict:

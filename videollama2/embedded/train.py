@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from videollama2.checkpoint import save_model
 from videollama2.data import collate, conversation_segments, load_records, tokenize_segments
 from videollama2.embedded import paths, synthetic_av as av, tiny
 from videollama2.eval import evaluate
+from mmprune.output import atomic_output_dir
 from videollama2.media import MediaLoader, audio_features, clip_concat, fit_length, normalize_frames, \
     read_video_audio, read_video_frames, resize_frames
 
@@ -217,20 +217,13 @@ def learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
 
 def save_checkpoint(model, tokenizer, out: Path, info: dict) -> None:
     """Write the checkpoint next to `out`, then replace `out` in one rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_output_dir(str(out), overwrite=True) as folder:
+        staging = Path(folder)
         save_model(model, staging, max_shard_bytes=SHARD_BYTES)
         tokenizer.save_pretrained(staging)
         (staging / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}, indent=1) + "\n")
         (staging / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def train(args) -> dict:
