@@ -147,7 +147,7 @@ def render(r: dict) -> str:
     lines += [
         f"## 5. Scale: one 8B-shaped decoder block (hidden 4096, MLP 14336, 32 heads, 8 KV heads), N = {s['N']}",
         "",
-        f"Random weights (float32, {_f(b['weights'])} MB a block), {s['samples']} samples of synthetic block inputs, "
+        f"Random weights (float32, {_f(b['weights'])} MB a block), {s['samples']} sample(s) of synthetic block inputs, "
         "pruned at 50 % by the project's pipeline (`plan_sparsity` + the sequential driver), the captured "
         "activations in a CPU store. Per sample = everything that repeats per sample (forward passes, "
         "statistics, DAS, AMIA); per block = the work after the samples (masks, SparseGPT's OBS). Extrapolation: "
@@ -169,25 +169,30 @@ def render(r: dict) -> str:
         f"- Memory bound: 1.5 x (one block's weights {_f(b['weights'])} MB + one sample's activations "
         f"{_f(b['activations'])} MB [every distinct linear input and output of a block, what the taps may hold] + "
         f"the store's transfer buffer {_f(b['transfer_buffer'])} MB [one sample's hidden state]) = {_f(limit)} MB.",
-        f"- The store itself (the offloaded activations: {s['samples']} samples x {_f(b['transfer_buffer'])} MB, twice "
+        f"- The store itself (the offloaded activations: {s['samples']} sample(s) x {_f(b['transfer_buffer'])} MB, twice "
         "for TAMP whose DAS sweep runs on a copy) is left out of the peak above, since on a GPU run it lives in "
         "CPU memory; on this CPU-only run it shares the same memory.",
-        "- Wanda and TAMP run two forward passes per sample (statistics, then the pruned block's output for the next "
-        "block), TAMP a third for the DAS dense sweep plus the O(N^2 d) similarities of every linear output "
-        "(DAS `positive` mode and AMIA's graph: d up to 14336), so their per-sample cost sits at 2-3x the floor. "
-        "SparseGPT's per-block constant is its O(d^3) Hessian factorisations (down_proj: 14336 x 14336).",
+        f"- Per sample against the floor: Wanda {_f(s['wanda']['per_sample_s'] / fl['per_sample_s'])}x, SparseGPT "
+        f"{_f(s['sparsegpt']['per_sample_s'] / fl['per_sample_s'])}x, TAMP {_f(s['tamp']['per_sample_s'] / fl['per_sample_s'])}x. "
+        "Every method runs two forward passes per sample (statistics, then the pruned block's output for the next "
+        "block); TAMP runs a third for the DAS dense sweep, and on top of its three forwards the O(N^2 d) "
+        "similarities of every linear output (DAS in the public code's `positive` mode and AMIA's kNN graph, d up to "
+        "14336: about 0.74 TFLOP each per sample, half a forward). `--similarity_mode mean` makes DAS O(N d). "
+        "SparseGPT adds its Hessian updates, 2 X^T X for the four distinct linear inputs (about 1.5 TFLOP a sample, "
+        "down_proj's 14336-wide input most of it), and its per-block constant is the O(d^3) factorisations "
+        "(down_proj: 14336 x 14336).",
     ]
     if s["sparsegpt"]["peak_without_store_mb"] > limit:
         lines.append("- SparseGPT's peak is above the bound by construction: down_proj's Hessian alone is 14336 x 14336 "
                      f"float32 ({_f(14336 ** 2 * 4 / 2 ** 20)} MB), and factorising it keeps two more matrices of that size "
                      "alive (the damped copy and its Cholesky factor, then H^-1 and its factor); the bound's terms hold "
                      "no Hessian. (This work removed the identity matrix and the Hessian copy the factorisation made: "
-                     "six such matrices at once before, three now.)")
+                     "seven such matrices alive at once before, the accumulated Hessian included, three now.)")
     for method in ("wanda", "sparsegpt", "tamp"):
         x = s[method]
         phases = ", ".join(f"{k} {_f(v)} s" for k, v in x["phases_s"].items())
         extra = f"; AMIA kept {100 * x['amia_selected_fraction']:.1f} % of the tokens" if x.get("amia_selected_fraction") else ""
-        lines.append(f"- {method}: total {_f(x['total_s'])} s for {x['samples']} samples ({phases}); achieved sparsity "
+        lines.append(f"- {method}: total {_f(x['total_s'])} s for {x['samples']} sample(s) ({phases}); achieved sparsity "
                      f"{_f(x['achieved_sparsity'], 4)}{extra}.")
     lines.append("")
     g = r["gpu"]
@@ -241,7 +246,11 @@ def render(r: dict) -> str:
         "from the forward.",
         "- At 8B scale (part 5) the Wanda mask's full stable sort per row took ~48 s a block: now kthvalue "
         "plus stable tie handling (same masks, tested against the sort); SparseGPT's factorisation no longer "
-        "builds an identity matrix or copies the Hessian (two C x C matrices alive at most instead of six).",
+        "builds an identity matrix or copies the Hessian (three C x C matrices alive at most, the accumulated "
+        "Hessian included, instead of seven).",
+        "- Still above the forward passes on this tiny model (about 95 tokens a sample): AMIA's selection and "
+        "the similarity terms, whose cost here is the fixed overhead of many small torch calls per sample and "
+        "linear (3584 selections) rather than arithmetic; at 2928 tokens (parts 1-3, 5) the arithmetic dominates.",
         "- Left as is: model loading (transformers' lazy imports on first use) and the sparsity plot "
         "(matplotlib import), one-off costs of the process.",
         "",
