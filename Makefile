@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-peer quality fitprune-results clean-outputs
+.PHONY: setup demo test test-fast test-peer quality fitprune-results eas-results bench clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ quality: setup
 # FitPrune recipes, accuracy and prefill timing on the embedded LLaVA-NeXT -> docs/results.md (minutes).
 fitprune-results: setup
 	OMP_NUM_THREADS=1 $(PY) -m llava.fitprune_results
+
+# EAS at K = 25% and 50%, alone and with TAMP 0.5 -> docs/results.md section eas (~25 min on 2 CPU cores).
+eas-results: setup
+	$(PY) -m llava.eas.results
 
 # Speed, memory and scale benchmarks -> BENCHMARKS.md (~15 min on 2 CPU cores; creates .venv-peer
 # for the llm-compressor comparison if missing; the GPU part runs only where CUDA is available).
