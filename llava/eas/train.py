@@ -31,18 +31,17 @@ from tqdm import tqdm
 
 from llava.convert import load_llava_next
 from llava.data import collate, encode_conversation, encode_record, load_records, model_inputs, select_task
-from llava.eas import install, settings_of, write_settings
+from llava.eas import settings_of, write_settings
 from llava.embedded import paths as embedded, synthetic_vqa as vqa
 from llava.model import decoder_layers
 from mmprune import eas
-from mmprune.cli import OneLineErrorParser, banner, run_main
+from mmprune.cli import OneLineErrorParser, run_main
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
 
 TRAIN_TASK = "eas_train"
 VAL_TASK = "eas_val"
-REAL_MODEL = "checkpoints/llama3-llava-next-8b"
-REAL_DATA = "playground/LLaVA-NeXT-Data/llava_next_raw_format/llava_next_raw_format_processed.json"
+REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
 
 
 def parse_args(argv):
@@ -97,12 +96,7 @@ def parse_args(argv):
 def resolve_paths(args) -> bool:
     """Real paths when present, else the embedded default (banner). Returns: embedded model?"""
     notes = []
-    if args.model_path is None:
-        if os.path.isdir(REAL_MODEL):
-            args.model_path = REAL_MODEL
-        else:
-            args.model_path = str(embedded.CHECKPOINT_DIR)
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
+    embedded_model = embedded.resolve_model(args, notes)
     if args.data_path is None and os.path.isfile(REAL_DATA):
         args.data_path = REAL_DATA
     if args.data_path is None:
@@ -116,10 +110,8 @@ def resolve_paths(args) -> bool:
         args.image_folder = args.image_folder or os.path.dirname(os.path.abspath(args.data_path))
         args.task_split_path = args.task_split_path or os.path.join(
             os.path.dirname(os.path.abspath(args.data_path)), "task_split.json")
-    if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
-               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
-    return os.path.realpath(args.model_path) == os.path.realpath(embedded.CHECKPOINT_DIR)
+    embedded.announce(notes)
+    return embedded_model
 
 
 # ------------------------------------------------------------------------------ data

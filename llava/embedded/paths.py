@@ -28,6 +28,27 @@ REAL_MODEL = "checkpoints/llama3-llava-next-8b"
 REAL_DATA = str(REAL_DATA_PATH)
 
 
+def resolve_model(args, notes: list) -> bool:
+    """Fill args.model_path: the README's real checkpoint when it exists, else the embedded one
+    (a line for the banner goes to `notes`). Returns whether the model is the embedded one."""
+    import os
+
+    if args.model_path is None:
+        args.model_path = REAL_MODEL if os.path.isdir(REAL_MODEL) else str(CHECKPOINT_DIR)
+        if args.model_path != REAL_MODEL:
+            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
+    return os.path.realpath(args.model_path) == os.path.realpath(CHECKPOINT_DIR)
+
+
+def announce(notes: list) -> None:
+    """The loud banner of a run on the embedded default (nothing when `notes` is empty)."""
+    from mmprune.cli import banner
+
+    if notes:
+        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
+               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
+
+
 def resolve_model_and_data(args) -> bool:
     """Fill args.model_path / data_path / image_folder / task_split_path in place: the README's
     real paths when they exist, else the embedded default, announced by a banner. Explicit paths
@@ -35,13 +56,8 @@ def resolve_model_and_data(args) -> bool:
     the embedded one."""
     import os
 
-    from mmprune.cli import banner
-
-    notes = []
-    if args.model_path is None:
-        args.model_path = REAL_MODEL if os.path.isdir(REAL_MODEL) else str(CHECKPOINT_DIR)
-        if args.model_path != REAL_MODEL:
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny LLaVA-NeXT {args.model_path}")
+    notes: list = []
+    embedded_model = resolve_model(args, notes)
     if args.data_path is None:
         if os.path.isfile(REAL_DATA):
             args.data_path = REAL_DATA
@@ -52,7 +68,5 @@ def resolve_model_and_data(args) -> bool:
     data_dir = os.path.dirname(os.path.abspath(args.data_path))
     args.image_folder = args.image_folder or data_dir
     args.task_split_path = args.task_split_path or os.path.join(data_dir, "task_split.json")
-    if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
-               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
-    return os.path.realpath(args.model_path) == os.path.realpath(CHECKPOINT_DIR)
+    announce(notes)
+    return embedded_model
