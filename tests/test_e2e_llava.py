@@ -2,7 +2,6 @@
 bad inputs that must stop a run with a one-line error and no output."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,29 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from llava.embedded import paths as embedded
+from script_runs import ROOT, assert_clean_failure, load_tensors, run_bash
 from mmprune.masks import nm_pattern_holds
 
-ROOT = Path(__file__).resolve().parents[1]
 DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def run_script(script, *args, env=None, check=True):
-    full_env = {**os.environ, "PYTHON": sys.executable, "NSAMPLES": "32", **(env or {})}
-    proc = subprocess.run(["bash", str(ROOT / script), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def load_tensors(folder):
-    tensors = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
+    return run_bash(ROOT / script, *args, env={"NSAMPLES": "32", **(env or {})}, check=check, timeout=600)
 
 
 def is_decoder_linear(key):
@@ -131,14 +117,6 @@ def small_data(tmp_path):
     (folder / "data.json").write_text(json.dumps(records))
     (folder / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
     return folder, records
-
-
-def assert_clean_failure(proc, out, needle):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last, last
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
 
 
 def bad_run(tmp_path, *args, env=None):

@@ -2,7 +2,6 @@
 eval entry point, and the bad inputs that must stop a run with a one-line error and no output."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mmprune.masks import nm_pattern_holds
 from mmprune.pipeline import PRESETS
+from script_runs import ROOT, assert_clean_failure, load_tensors, run_bash
 from videollama2.embedded import paths as embedded
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts_videollama2" / "prune"
 SIX_TERMS = {"text-text", "text-video", "text-audio", "video-video", "video-audio", "audio-audio"}
 needs_checkpoint = pytest.mark.skipif(not (embedded.CHECKPOINT_DIR / "config.json").is_file(),
@@ -25,19 +23,7 @@ needs_checkpoint = pytest.mark.skipif(not (embedded.CHECKPOINT_DIR / "config.jso
 
 
 def run_script(name, *args, env=None, check=True):
-    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
-    proc = subprocess.run(["bash", str(SCRIPTS / name), *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def tensors(folder):
-    out = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
+    return run_bash(SCRIPTS / name, *args, env=env, check=check)
 
 
 def is_decoder_linear(key):
@@ -58,7 +44,7 @@ def test_tamp_default_run_sparsity_untouched_parts_report_and_reload(tamp_output
     assert "EMBEDDED" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["method"] == "tamp" and abs(summary["achieved_sparsity"] - 0.5) <= 1e-3
-    before, after = tensors(embedded.CHECKPOINT_DIR), tensors(out)
+    before, after = load_tensors(embedded.CHECKPOINT_DIR), load_tensors(out)
     assert before.keys() == after.keys()
     zeros = total = 0
     for key, tensor in after.items():
@@ -109,7 +95,7 @@ def test_eval_entry_point_on_the_pruned_output(tamp_output):
 def test_two_four_pattern_is_exact(tmp_path):
     out = tmp_path / "nm"
     run_script("tamp.sh", "0.5", "2:4", "--no_eval", env={"OUTPUT_DIR": str(out), "NSAMPLES": "32"})
-    for key, tensor in tensors(out).items():
+    for key, tensor in load_tensors(out).items():
         if is_decoder_linear(key):
             assert nm_pattern_holds(tensor, 2, 4), key
 
@@ -143,14 +129,6 @@ def small_data(tmp_path):
             shutil.copy(embedded.MEDIA_FOLDER / record[key], folder / record[key])
     (folder / "data.json").write_text(json.dumps(chosen))
     return folder, chosen
-
-
-def assert_clean_failure(proc, out, needle):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and needle in last, last
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
 
 
 def bad_run(tmp_path, *args, env=None, script="tamp.sh"):

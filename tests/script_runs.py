@@ -1,0 +1,36 @@
+"""Shared by the end-to-end script tests of both models: run a bash script from the repository
+root, read a saved checkpoint's tensors, and check a run stopped cleanly on bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bash(script: Path, *args, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    proc = subprocess.run(["bash", str(script), *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script.name} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def load_tensors(folder) -> dict:
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def assert_clean_failure(proc, out: Path, needle: str) -> None:
+    """Exit 2, a last stderr line `error: ...` naming the problem, and nothing left behind."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, last
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
