@@ -25,7 +25,7 @@ from tqdm import tqdm
 from llava.data import encode_record, load_records, model_inputs, reference_answer
 from llava import eas
 from llava.embedded import paths
-from mmprune.cli import set_cpu_threads  # noqa: F401  (re-exported for the llava tools)
+from mmprune.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
 from mmprune.errors import UserInputError
 from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer  # noqa: F401
 
@@ -207,10 +207,7 @@ def resolve_data(args) -> tuple:
 
 def run(argv=None) -> dict:
     args = parse_args(argv)
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserInputError(f"--max_samples must be at least 1, got {args.max_samples}")
-    if args.max_new_tokens < 1:
-        raise UserInputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    check_eval_limits(args)
     data_path, image_folder = resolve_data(args)
     records = load_records(data_path)[:args.max_samples]
     recipe = None

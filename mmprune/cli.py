@@ -280,6 +280,14 @@ def check_eval_samples(args: argparse.Namespace) -> None:
         raise UserInputError(f"--eval_samples must be at least 1, got {args.eval_samples}")
 
 
+def check_eval_limits(args: argparse.Namespace) -> None:
+    """--max_samples and --max_new_tokens of the evaluation CLIs."""
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserInputError(f"--max_samples must be at least 1, got {args.max_samples}")
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+
+
 def run_summary(report: dict, cfg: PruneConfig, output_dir: str) -> dict:
     """The one JSON line a prune CLI prints; with evaluation, also dense -> pruned on stderr."""
     summary = {"output_dir": output_dir, "method": cfg.name, "target_sparsity": cfg.sparsity,

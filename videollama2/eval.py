@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmprune.cli import OneLineErrorParser, run_main
+from mmprune.cli import OneLineErrorParser, check_eval_limits, run_main
 from mmprune.errors import UserInputError
 from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer
 from videollama2.data import check_media, encode_record, load_records, reference_answer
@@ -117,10 +117,7 @@ def run(argv=None) -> dict:
     from videollama2.checkpoint import load_videollama2
 
     args = parse_args(argv)
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserInputError(f"--max_samples must be at least 1, got {args.max_samples}")
-    if args.max_new_tokens < 1:
-        raise UserInputError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    check_eval_limits(args)
     if args.data_path is None:
         sys.stderr.write(f"=== videollama2.eval: no --data_path, using the EMBEDDED synthetic eval split "
                          f"{paths.EVAL_DATA_PATH} ===\n")
