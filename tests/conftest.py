@@ -1,5 +1,27 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests import their shared fixture builders (fixtures_llava) as plain modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="module")
+def embedded_llava():
+    """(model, processor) of the committed embedded LLaVA-NeXT, float32, eval mode (one per module)."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llava.embedded import paths
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(paths.CHECKPOINT_DIR, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(paths.CHECKPOINT_DIR)
+
+
+@pytest.fixture(scope="module")
+def embedded_eval_records():
+    from llava import data
+    from llava.embedded import paths
+
+    return data.load_records(paths.EVAL_DATA_PATH)

@@ -4,25 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from llava import data, eval as llava_eval
 from llava.embedded import paths, tiny
 
 pytestmark = pytest.mark.skipif(not (paths.CHECKPOINT_DIR / "config.json").is_file(),
                                 reason="embedded checkpoint not trained")
-
-
-@pytest.fixture(scope="module")
-def checkpoint():
-    model = LlavaNextForConditionalGeneration.from_pretrained(paths.CHECKPOINT_DIR, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(paths.CHECKPOINT_DIR)
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def heldout():
-    return data.load_records(paths.EVAL_DATA_PATH)
 
 
 def test_checkpoint_is_small_and_complete():
@@ -33,8 +20,8 @@ def test_checkpoint_is_small_and_complete():
     assert info["minutes"] <= 30
 
 
-def test_checkpoint_has_the_llava_next_architecture(checkpoint):
-    model, processor = checkpoint
+def test_checkpoint_has_the_llava_next_architecture(embedded_llava):
+    model, processor = embedded_llava
     config = model.config
     assert config.image_grid_pinpoints == tiny.IMAGE_GRID_PINPOINTS
     assert config.vision_feature_select_strategy == "default" and config.vision_feature_layer == -2
@@ -49,10 +36,10 @@ def test_checkpoint_has_the_llava_next_architecture(checkpoint):
     assert model.model.image_newline.shape == (text.hidden_size,)
 
 
-def test_processor_roundtrip_keeps_template(checkpoint, heldout):
-    _, processor = checkpoint
+def test_processor_roundtrip_keeps_template(embedded_llava, embedded_eval_records):
+    _, processor = embedded_llava
     fresh = tiny.build_processor()
-    record = heldout[0]
+    record = embedded_eval_records[0]
     a = data.encode_record(processor, record, paths.EVAL_IMAGE_FOLDER)
     b = data.encode_record(fresh, record, paths.EVAL_IMAGE_FOLDER)
     for key in ("input_ids", "labels", "modality_ids", "image_sizes"):
@@ -60,11 +47,11 @@ def test_processor_roundtrip_keeps_template(checkpoint, heldout):
     assert torch.allclose(a["pixel_values"], b["pixel_values"])
 
 
-def test_heldout_accuracy(checkpoint, heldout):
+def test_heldout_accuracy(embedded_llava, embedded_eval_records):
     """Reloaded, the model is well above chance (about 0.35 over the four kinds) and matches
     the held-out accuracy recorded at training time on the same first 40 records' scale."""
-    model, processor = checkpoint
-    result = llava_eval.evaluate(model, processor, heldout[:40], paths.EVAL_IMAGE_FOLDER, progress=False)
+    model, processor = embedded_llava
+    result = llava_eval.evaluate(model, processor, embedded_eval_records[:40], paths.EVAL_IMAGE_FOLDER, progress=False)
     assert result["n"] == 40
     assert result["accuracy"] >= 0.55
     assert result["answer_perplexity"] < 3.0
@@ -81,11 +68,11 @@ def test_heldout_accuracy_target():
     assert info["heldout_eval"]["accuracy"] >= 0.9
 
 
-def test_fast_path_equals_generate(checkpoint, heldout):
+def test_fast_path_equals_generate(embedded_llava, embedded_eval_records):
     """score_record's greedy answer is what model.generate() produces greedily."""
-    model, processor = checkpoint
+    model, processor = embedded_llava
     stop = llava_eval.stop_token_ids(processor.tokenizer)
-    for record in heldout[:12]:
+    for record in embedded_eval_records[:12]:
         full = data.encode_record(processor, record, paths.EVAL_IMAGE_FOLDER)
         tokens, _, _ = llava_eval.score_record(model, full, stop, max_new_tokens=8)
         start, _ = llava_eval.last_answer_span(full["labels"])

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from llava import data, eval as llava_eval
 from llava import fitprune as lfp
@@ -121,18 +120,6 @@ def test_recipe_file_round_trip_and_bad_files(tmp_path):
 # ---------------------------------------------------------------------------------- on the model
 
 
-@pytest.fixture(scope="module")
-def checkpoint():
-    model = LlavaNextForConditionalGeneration.from_pretrained(paths.CHECKPOINT_DIR, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(paths.CHECKPOINT_DIR)
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def records():
-    return data.load_records(paths.EVAL_DATA_PATH)
-
-
 def _prompt(processor, record):
     encoded = data.encode_record(processor, record, paths.EVAL_IMAGE_FOLDER, with_answer=False,
                                  add_generation_prompt=True)
@@ -141,9 +128,9 @@ def _prompt(processor, record):
 
 @needs_checkpoint
 @torch.no_grad()
-def test_scores_from_captured_qk_match_eager_attention(checkpoint, records):
-    model, processor = checkpoint
-    inputs = _prompt(processor, records[0])
+def test_scores_from_captured_qk_match_eager_attention(embedded_llava, embedded_eval_records):
+    model, processor = embedded_llava
+    inputs = _prompt(processor, embedded_eval_records[0])
     _, layers = decoder_layers(model)
     image = inputs["input_ids"] == model.config.image_token_id
     start, n_visual = fp.visual_block(image)
@@ -176,9 +163,9 @@ def test_scores_from_captured_qk_match_eager_attention(checkpoint, records):
 
 @needs_checkpoint
 @torch.no_grad()
-def test_recipe_without_drops_reproduces_dense_logits_exactly(checkpoint, records):
-    model, processor = checkpoint
-    inputs = _prompt(processor, records[1])
+def test_recipe_without_drops_reproduces_dense_logits_exactly(embedded_llava, embedded_eval_records):
+    model, processor = embedded_llava
+    inputs = _prompt(processor, embedded_eval_records[1])
     dense = model(**inputs).logits
     with lfp.apply_token_recipe(model, fp.TokenRecipe.dense(4)) as handle:
         same = model(**inputs).logits
@@ -201,9 +188,9 @@ def _greedy_with_cache(model, inputs, steps):
 
 @needs_checkpoint
 @torch.no_grad()
-def test_generation_with_cache_equals_the_same_computation_without_cache(checkpoint, records):
-    model, processor = checkpoint
-    inputs = _prompt(processor, records[2])
+def test_generation_with_cache_equals_the_same_computation_without_cache(embedded_llava, embedded_eval_records):
+    model, processor = embedded_llava
+    inputs = _prompt(processor, embedded_eval_records[2])
     recipe = fp.TokenRecipe([0.6, 0.3, 0.3, 0.15])
     steps = 4
     with lfp.apply_token_recipe(model, recipe) as handle:
@@ -246,8 +233,8 @@ def test_generation_with_cache_equals_the_same_computation_without_cache(checkpo
 
 
 @needs_checkpoint
-def test_bad_input_on_the_model(checkpoint, records):
-    model, processor = checkpoint
+def test_bad_input_on_the_model(embedded_llava, embedded_eval_records):
+    model, processor = embedded_llava
     with pytest.raises(UserInputError, match="recipe has 3 layers but the model has 4"):
         lfp.apply_token_recipe(model, fp.TokenRecipe([1.0, 0.5, 0.5]))
     text_only = {"id": "t", "conversations": [{"from": "human", "value": "what color is it?"},
@@ -259,13 +246,13 @@ def test_bad_input_on_the_model(checkpoint, records):
         with pytest.raises(UserInputError, match="already applied"):
             lfp.apply_token_recipe(model, fp.TokenRecipe([0.5] * 4))
         with pytest.raises(UserInputError, match="input_ids"):
-            embeds = model.get_input_embeddings()(_prompt(processor, records[0])["input_ids"])
+            embeds = model.get_input_embeddings()(_prompt(processor, embedded_eval_records[0])["input_ids"])
             model(inputs_embeds=embeds)
 
 
 @needs_checkpoint
-def test_search_meets_budget_and_eval_runs_with_the_recipe(checkpoint, tmp_path, capsys):
-    model, processor = checkpoint
+def test_search_meets_budget_and_eval_runs_with_the_recipe(embedded_llava, tmp_path, capsys):
+    model, processor = embedded_llava
     calibration = data.select_task(data.load_records(paths.DATA_PATH), paths.TASK_SPLIT_PATH,
                                    paths.CALIBRATION_TASK, 12, seed=0)
     recipe = lfp.search(model, processor, calibration, paths.IMAGE_FOLDER, budget=0.5, progress=False)
