@@ -55,7 +55,11 @@ def materialized(block: nn.Module, device, keep_changes: bool = True) -> Iterato
     from accelerate.utils import set_module_tensor_to_device
 
     names: list[list[str]] = []
+    # The hooks move a forward's inputs to their execution device; the weights now sit on `device`
+    # (e.g. a GPU while the store was dispatched for the CPU), so inputs must follow them there.
+    execution_devices = [hook.execution_device for _, hook in offloaded]
     for module, hook in offloaded:
+        hook.execution_device = torch.device(device)
         tensors = [n for n, _ in module.named_parameters(recurse=False)]
         if hook.offload_buffers:
             tensors += [n for n, _ in module.named_buffers(recurse=False)]
@@ -74,3 +78,5 @@ def materialized(block: nn.Module, device, keep_changes: bool = True) -> Iterato
                     _write_back(hook.weights_map, name, value.detach().to("cpu"))
                 set_module_tensor_to_device(module, name, "meta")
             hook.offload = True
+        for (_, hook), execution_device in zip(offloaded, execution_devices):
+            hook.execution_device = execution_device

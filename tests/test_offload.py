@@ -87,3 +87,19 @@ def test_offloaded_blocks_prune_like_the_plain_model(tiny, method, placement):
 def plain_dense_q(path):
     model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return decoder_layers(model)[1][1].self_attn.q_proj.weight.detach()
+
+
+def test_materialized_block_runs_on_the_pruning_device():
+    """A block offloaded for one execution device (here "meta", standing in for the CPU store of
+    a model pruned on a GPU) runs on the device it is materialized on, then goes back."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    expected = block(x)
+    cpu_offload(block, execution_device=torch.device("meta"))
+    assert block[0].weight.device.type == "meta"
+    with materialized(block, "cpu", keep_changes=False):
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    assert block[0].weight.device.type == "meta"
+    offloading = [m._hf_hook for m in block.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    assert offloading and all(h.execution_device == torch.device("meta") for h in offloading)
