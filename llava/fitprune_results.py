@@ -96,7 +96,7 @@ class _null:
 def measure_model(label, model_path, args, calibration, eval_records, timing_records) -> dict:
     model, processor = load_model(model_path, "cpu")
     torch.set_num_threads(1)
-    out = {"model": label, "model_path": str(model_path), "recipes": {}}
+    out = {"model": label, "model_path": paths.shown(model_path), "recipes": {}}
     recipes = {"dense": None}
     for budget in args.budgets:
         began = time.perf_counter()

@@ -127,9 +127,10 @@ def write_outputs(args, results: dict) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     labels = [setting_label(s, p) for s, p in settings(args)]
     meta = {"date": _dt.date.today().isoformat(), "commit": toolkit_commit(), "versions": versions(),
-            "model_path": args.model_path, "data_path": args.data_path, "task_name": args.task_name,
+            "model_path": embedded.shown(args.model_path), "data_path": embedded.shown(args.data_path),
+            "task_name": args.task_name,
             "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
-            "eval_data_path": args.eval_data_path,
+            "eval_data_path": embedded.shown(args.eval_data_path),
             "eval_samples": results["dense"]["n"], "minutes": round(results["minutes"], 1)}
     with open(os.path.join(args.out_dir, "results.json"), "w") as handle:
         json.dump({"meta": meta, **results}, handle, indent=1)
@@ -143,9 +144,9 @@ def write_outputs(args, results: dict) -> None:
         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
         f"{results['minutes']:.0f} minutes on this machine's CPU.",
         "",
-        f"Model `{args.model_path}`; calibration: task `{args.task_name}`, {args.nsamples} samples, seeds "
+        f"Model `{meta['model_path']}`; calibration: task `{args.task_name}`, {args.nsamples} samples, seeds "
         f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run); "
-        f"evaluation: {results['dense']['n']} held-out samples of `{args.eval_data_path}`, greedy exact match.",
+        f"evaluation: {results['dense']['n']} held-out samples of `{meta['eval_data_path']}`, greedy exact match.",
         "",
         "### Accuracy (%)",
         "",

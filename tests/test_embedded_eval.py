@@ -109,3 +109,9 @@ def test_cli_errors(capsys, argv, match):
     assert llava_eval.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and match in err[-1]
+
+
+def test_committed_reports_show_repository_paths(tmp_path):
+    assert paths.shown(paths.CHECKPOINT_DIR) == "checkpoints/embedded/llava-next-tiny"
+    assert paths.shown(paths.EVAL_DATA_PATH) == "playground/embedded/LLaVA-NeXT-Data/eval/synthvqa_eval.json"
+    assert paths.shown(tmp_path) == str(tmp_path)  # outside the repository: unchanged

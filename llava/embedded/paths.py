@@ -28,6 +28,13 @@ REAL_MODEL = "checkpoints/llama3-llava-next-8b"
 REAL_DATA = str(REAL_DATA_PATH)
 
 
+def shown(path) -> str:
+    """`path` relative to the repository when it lies inside it (for reports and docs that are
+    committed), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
 def resolve_model(args, notes: list) -> bool:
     """Fill args.model_path: the README's real checkpoint when it exists, else the embedded one
     (a line for the banner goes to `notes`). Returns whether the model is the embedded one."""
