@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
@@ -207,19 +208,33 @@ def ask(rng: random.Random, kind: str, scene: Scene) -> tuple | None:
     return None if qa is None else qa[:2]
 
 
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    x1, y1 = o.x0 + o.size - 1, o.y0 + o.size - 1
+    if o.shape == "circle":
+        draw.ellipse([o.x0, o.y0, x1, y1], fill=fill)
+    elif o.shape == "square":
+        draw.rectangle([o.x0, o.y0, x1, y1], fill=fill)
+    else:  # triangle pointing up, apex at the top middle of the box
+        draw.polygon([((o.x0 + x1) / 2, o.y0), (x1, y1), (o.x0, y1)], fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw the scene; no anti-aliasing, so PNGs stay tiny and colours stay exact."""
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
     draw = ImageDraw.Draw(image)
     for o in scene.objects:
-        x1, y1 = o.x0 + o.size - 1, o.y0 + o.size - 1
-        if o.shape == "circle":
-            draw.ellipse([o.x0, o.y0, x1, y1], fill=o.rgb)
-        elif o.shape == "square":
-            draw.rectangle([o.x0, o.y0, x1, y1], fill=o.rgb)
-        else:  # triangle pointing up, apex at the top middle of the box
-            draw.polygon([((o.x0 + x1) / 2, o.y0), (x1, y1), (o.x0, y1)], fill=o.rgb)
+        _draw(draw, o, o.rgb)
     return image
+
+
+def object_masks(scene: Scene) -> np.ndarray:
+    """(objects, height, width) booleans: the pixels `render` paints for each object."""
+    masks = np.zeros((len(scene.objects), scene.height, scene.width), dtype=bool)
+    for i, o in enumerate(scene.objects):
+        canvas = Image.new("L", (scene.width, scene.height), 0)
+        _draw(ImageDraw.Draw(canvas), o, 255)
+        masks[i] = np.asarray(canvas) > 0
+    return masks
 
 
 def make_sample(rng: random.Random, kind: str) -> Sample:
@@ -251,28 +266,50 @@ def iter_samples(task: str, seed: int):
             yield make_sample(rng, kind)
 
 
+def scene_questions(rng: random.Random, scene: Scene) -> list:
+    """Every clean question about the scene that no other one gives away, as (question, answer,
+    kind) in a valid order: the count, one colour-or-shape question per object whose asked-by
+    attribute is unique, then positions (each object on each axis, where it is off the middle).
+
+    Colour and shape questions come first because position questions name the object's colour and
+    shape, and an object gets only one of them because each answer names the other attribute. The
+    count is shuffled in with them: turns before it can name some objects, a lower bound on it."""
+    first = [(rng.choice(QUESTION_TEMPLATES["count"]), COUNT_WORDS[len(scene.objects)], "count")]
+    unique_shape, unique_color = _unique(scene.objects, "shape"), _unique(scene.objects, "color")
+    later = []
+    for obj in scene.objects:
+        kinds = [k for k, ok in (("color", obj in unique_shape), ("shape", obj in unique_color)) if ok]
+        if kinds:
+            kind = rng.choice(kinds)
+            if kind == "color":
+                first.append((rng.choice(QUESTION_TEMPLATES["color"]).format(shape=obj.shape), obj.color, kind))
+            else:
+                first.append((rng.choice(QUESTION_TEMPLATES["shape"]).format(color=obj.color), obj.shape, kind))
+        for axis in ("horizontal", "vertical"):
+            answer = _position_answer(obj, scene, axis)
+            if answer is not None:
+                question = rng.choice(QUESTION_TEMPLATES[axis]).format(color=obj.color, shape=obj.shape)
+                later.append((question, answer, "position"))
+    rng.shuffle(first)
+    rng.shuffle(later)
+    return first + later
+
+
 def make_conversation(rng: random.Random, max_objects: int, max_turns: int) -> tuple:
     """(scene, [(question, answer, kind), ...]) for multi-turn training conversations.
 
-    1..max_turns questions of distinct kinds about one scene of 1..max_objects objects: several
-    answers per image give more supervision per forward pass (the image tokens dominate). Each
-    object is asked about at most once, so no turn can be answered by copying an earlier
-    question or answer (e.g. "is the red circle ..." followed by "what color is the circle?").
+    1..max_turns questions about one scene of 1..max_objects objects, a random subset of
+    `scene_questions` kept in its order, so no colour, shape or position turn can be answered from
+    an earlier question or answer: several answers per image give more supervision per forward pass
+    (the image tokens dominate).
     """
     while True:
         scene = random_scene(rng, rng.randint(1, max_objects))
         if scene is None:
             continue
-        kinds = list(KINDS)
-        rng.shuffle(kinds)
-        turns, used = [], []
-        for kind in kinds[:rng.randint(1, max_turns)]:
-            qa = ask_about(rng, kind, scene, exclude=tuple(used))
-            if qa is not None:
-                turns.append((qa[0], qa[1], kind))
-                used += [qa[2]] if qa[2] is not None else []
-        if turns:
-            return scene, turns
+        questions = scene_questions(rng, scene)
+        chosen = sorted(rng.sample(range(len(questions)), min(len(questions), rng.randint(1, max_turns))))
+        return scene, [questions[i] for i in chosen]
 
 
 def conversation_record(turns: list, task: str, index: int) -> dict:

@@ -2,18 +2,24 @@
 
     python -m llava.embedded.train --out checkpoints/embedded/llava-next-tiny [--minutes M] [--seed S]
 
-Training conversations (1-4 questions about one image, task name "train", this seed, so the
+Training conversations (1 to --max-turns questions about one image, none answerable from an
+earlier turn; task name "train", this seed, so the
 committed calibration and eval images are never seen) are encoded by the real processor into a
 pool held in memory (`mmprune.training.SamplePool`); `--refresh` of them are replaced by new ones
 every step, so drawing and encoding stay a small part of a step.
 
-1. Vision pre-training (real LLaVA starts from a pre-trained CLIP; we have none offline): the
-   CLIP tower learns to detect (shape, colour) pairs and which half of the image they lie in,
-   through a throw-away linear probe max-pooled over the patch features LLaVA-NeXT feeds to the
-   projector (the layer and strategy of the config).
+1. Vision pre-training (real LLaVA starts from a pre-trained CLIP; we have none offline): a
+   throw-away linear probe on each patch feature LLaVA-NeXT feeds to the projector (the layer and
+   strategy of the config) teaches the CLIP tower, per image token, which (shape, colour) pair is
+   painted over it, whether it is in the base view or a crop, and, in the base view (the only tile
+   whose patch positions are global), which side of the middle its object lies on.
 2. The whole model on the answer tokens (each answer word and its <|eot_id|>), plus
    `--aux-weight` x the same probe loss so the tower keeps those features while the decoder
-   learns to read them. AdamW with warmup and cosine decay, gradient clipping at 1.
+   learns to read them, plus `--layout-weight` x a second throw-away probe on the output of
+   decoder layer `--layout-layer`: is each image token in the left / top half of the image. CLIP
+   sees every crop alone, so only the decoder can place a crop token, from where it sits between
+   the newline tokens; without this probe left/right questions stayed near chance in our trials.
+   AdamW with warmup and cosine decay, gradient clipping at 1.
 
 The schedule ends at --steps or when the --minutes budget of the whole run (pool, stages, final
 scoring) is spent, whichever comes first, so the run fits the time on slower machines. Progress
@@ -32,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
@@ -60,11 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-turns", type=int, default=4, help="questions per training conversation")
+    parser.add_argument("--max-turns", type=int, default=10, help="questions per training conversation")
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage-1 steps (0 skips it)")
     parser.add_argument("--vision-batch-size", type=int, default=64)
     parser.add_argument("--aux-weight", type=float, default=0.5,
                         help="weight of the probe loss on the image tokens during stage 2")
+    parser.add_argument("--layout-weight", type=float, default=0.5,
+                        help="weight of the decoder layout probe (each image token's left/top half)")
+    parser.add_argument("--layout-layer", type=int, default=0, help="decoder layer the layout probe reads")
     parser.add_argument("--pool", type=int, default=3000, help="encoded training conversations in memory")
     parser.add_argument("--refresh", type=int, default=4, help="pool samples replaced by new ones every step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
@@ -78,37 +88,128 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_pool(processor, rng: random.Random, max_turns: int) -> SamplePool:
-    """Pool of encoded training conversations (real processor output) with their scenes."""
+    """Pool of (encoded conversation, scene, per-token probe targets): real processor output."""
     def make():
         scene, turns = vqa.make_conversation(rng, vqa.MAX_OBJECTS, max_turns)
         record = vqa.conversation_record(turns, TRAIN_TASK, 0)
-        return encode_conversation(processor, record, vqa.render(scene)), scene
+        return encode_conversation(processor, record, vqa.render(scene)), scene, token_targets(scene)
     return SamplePool(make)
 
 
 # ------------------------------------------------------------------------------ auxiliary probe
+#
+# A linear probe on every image token's CLIP feature (the ones LLaVA-NeXT projects) learns, per
+# token: which (shape, colour) pairs are painted over it, whether it belongs to the base view
+# (the whole image at tile size) or to a crop, and, on base-view tokens only, which side of the
+# middle its object lies on. Only the base view has patch positions that are global to the image,
+# so crop tokens (and tokens off objects) get the neutral side target 0.5.
 
-SIDES = ("present", "left", "right", "top", "bottom")
-
-
-def pair_labels(scenes: list) -> torch.Tensor:
-    """Per (shape, colour) pair: is it present, and is it left/right/top/bottom of the middle."""
-    labels = torch.zeros(len(scenes), len(PAIRS), len(SIDES))
-    for row, scene in enumerate(scenes):
-        for obj in scene.objects:
-            cx, cy = obj.center
-            horizontal = "left" if cx < (scene.width - 1) / 2 else "right"
-            vertical = "top" if cy < (scene.height - 1) / 2 else "bottom"
-            for side in ("present", horizontal, vertical):
-                labels[row, PAIRS.index((obj.shape, obj.color)), SIDES.index(side)] = 1.0
-    return labels.flatten(1)
+SIDES = ("left", "right", "top", "bottom")
+CHANNELS = len(PAIRS) + 1 + len(SIDES)  # pairs, base view, sides
+BASE_CHANNEL = len(PAIRS)
+COVERAGE = 0.15  # fraction of a patch an object must paint to count as over it
+CROP_CANVAS = (max(h for h, _ in vqa.IMAGE_SIZES), max(w for _, w in vqa.IMAGE_SIZES))
 
 
-def probe_loss(head: torch.nn.Module, features: torch.Tensor, scenes: list) -> torch.Tensor:
-    """Multi-label (shape, colour, side) detection by a linear probe max-pooled over each
-    image's CLIP features (images, tokens, width)."""
-    logits = head(features).amax(dim=1)
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, pair_labels(scenes))
+def _block_means(masks: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(objects, rows * cols): each object's painted fraction of each cell of a rows x cols grid
+    laid over the masks (objects, height, width), cells in row-major order."""
+    n, height, width = masks.shape
+    ys = np.linspace(0, height, rows + 1).round().astype(int)
+    xs = np.linspace(0, width, cols + 1).round().astype(int)
+    return np.stack([masks[:, ys[r]:ys[r + 1], xs[c]:xs[c + 1]].reshape(n, -1).mean(axis=1)
+                     for r in range(rows) for c in range(cols)], axis=1)
+
+
+def token_coverage(scene) -> np.ndarray:
+    """(objects, image tokens) painted fraction, tokens in the order of the projected features:
+    the base view (image resized to one tile), then the crops of the anyres canvas row by row.
+
+    Follows the processor's geometry for the embedded sizes: every image picks the canvas
+    CROP_CANVAS unscaled and is zero-padded to it, centred (LlavaNextImageProcessor)."""
+    masks = vqa.object_masks(scene)
+    per_side = tiny.TILE // tiny.PATCH
+    canvas_h, canvas_w = CROP_CANVAS
+    if scene.height > canvas_h or scene.width > canvas_w or max(scene.height / canvas_h, scene.width / canvas_w) != 1:
+        raise ValueError(f"image {scene.height}x{scene.width} does not fill the {CROP_CANVAS} canvas unscaled")
+    top, left = (canvas_h - scene.height) // 2, (canvas_w - scene.width) // 2
+    canvas = np.zeros((len(masks), canvas_h, canvas_w), dtype=bool)
+    canvas[:, top:top + scene.height, left:left + scene.width] = masks
+    tiles_y, tiles_x = canvas_h // tiny.TILE, canvas_w // tiny.TILE
+    grid = _block_means(canvas, tiles_y * per_side, tiles_x * per_side).reshape(
+        len(masks), tiles_y, per_side, tiles_x, per_side)
+    crops = grid.transpose(0, 1, 3, 2, 4).reshape(len(masks), -1)  # tile-major, then patch-major
+    return np.concatenate([_block_means(masks, per_side, per_side), crops], axis=1)
+
+
+def token_targets(scene) -> tuple:
+    """(image tokens, CHANNELS) float32 probe targets of one scene."""
+    coverage = token_coverage(scene)
+    tokens = coverage.shape[1]
+    base = (tiny.TILE // tiny.PATCH) ** 2
+    targets = torch.zeros(tokens, CHANNELS)
+    targets[:base, BASE_CHANNEL] = 1.0
+    # Side is unknowable on crops and meaningless off objects: "no side" (0.5) there, so crop
+    # tokens carry no side signal that contradicts the base view's.
+    targets[:, BASE_CHANNEL + 1:] = 0.5
+    over = torch.from_numpy(coverage >= COVERAGE)
+    for i, obj in enumerate(scene.objects):
+        targets[over[i], PAIRS.index((obj.shape, obj.color))] = 1.0
+    dominant = coverage[:, :base].argmax(axis=0)
+    for token in np.flatnonzero(coverage[:, :base].max(axis=0) >= COVERAGE):
+        obj = scene.objects[dominant[token]]
+        cx, cy = obj.center
+        sides = ("left" if cx < (scene.width - 1) / 2 else "right",
+                 "top" if cy < (scene.height - 1) / 2 else "bottom")
+        targets[token, BASE_CHANNEL + 1:] = 0.0
+        for side in sides:
+            targets[token, BASE_CHANNEL + 1 + SIDES.index(side)] = 1.0
+    return targets
+
+
+def probe_loss(head: torch.nn.Module, features: torch.Tensor, items: list) -> torch.Tensor:
+    """Mean per-token binary cross-entropy of the linear probe on features (images, tokens, width)
+    against the pool items' token targets."""
+    targets = torch.stack([item[2] for item in items])
+    return torch.nn.functional.binary_cross_entropy_with_logits(head(features), targets)
+
+
+def layout_targets(height: int, width: int, n_image_tokens: int) -> torch.Tensor:
+    """(image tokens, 3): [left half, top half, weight] of each image token in the model's order
+    (base view 4x4, then the unpadded crop grid row by row with a newline token closing each row;
+    newlines get weight 0)."""
+    per_side = tiny.TILE // tiny.PATCH
+    canvas_h, canvas_w = CROP_CANVAS
+    rows = height * 2 * per_side // canvas_h
+    cols = width * 2 * per_side // canvas_w
+    out = []
+    for r in range(per_side):
+        for c in range(per_side):
+            out.append((float(c < per_side / 2), float(r < per_side / 2), 1.0))
+    for r in range(rows):
+        for c in range(cols):
+            out.append((float(c < cols / 2), float(r < rows / 2), 1.0))
+        out.append((0.0, 0.0, 0.0))
+    if len(out) != n_image_tokens:
+        raise ValueError(f"layout of a {height}x{width} image has {len(out)} tokens, the prompt {n_image_tokens}")
+    return torch.tensor(out)
+
+
+class LayoutTap:
+    """Output of decoder layer `index` for a linear probe of each image token's half (left/top)."""
+
+    def __init__(self, model, index: int):
+        self.hidden = None
+        layer = model.model.language_model.layers[index]
+        self.handle = layer.register_forward_hook(lambda m, a, o: setattr(self, "hidden", o[0] if isinstance(o, tuple) else o))
+
+    def loss(self, head, batch, items, image_token_id) -> torch.Tensor:
+        mask = batch["input_ids"] == image_token_id
+        targets = torch.cat([layout_targets(int(e["image_sizes"][0, 0]), int(e["image_sizes"][0, 1]), int(m.sum()))
+                             for (e, *_), m in zip(items, mask)])
+        logits = head(self.hidden[mask])
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, targets[:, :2], weight=targets[:, 2:].expand(-1, 2))
 
 
 class FeatureTap:
@@ -132,7 +233,7 @@ class FeatureTap:
 
 
 def pixel_batch(items: list) -> tuple:
-    return torch.cat([e["pixel_values"] for e, _ in items]), torch.cat([e["image_sizes"] for e, _ in items])
+    return torch.cat([e["pixel_values"] for e, *_ in items]), torch.cat([e["image_sizes"] for e, *_ in items])
 
 
 def pretrain_vision(model, head, tap: FeatureTap, pool: SamplePool, rng: random.Random, args,
@@ -152,7 +253,7 @@ def pretrain_vision(model, head, tap: FeatureTap, pool: SamplePool, rng: random.
         items = pool.draw(args.vision_batch_size, rng)
         pixels, _ = pixel_batch(items)
         tower(pixels.flatten(0, 1), output_hidden_states=True)
-        loss = probe_loss(head, tap.per_image(len(items)), [s for _, s in items])
+        loss = probe_loss(head, tap.per_image(len(items)), items)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,11 +267,11 @@ def pretrain_vision(model, head, tap: FeatureTap, pool: SamplePool, rng: random.
 # ------------------------------------------------------------------------------ stage 2
 
 
-def train_vqa(model, head, tap: FeatureTap, processor, pool: SamplePool, rng: random.Random, args, start: float,
+def train_vqa(model, head, tap: FeatureTap, layout, processor, pool: SamplePool, rng: random.Random, args, start: float,
               deadline: float, val_records: list, val_folder) -> dict:
     """Stage 2: the whole model on the answer tokens, plus aux_weight x the probe loss on the
     image tokens; progress is the larger of the step fraction and the time fraction."""
-    params = list(model.parameters()) + list(head.parameters())
+    params = list(model.parameters()) + list(head.parameters()) + list(layout[1].parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     stage_start = time.monotonic()
     history = []
@@ -185,12 +286,14 @@ def train_vqa(model, head, tap: FeatureTap, processor, pool: SamplePool, rng: ra
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, progress, args.warmup, args.lr)
         items = pool.draw(args.batch_size, rng)
-        batch = collate([e for e, _ in items], processor.tokenizer.pad_token_id)
+        batch = collate([e for e, *_ in items], processor.tokenizer.pad_token_id)
         out = model(**model_inputs(batch), labels=batch["labels"])
         loss = out.loss
         total = loss
         if args.aux_weight:  # keeps the tower's features of stage 1 while the decoder learns
-            total = loss + args.aux_weight * probe_loss(head, tap.per_image(len(items)), [s for _, s in items])
+            total = loss + args.aux_weight * probe_loss(head, tap.per_image(len(items)), items)
+        if args.layout_weight:
+            total = total + args.layout_weight * layout[0].loss(layout[1], batch, items, model.config.image_token_id)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -226,7 +329,7 @@ def save_checkpoint(model, processor, out: Path, info: dict) -> None:
 def train(args) -> dict:
     torch.set_num_threads(args.threads)
     model, processor = tiny.build(args.seed)
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(PAIRS) * len(SIDES))
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, CHANNELS)
     tap = FeatureTap(model)
     start = time.monotonic()
     deadline = start + args.minutes * 60
@@ -243,10 +346,12 @@ def train(args) -> dict:
         reserve = (time.monotonic() - tick) / 20 * (len(val_records) + len(heldout_records)) * 1.3 + 10
         stage1 = pretrain_vision(model, head, tap, pool, rng, args, deadline - reserve) if args.vision_steps > 0 else None
         stage1_minutes = (time.monotonic() - start) / 60 - pool_minutes
-        stage2 = train_vqa(model, head, tap, processor, pool, rng, args, start, deadline - reserve, val_records, tmp)
+        layout = (LayoutTap(model, args.layout_layer), torch.nn.Linear(model.config.text_config.hidden_size, 2))
+        stage2 = train_vqa(model, head, tap, layout, processor, pool, rng, args, start, deadline - reserve, val_records, tmp)
         train_minutes = (time.monotonic() - start) / 60
         final_val = evaluate(model, processor, val_records, tmp, progress=False)
     tap.handle.remove()
+    layout[0].handle.remove()
     heldout = None
     if heldout_records:
         heldout = evaluate(model, processor, heldout_records, paths.EVAL_IMAGE_FOLDER, desc="held-out eval")
@@ -266,6 +371,7 @@ def train(args) -> dict:
         "max_turns": args.max_turns,
         "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "aux_weight": args.aux_weight,
+        "layout_weight": args.layout_weight, "layout_layer": args.layout_layer,
         "validation": final_val,
         "heldout_eval": heldout,
         "heldout_eval_path": str(paths.EVAL_DATA_PATH.relative_to(paths.REPO_ROOT)),
@@ -275,11 +381,13 @@ def train(args) -> dict:
             "train": {"task": TRAIN_TASK, "seed": args.seed,
                       "turns": f"1-{args.max_turns} questions per image, 1-{vqa.MAX_OBJECTS} objects",
                       "pool": f"{args.pool} encoded conversations, {args.refresh} replaced per step"},
-            "probe_labels": "(shape, color) pairs present, and left/right/top/bottom of the middle",
+            "probe_labels": "per image token: (shape, color) pairs painted over it, base view or crop, and on the base view the side of the middle its object lies on",
             "validation": {"task": VAL_TASK, "seed": args.seed, "n": args.val_samples},
             "kinds": list(vqa.KINDS), "shapes": list(vqa.SHAPES), "colors": list(vqa.COLORS),
             "image_sizes_hw": [list(s) for s in vqa.IMAGE_SIZES], "max_objects": vqa.MAX_OBJECTS,
-            "loss": "answer tokens only (answer word and <|eot_id|>), plus aux_weight x probe loss",
+            "loss": "answer tokens (answer word and <|eot_id|>), plus aux_weight x CLIP probe loss, plus "
+                    "layout_weight x decoder layout probe loss",
+            "layout_labels": "per image token after decoder layer layout_layer: left half, top half (newlines unlabelled)",
         },
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

@@ -2,9 +2,9 @@
 # Regenerate the embedded synthetic data and retrain the tiny LLaVA-NeXT of the embedded default.
 # CPU only, under 30 minutes wall: --minutes caps the trainer's whole run (sample pool, both
 # stages, final validation and held-out scoring). The settings below are those of the committed
-# checkpoint (see its training_info.json); one thread, because on a shared 2-core machine two OpenMP
-# threads were up to 10x slower. Extra arguments go to the trainer and override these,
-# e.g. --threads 2 on an idle machine.
+# checkpoint (see its training_info.json), trained on an otherwise idle 2-core machine; on a shared
+# one, pass --threads 1 (two OpenMP threads there were up to 10x slower). Extra arguments go to the
+# trainer and override these.
 #
 #   bash scripts/embedded/train_llava_next.sh [--seed 1234] [--minutes 26.5] [...]
 set -euo pipefail
@@ -12,5 +12,5 @@ cd "$(dirname "$0")/../.."
 
 python datasets/make_synthetic_llava_next.py --seed 0
 python -m llava.embedded.train --out checkpoints/embedded/llava-next-tiny \
-    --minutes 26.5 --threads 1 "$@"
+    --minutes 26.5 --threads 2 "$@"
 python -m llava.eval --model_path checkpoints/embedded/llava-next-tiny
