@@ -61,8 +61,6 @@ def test_heldout_accuracy(embedded_llava, embedded_eval_records):
     assert abs(result["accuracy"] - info["heldout_eval"]["accuracy"]) < 0.2
 
 
-@pytest.mark.xfail(reason="the target of >= 0.90 held-out accuracy is not reached yet by the "
-                          "committed checkpoint; see training_info.json", strict=False)
 def test_heldout_accuracy_target():
     info = json.loads((paths.CHECKPOINT_DIR / "training_info.json").read_text())
     assert info["heldout_eval"]["accuracy"] >= 0.9
