@@ -142,7 +142,7 @@ def token_coverage(scene) -> np.ndarray:
     return np.concatenate([_block_means(masks, per_side, per_side), crops], axis=1)
 
 
-def token_targets(scene) -> tuple:
+def token_targets(scene) -> torch.Tensor:
     """(image tokens, CHANNELS) float32 probe targets of one scene."""
     coverage = token_coverage(scene)
     tokens = coverage.shape[1]
@@ -269,8 +269,9 @@ def pretrain_vision(model, head, tap: FeatureTap, pool: SamplePool, rng: random.
 
 def train_vqa(model, head, tap: FeatureTap, layout, processor, pool: SamplePool, rng: random.Random, args, start: float,
               deadline: float, val_records: list, val_folder) -> dict:
-    """Stage 2: the whole model on the answer tokens, plus aux_weight x the probe loss on the
-    image tokens; progress is the larger of the step fraction and the time fraction."""
+    """Stage 2: the whole model on the answer tokens, plus aux_weight x the CLIP probe loss and
+    layout_weight x the decoder layout probe loss (`layout` is the (LayoutTap, probe head) pair);
+    progress is the larger of the step fraction and the time fraction."""
     params = list(model.parameters()) + list(head.parameters()) + list(layout[1].parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     stage_start = time.monotonic()
