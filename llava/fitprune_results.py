@@ -152,7 +152,7 @@ def _pct(x):
     return f"{100 * x:.1f}"
 
 
-def markdown(results: list, args, elapsed: float, scaled: dict | None = None) -> str:
+def markdown(results: list, args, elapsed: float, scaled: dict | None = None, load: tuple = ()) -> str:
     lines = [
         "## FitPrune (visual-token pruning to a FLOPs budget) on the embedded LLaVA-NeXT",
         "",
@@ -165,8 +165,10 @@ def markdown(results: list, args, elapsed: float, scaled: dict | None = None) ->
         "tokens counted too. Prefill: one forward of the prompt (vision tower + decoder, KV cache, last "
         f"logits only), ms per prompt on {args.timing_prompts} eval prompts, CPU time of the thread "
         f"(1 thread), median of {args.repeats} repeats, dense and recipes alternating in one process; "
-        "*decoder* = the decoder layers inside it. The machine was shared with other jobs (load ≈ 3-5 on 2 "
-        "cores): CPU time is reported because wall time there mostly measures waiting.",
+        "*decoder* = the decoder layers inside it. CPU time is reported because wall time also counts "
+        "waiting for a core when other jobs run"
+        + (f" (1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, {os.cpu_count()} "
+           "cores)." if load else "."),
         "",
         "| model | budget | FLOPs cut visual % | FLOPs cut all % | α | search s | keep after each layer | "
         "accuracy | Δ acc (pts) | answer ppl | prefill ms | Δ prefill % | decoder ms | Δ decoder % |",
@@ -197,8 +199,8 @@ def markdown(results: list, args, elapsed: float, scaled: dict | None = None) ->
         for res in results for name, tm in res["timing_ms_per_prompt"].items()) + ".", ""]
     if scaled:
         lines += [
-            "Width check (the embedded decoder is d = 128: its matmuls cost about the same for 84 or 35 rows, "
-            "so per-op overhead, not FLOPs, sets its prefill time): a random-weight Llama decoder with d 512, "
+            "Width check (the embedded decoder is d = 128: its matmuls cost about the same for all or a third "
+            "of its visual tokens, so per-op overhead, not FLOPs, sets its prefill time): a random-weight Llama decoder with d 512, "
             "MLP 1408, 8 layers, GQA 8/2 heads, on 576 visual + 72 text tokens, with the dense model's 0.5 "
             f"recipe stretched to 8 layers (keep {', '.join(f'{f:.2f}' for f in scaled['keep_fraction'])}; "
             f"FLOPs cut {_pct(scaled['flops_reduction_visual'])} % visual / {_pct(scaled['flops_reduction_all'])} % "
@@ -230,6 +232,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     began = time.perf_counter()
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(1)
     calibration = select_task(load_records(paths.DATA_PATH), paths.TASK_SPLIT_PATH, paths.CALIBRATION_TASK,
                               args.nsamples, 42)
@@ -245,11 +248,13 @@ def main(argv=None) -> int:
         results.append(measure_model("TAMP 0.5", tamp, args, calibration, eval_records, timing_records))
     scaled = scaled_timing(lfp.as_recipe(_recipe_of(results[0], 0.5)), args.repeats) if 0.5 in args.budgets else None
     elapsed = time.perf_counter() - began
-    body = markdown(results, args, elapsed, scaled)
+    load = (load_start, os.getloadavg()[0])
+    body = markdown(results, args, elapsed, scaled, load)
     update_markdown_section(args.markdown, SECTION, body)
     tmp_json = f"{args.json}.tmp"
     with open(tmp_json, "w") as handle:
-        json.dump({"results": results, "width_check": scaled, "minutes": round(elapsed / 60, 2)}, handle, indent=1)
+        json.dump({"results": results, "width_check": scaled, "minutes": round(elapsed / 60, 2),
+                   "load_average_1min": {"start": load[0], "end": load[1], "cores": os.cpu_count()}}, handle, indent=1)
     os.replace(tmp_json, args.json)
     print(body)
     return 0
