@@ -171,41 +171,35 @@ def _position_answer(obj: Obj, scene: Scene, axis: str) -> str | None:
     return names[0] if offset < 0 else names[1]
 
 
-def ask_about(rng: random.Random, kind: str, scene: Scene, exclude: tuple = ()) -> tuple | None:
-    """(question, answer, object asked about or None) of the given kind, or None if the scene
-    has no clean question of that kind about an object outside `exclude`."""
-    if kind == "color":
-        candidates = [o for o in _unique(scene.objects, "shape") if o not in exclude]
-        if not candidates:
-            return None
-        obj = rng.choice(candidates)
-        return rng.choice(QUESTION_TEMPLATES["color"]).format(shape=obj.shape), obj.color, obj
-    if kind == "shape":
-        candidates = [o for o in _unique(scene.objects, "color") if o not in exclude]
-        if not candidates:
-            return None
-        obj = rng.choice(candidates)
-        return rng.choice(QUESTION_TEMPLATES["shape"]).format(color=obj.color), obj.shape, obj
-    if kind == "count":
-        return rng.choice(QUESTION_TEMPLATES["count"]), COUNT_WORDS[len(scene.objects)], None
-    if kind == "position":
-        candidates = [o for o in scene.objects if o not in exclude]
-        if not candidates:
-            return None
-        obj = rng.choice(candidates)
-        axis = rng.choice(("horizontal", "vertical"))
-        answer = _position_answer(obj, scene, axis)
-        if answer is None:
-            return None
-        question = rng.choice(QUESTION_TEMPLATES[axis]).format(color=obj.color, shape=obj.shape)
-        return question, answer, obj
-    raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
+def _color_question(rng: random.Random, obj: Obj) -> tuple:
+    return rng.choice(QUESTION_TEMPLATES["color"]).format(shape=obj.shape), obj.color
+
+
+def _shape_question(rng: random.Random, obj: Obj) -> tuple:
+    return rng.choice(QUESTION_TEMPLATES["shape"]).format(color=obj.color), obj.shape
+
+
+def _position_question(rng: random.Random, obj: Obj, scene: Scene, axis: str) -> tuple | None:
+    answer = _position_answer(obj, scene, axis)
+    if answer is None:
+        return None
+    return rng.choice(QUESTION_TEMPLATES[axis]).format(color=obj.color, shape=obj.shape), answer
 
 
 def ask(rng: random.Random, kind: str, scene: Scene) -> tuple | None:
     """(question, answer) of the given kind about the scene, or None if it has no clean one."""
-    qa = ask_about(rng, kind, scene)
-    return None if qa is None else qa[:2]
+    if kind == "color":
+        candidates = _unique(scene.objects, "shape")
+        return _color_question(rng, rng.choice(candidates)) if candidates else None
+    if kind == "shape":
+        candidates = _unique(scene.objects, "color")
+        return _shape_question(rng, rng.choice(candidates)) if candidates else None
+    if kind == "count":
+        return rng.choice(QUESTION_TEMPLATES["count"]), COUNT_WORDS[len(scene.objects)]
+    if kind == "position":
+        obj = rng.choice(scene.objects)
+        return _position_question(rng, obj, scene, rng.choice(("horizontal", "vertical")))
+    raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
@@ -274,22 +268,18 @@ def scene_questions(rng: random.Random, scene: Scene) -> list:
     Colour and shape questions come first because position questions name the object's colour and
     shape, and an object gets only one of them because each answer names the other attribute. The
     count is shuffled in with them: turns before it can name some objects, a lower bound on it."""
-    first = [(rng.choice(QUESTION_TEMPLATES["count"]), COUNT_WORDS[len(scene.objects)], "count")]
+    first = [(*ask(rng, "count", scene), "count")]
     unique_shape, unique_color = _unique(scene.objects, "shape"), _unique(scene.objects, "color")
     later = []
     for obj in scene.objects:
         kinds = [k for k, ok in (("color", obj in unique_shape), ("shape", obj in unique_color)) if ok]
         if kinds:
             kind = rng.choice(kinds)
-            if kind == "color":
-                first.append((rng.choice(QUESTION_TEMPLATES["color"]).format(shape=obj.shape), obj.color, kind))
-            else:
-                first.append((rng.choice(QUESTION_TEMPLATES["shape"]).format(color=obj.color), obj.shape, kind))
+            first.append((*(_color_question if kind == "color" else _shape_question)(rng, obj), kind))
         for axis in ("horizontal", "vertical"):
-            answer = _position_answer(obj, scene, axis)
-            if answer is not None:
-                question = rng.choice(QUESTION_TEMPLATES[axis]).format(color=obj.color, shape=obj.shape)
-                later.append((question, answer, "position"))
+            qa = _position_question(rng, obj, scene, axis)
+            if qa is not None:
+                later.append((*qa, "position"))
     rng.shuffle(first)
     rng.shuffle(later)
     return first + later
