@@ -115,10 +115,10 @@ def _block_means(masks: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """(objects, rows * cols): each object's painted fraction of each cell of a rows x cols grid
     laid over the masks (objects, height, width), cells in row-major order."""
     n, height, width = masks.shape
-    ys = np.linspace(0, height, rows + 1).round().astype(int)
-    xs = np.linspace(0, width, cols + 1).round().astype(int)
-    return np.stack([masks[:, ys[r]:ys[r + 1], xs[c]:xs[c + 1]].reshape(n, -1).mean(axis=1)
-                     for r in range(rows) for c in range(cols)], axis=1)
+    if height % rows or width % cols:
+        raise ValueError(f"a {height}x{width} mask does not split into a {rows}x{cols} grid")
+    cells = masks.reshape(n, rows, height // rows, cols, width // cols)
+    return cells.mean(axis=(2, 4)).reshape(n, rows * cols)
 
 
 def token_coverage(scene) -> np.ndarray:
@@ -130,7 +130,7 @@ def token_coverage(scene) -> np.ndarray:
     masks = vqa.object_masks(scene)
     per_side = tiny.TILE // tiny.PATCH
     canvas_h, canvas_w = CROP_CANVAS
-    if scene.height > canvas_h or scene.width > canvas_w or max(scene.height / canvas_h, scene.width / canvas_w) != 1:
+    if max(scene.height / canvas_h, scene.width / canvas_w) != 1:
         raise ValueError(f"image {scene.height}x{scene.width} does not fill the {CROP_CANVAS} canvas unscaled")
     top, left = (canvas_h - scene.height) // 2, (canvas_w - scene.width) // 2
     canvas = np.zeros((len(masks), canvas_h, canvas_w), dtype=bool)
