@@ -182,17 +182,16 @@ def layout_targets(height: int, width: int, n_image_tokens: int) -> torch.Tensor
     canvas_h, canvas_w = CROP_CANVAS
     rows = height * 2 * per_side // canvas_h
     cols = width * 2 * per_side // canvas_w
-    out = []
-    for r in range(per_side):
-        for c in range(per_side):
-            out.append((float(c < per_side / 2), float(r < per_side / 2), 1.0))
-    for r in range(rows):
-        for c in range(cols):
-            out.append((float(c < cols / 2), float(r < rows / 2), 1.0))
-        out.append((0.0, 0.0, 0.0))
+
+    def grid(n_rows: int, n_cols: int, newline: bool) -> torch.Tensor:
+        r, c = torch.meshgrid(torch.arange(n_rows), torch.arange(n_cols + newline), indexing="ij")
+        is_patch = c < n_cols
+        return torch.stack([(c < n_cols / 2) & is_patch, (r < n_rows / 2) & is_patch, is_patch], -1).reshape(-1, 3)
+
+    out = torch.cat([grid(per_side, per_side, False), grid(rows, cols, True)]).float()
     if len(out) != n_image_tokens:
         raise ValueError(f"layout of a {height}x{width} image has {len(out)} tokens, the prompt {n_image_tokens}")
-    return torch.tensor(out)
+    return out
 
 
 class LayoutTap:
