@@ -70,7 +70,7 @@ def materialized(block: nn.Module, device, keep_changes: bool = True) -> Iterato
     try:
         yield block
     finally:
-        for (module, hook), tensors in zip(offloaded, names):
+        for (module, hook), tensors, execution_device in zip(offloaded, names, execution_devices):
             for name in tensors:
                 if keep_changes:
                     value = module._parameters.get(name)
@@ -78,5 +78,4 @@ def materialized(block: nn.Module, device, keep_changes: bool = True) -> Iterato
                     _write_back(hook.weights_map, name, value.detach().to("cpu"))
                 set_module_tensor_to_device(module, name, "meta")
             hook.offload = True
-        for (_, hook), execution_device in zip(offloaded, execution_devices):
             hook.execution_device = execution_device
