@@ -35,8 +35,17 @@ def _to(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-# kwargs of a decoder layer that must not be replayed (cache objects of the captured forward)
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache_position")
+# kwargs of a decoder layer that must not be replayed (cache objects of the captured forward);
+# transformers 5.24 renamed the layers' `past_key_values` to `cache`, so any Cache value is dropped too
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache", "cache_position")
+
+
+def _is_cache(value: Any) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # a model without transformers' caches
+        return False
+    return isinstance(value, Cache)
 
 
 def move_except(model: nn.Module, keep: nn.Module, device) -> None:
@@ -117,7 +126,7 @@ def capture_block_inputs(
         # name positional arguments too (CLIP layers take attention_mask positionally)
         named = dict(zip(parameters, args), **kwargs)
         hidden = named.pop(parameters[0] if parameters[0] in named else "hidden_states")
-        kept = {k: v for k, v in named.items() if k not in _DROPPED_KWARGS}
+        kept = {k: v for k, v in named.items() if k not in _DROPPED_KWARGS and not _is_cache(v)}
         if "use_cache" in kept:
             kept["use_cache"] = False
         seen["hidden"], seen["kwargs"] = hidden, kept

@@ -238,7 +238,7 @@ def _eas_class(base: type) -> type:
 def _model_pre_hook(state: EASState):
     def hook(module, args, kwargs):
         state.active = True
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # "cache" from transformers 5.24
         state.decode = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         if state.decode:
             return None

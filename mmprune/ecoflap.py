@@ -29,8 +29,9 @@ class ECoFLaPConfig:
 
 
 def lm_loss_from_hidden(final_norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean next-token cross-entropy over labelled positions, in float32."""
-    logits = lm_head(final_norm(hidden)).float()[:, :-1]
+    """Mean next-token cross-entropy over labelled positions, in float32 or wider."""
+    logits = lm_head(final_norm(hidden))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))[:, :-1]
     target = labels[:, 1:].to(logits.device)
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
 

@@ -447,7 +447,7 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
         def forward(*args, **kwargs):
             named = dict(zip(names, args), **kwargs)
             hidden = named.pop(names[0])
-            cache = named.get("past_key_values")
+            cache = named.get("past_key_values", named.get("cache"))  # "cache" from transformers 5.24
             if index == 0:
                 state.active = hidden.shape[1] > 1 and _cache_length(cache, 0) == 0
                 if state.active:
@@ -536,7 +536,7 @@ class SearchResult:
 
 
 def _prefill_kwargs(kwargs: dict) -> dict:
-    out = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+    out = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
     mask = out.get("attention_mask")
     if torch.is_tensor(mask) and mask.dim() == 4 and bool(mask.dtype == torch.bool and mask.tril().all()):
         out["attention_mask"] = None  # a plain causal mask: sdpa's is_causal path, as at inference
