@@ -1,26 +1,38 @@
 # Fresh machine: `make demo` (set up + TAMP on the embedded LLaVA-NeXT), `make test` (set up + tests).
+# Setup installs the exact versions of locks/main.txt (refresh: `make lock`, then `make test`).
 # CPU machines get the CPU build of torch pinned below; on a GPU machine pass your CUDA build,
 # e.g. `make setup TORCH_SPEC="torch==2.13.0"` from the CUDA index you use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+export TORCH_SPEC
+LOCK ?= locks/main.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-peer quality fitprune-results eas-results bench clean-outputs
+.PHONY: setup demo test test-fast test-peer test-latest lock quality fitprune-results eas-results bench clean-outputs
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,media]"
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	bash scripts/lib/setup_venv.sh $(VENV) test,media $(LOCK)
 	touch $@
+
+# Rewrite the lock from the newest releases pyproject.toml allows (in .venv-lock); then run `make test`.
+lock:
+	bash scripts/lib/write_lock.sh .venv-lock test,media $(LOCK)
+	rm -rf .venv-peer-lock
+	PEER_LOCK=latest PEER_WRITE_LOCK=locks/peer.txt PEER_SETUP_ONLY=1 bash tests/peer/run_peer_tests.sh .venv-peer-lock
+
+# The suite on the newest releases pyproject.toml allows, in a fresh .venv-latest (not run by CI).
+test-latest:
+	rm -rf .venv-latest
+	bash scripts/lib/setup_venv.sh .venv-latest test,media latest
+	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
 	OVERWRITE=1 bash scripts/prune/tamp.sh
 
-# The suite on the newest transformers 5.x, then the llm-compressor cross-check in its own venv
+# The suite on the locked versions, then the llm-compressor cross-check in its own venv
 # (llm-compressor pins transformers 5.15-5.17; that venv also proves the package imports on 5.17).
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -9,6 +9,8 @@
 # this package (-e .[test] --no-deps) and those of its runtime dependencies that are missing, and
 # runs `python -m pytest -q tests/peer`. If llmcompressor cannot be installed it says why in one
 # line and runs pytest anyway, which then reports the test as skipped. Exit status: pytest's.
+# Every install is held to the exact versions of locks/peer.txt (PEER_LOCK; "latest" for none);
+# PEER_WRITE_LOCK=FILE writes the versions this venv ended with (`make lock` does, with latest).
 set -u
 
 VENV="${1:-.venv-peer}"
@@ -36,6 +38,11 @@ if ! "$PY" -m pip install --quiet "$TORCH_SPEC" >"$LOG" 2>&1; then
     echo "peer tests: $TORCH_SPEC could not be installed ($(reason)); the test will be skipped"
 fi
 "$PY" -c 'import torch; print(f"torch=={torch.__version__}")' >"$CONSTRAINTS" 2>/dev/null || : >"$CONSTRAINTS"
+PEER_LOCK="${PEER_LOCK:-locks/peer.txt}"
+if [ "$PEER_LOCK" != latest ]; then
+    [ -f "$PEER_LOCK" ] || { echo "peer tests: lock file $PEER_LOCK not found (make lock writes it)"; exit 1; }
+    grep -viE '^(torch|nvidia-[a-z0-9-]+|triton)==' "$PEER_LOCK" >>"$CONSTRAINTS"
+fi
 
 PEER=1
 if ! "$PY" -m pip install --quiet -c "$CONSTRAINTS" "$LLMCOMPRESSOR_SPEC" >"$LOG" 2>&1; then
@@ -43,8 +50,10 @@ if ! "$PY" -m pip install --quiet -c "$CONSTRAINTS" "$LLMCOMPRESSOR_SPEC" >"$LOG
     PEER=0
 fi
 # keep the transformers that llmcompressor brought while our dependencies are added
-"$PY" -c 'import importlib.metadata as m; print("transformers==" + m.version("transformers"))' \
-    >>"$CONSTRAINTS" 2>/dev/null || true
+if [ "$PEER_LOCK" = latest ]; then
+    "$PY" -c 'import importlib.metadata as m; print("transformers==" + m.version("transformers"))' \
+        >>"$CONSTRAINTS" 2>/dev/null || true
+fi
 
 "$PY" -m pip install --quiet --no-deps -e ".[test]" >"$LOG" 2>&1 \
     || { echo "peer tests: cannot install this package ($(reason))"; cat "$LOG"; exit 1; }
@@ -75,6 +84,15 @@ else
 fi
 "$PY" -m pip install --quiet -c "$CONSTRAINTS" "${DEP_LIST[@]}" >"$LOG" 2>&1 \
     || { echo "peer tests: cannot install the test dependencies ($(reason))"; cat "$LOG"; exit 1; }
+
+if [ -n "${PEER_WRITE_LOCK:-}" ]; then
+    {
+        echo "# Exact versions of the llm-compressor cross-check venv (tests/peer/run_peer_tests.sh)."
+        echo "# Written by \`make lock\` on $(date -u +%F) with $("$PY" -V), $(uname -m); torch: TORCH_SPEC."
+        "$PY" -m pip freeze --all --exclude-editable | grep -viE '^(torch|nvidia-[a-z0-9-]+|triton)=='
+    } >"$PEER_WRITE_LOCK.tmp" && mv "$PEER_WRITE_LOCK.tmp" "$PEER_WRITE_LOCK" \
+        && echo "wrote $PEER_WRITE_LOCK"
+fi
 
 # PEER_SETUP_ONLY=1: build the venv and stop (`make bench` runs its peer side there)
 [ "${PEER_SETUP_ONLY:-0}" = 1 ] && exit 0
