@@ -21,7 +21,18 @@ else
     PINS=(-c "$LOCK")
 fi
 PY="$VENV/bin/python"
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+# pip's output goes to a log shown only when a step fails (the build tools' warnings are noise)
+pip_install() {
+    "$PY" -m pip install --disable-pip-version-check "${PINS[@]}" "$@" >"$LOG" 2>&1 || {
+        cat "$LOG" >&2
+        echo "error: pip install $* failed in $VENV (full log above)" >&2
+        exit 1
+    }
+}
+echo "setting up $VENV ($([ "$LOCK" = latest ] && echo "newest allowed releases" || echo "versions of $LOCK"), $TORCH_SPEC)"
 [ -x "$PY" ] || python3 -m venv "$VENV"
-"$PY" -m pip install --quiet --disable-pip-version-check "${PINS[@]}" --upgrade pip setuptools wheel
-"$PY" -m pip install --quiet --disable-pip-version-check "${PINS[@]}" "$TORCH_SPEC"
-"$PY" -m pip install --quiet --disable-pip-version-check "${PINS[@]}" --no-build-isolation -e ".[$EXTRAS]"
+pip_install --upgrade pip setuptools wheel
+pip_install "$TORCH_SPEC"
+pip_install --no-build-isolation -e ".[$EXTRAS]"
