@@ -221,6 +221,14 @@ def image_token_id(processor) -> int:
     return int(token_id)
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether encoding with special tokens puts BOS in front (Llama-3's tokenizer does)."""
+    if not tokenizer.bos_token:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
 def _bos_prefix(tokenizer, text: str) -> str:
     """Text with the BOS the tokenizer would add, unless the template already wrote it.
 
@@ -230,9 +238,47 @@ def _bos_prefix(tokenizer, text: str) -> str:
     bos = tokenizer.bos_token
     if not bos or text.startswith(bos):
         return text
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    adds_bos = bool(probe) and probe[0] == tokenizer.bos_token_id
-    return bos + text if adds_bos else text
+    return bos + text if tokenizer_adds_bos(tokenizer) else text
+
+
+# How Llama-3 style templates write BOS; only these literal forms are removed, and only when the
+# rendering then differs from before by exactly that BOS.
+_TEMPLATE_BOS_FORMS = ("{{- '%s' -}}", "{{ '%s' }}", "{{- bos_token -}}", "{{ bos_token }}", "%s")
+_BOS_PROBE = [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]
+
+
+def leave_bos_to_tokenizer(processor) -> bool:
+    """Remove the BOS a chat template writes when the tokenizer adds one too; True if changed.
+
+    Tools that render the template to text and then call the processor with its default
+    add_special_tokens=True (lmms-eval's llava_hf, most example code) would otherwise feed two BOS
+    tokens. encode_record is unaffected: it prepends the tokenizer's BOS as text when the template
+    lacks it, so its token ids are the same before and after. A template that writes BOS in a
+    form not recognised here is left alone (the caller may warn).
+    """
+    tokenizer = processor.tokenizer
+    template = processor.chat_template
+    bos = tokenizer.bos_token
+    if not isinstance(template, str) or not tokenizer_adds_bos(tokenizer):
+        return False
+    renders = [processor.apply_chat_template(_BOS_PROBE[:n], tokenize=False, add_generation_prompt=g)
+               for n, g in ((1, True), (2, False))]
+    if not all(r.startswith(bos) for r in renders):
+        return False
+    for form in _TEMPLATE_BOS_FORMS:
+        literal = form % bos if "%s" in form else form
+        if literal not in template:
+            continue
+        candidate = template.replace(literal, "", 1)
+        trial = [processor.apply_chat_template(_BOS_PROBE[:n], tokenize=False, add_generation_prompt=g,
+                                               chat_template=candidate)
+                 for n, g in ((1, True), (2, False))]
+        if trial == [r[len(bos):] for r in renders]:
+            processor.chat_template = candidate
+            tokenizer.chat_template = candidate  # the tokenizer keeps its own copy in memory
+            return True
+    return False
 
 
 def _render(processor, messages: list, add_generation_prompt: bool) -> str:

@@ -184,14 +184,16 @@ def test_bos_once(model_and_processor, dataset):
     assert ids[0] == bos and (ids == bos).sum() == 1
 
 
-def test_template_without_bos_gets_tokenizer_bos(model_and_processor, dataset):
-    """Like llava-hf's template: no BOS in the template, the tokenizer's BOS is added once."""
+def test_template_with_bos_is_not_doubled(model_and_processor, dataset):
+    """A template that writes BOS itself (the embedded one did) encodes exactly like one that leaves
+    it to the tokenizer (llava-hf's, the embedded one now)."""
     _, processor = model_and_processor
-    bos_free = tiny.build_processor(processor.tokenizer)
-    bos_free.chat_template = tiny.CHAT_TEMPLATE.replace("{{- '" + tiny.BOS + "' -}}", "")
     record = dataset["records"][0]
-    assert not bos_free.apply_chat_template(data.build_messages(record), tokenize=False).startswith(tiny.BOS)
-    a = data.encode_record(bos_free, record, dataset["root"])
+    assert not processor.apply_chat_template(data.build_messages(record), tokenize=False).startswith(tiny.BOS)
+    with_bos = tiny.build_processor(processor.tokenizer)
+    with_bos.chat_template = "{{- '" + tiny.BOS + "' -}}" + tiny.CHAT_TEMPLATE
+    assert with_bos.apply_chat_template(data.build_messages(record), tokenize=False).startswith(tiny.BOS)
+    a = data.encode_record(with_bos, record, dataset["root"])
     b = data.encode_record(processor, record, dataset["root"])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 

@@ -51,11 +51,12 @@ IMAGE_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # (height, width), as in 
 # tiny decoder to tell tiles and grid rows apart by position.
 ROPE_THETA = 10000.0
 
-# Llama-3 style: BOS once, then per message a role header, the content (one <image> per image
-# item, text trimmed) and <|eot_id|>; no system prompt. The generation prompt opens the
-# assistant header. Content may be a plain string or a list of typed items.
+# Llama-3 style, as llava-hf's template and llava.convert's: per message a role header, the
+# content (one <image> per image item, text trimmed) and <|eot_id|>; no system prompt. The
+# generation prompt opens the assistant header. Content may be a plain string or a list of typed
+# items. No BOS: the tokenizer adds it, so tools that tokenise the rendered text with special
+# tokens (lmms-eval's llava_hf) get one BOS, not two; encode_record prepends it itself.
 CHAT_TEMPLATE = (
-    "{{- '" + BOS + "' -}}"
     "{%- for message in messages -%}"
     "{{- '" + START_HEADER + "' + message['role'] + '" + END_HEADER + "\n\n' -}}"
     "{%- if message['content'] is string -%}"
@@ -101,8 +102,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     # Special tokens must be "added" tokens: only those are split out of the raw text before
     # pre-tokenisation, which is what turns the processor's run of "<image>" strings into ids.
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    # Like Llama-3, encoding adds BOS in front (the chat template also writes it; encode_record
-    # makes sure it is not doubled).
+    # Like Llama-3, encoding adds BOS in front (the chat template leaves it to the tokenizer).
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from llava.convert import load_llava_next
-from llava.data import encode_record, load_image, load_records, record_image, select_task
+from llava.data import encode_record, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task
 from llava.embedded import paths as embedded
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
 from mmprune.cli import (
@@ -98,6 +98,9 @@ def main(argv=None) -> int:
 
     def save(folder):
         model.to("cpu").save_pretrained(folder)
+        # one BOS for tools that tokenise the rendered template with special tokens (lmms-eval)
+        if leave_bos_to_tokenizer(processor):
+            print("mmprune: the saved chat template no longer writes BOS (the tokenizer adds it)", file=sys.stderr)
         processor.save_pretrained(folder)
 
     loaded = LoadedModel(
