@@ -117,7 +117,7 @@ def score_record(model, full: dict, stop_ids: list, max_new_tokens: int, prompt_
 
 
 def evaluate(model, processor, records: list, image_folder, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             progress: bool = True, desc: str = "eval", token_recipe=None) -> dict:
+             progress: bool = True, desc: str = "eval", token_recipe=None, predictions: list | None = None) -> dict:
     """Greedy exact-match accuracy and answer perplexity of `model` on `records`.
 
     Each record must end with a gpt answer; its last human turn is the prompt. Returns
@@ -125,6 +125,7 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
     when no record carries a `kind`. Perplexity is token-weighted over all answer tokens (the
     answer and its end-of-turn token). The model is put in eval mode. token_recipe (a FitPrune
     recipe or its JSON path) drops visual tokens in every prefill (llava.fitprune.apply_token_recipe).
+    predictions, a list, gets one {"id", "kind", "prediction", "answer", "correct"} per record.
     """
     if not records:
         raise UserInputError("no records to evaluate; check --data_path and --max_samples")
@@ -133,7 +134,8 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
         from llava.fitprune import apply_token_recipe
 
         with apply_token_recipe(model, token_recipe):
-            return evaluate(model, processor, records, image_folder, max_new_tokens, progress, desc)
+            return evaluate(model, processor, records, image_folder, max_new_tokens, progress, desc,
+                            predictions=predictions)
     # EAS adapters pool over the prompt, so the answer must not be in the same pass either
     prompt_first = bool(getattr(model, "_mmprune_token_recipe", False) or hasattr(model, "eas_state"))
     tokenizer = processor.tokenizer
@@ -147,7 +149,11 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
         full = encode_record(processor, record, image_folder, with_answer=True)
         tokens, nll, count = score_record(model, full, stop_ids, max_new_tokens, prompt_first)
         prediction = tokenizer.decode(tokens, skip_special_tokens=True)
-        tally.add(record.get("kind"), normalize_answer(prediction) == normalize_answer(reference), nll, count)
+        correct = normalize_answer(prediction) == normalize_answer(reference)
+        tally.add(record.get("kind"), correct, nll, count)
+        if predictions is not None:
+            predictions.append({"id": record.get("id"), "kind": record.get("kind"), "prediction": prediction,
+                                "answer": reference, "correct": correct})
     return tally.result()
 
 
