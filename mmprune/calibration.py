@@ -112,6 +112,7 @@ def capture_block_inputs(
     store_device: str = "cpu",
     labels_of: Callable[[Any], torch.Tensor | None] | None = None,
     total: int | None = None,
+    desc: str = "capture calibration inputs",
 ) -> CalibrationStore:
     """Run the embedding stage of every sample and keep what enters `first_block`.
 
@@ -134,7 +135,7 @@ def capture_block_inputs(
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for index, sample in enumerate(tqdm(samples, total=total, desc="capture calibration inputs")):
+        for index, sample in enumerate(tqdm(samples, total=total, desc=desc)):
             seen.clear()
             try:
                 run_embedding_stage(sample)
