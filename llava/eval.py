@@ -2,12 +2,16 @@
 
     python -m llava.eval --model_path DIR [--data_path JSON --image_folder DIR]
                          [--max_samples N] [--max_new_tokens K] [--token_recipe RECIPE.json]
+                         [--realtext_tokens N]
 
 Metrics: exact-match accuracy of the greedy answer (case, whitespace and trailing punctuation
 normalised) and answer-token perplexity (teacher forced on the reference answer and its
 end-of-turn token, token-weighted over the data set), overall and per question `kind` when
-records carry one. Prints one JSON line on stdout. Without --data_path the embedded synthetic
-eval split is used (a banner on stderr says so).
+records carry one. Beside them, `realtext`: the language decoder's perplexity on --realtext_tokens
+(default 4096, 0 skips it) tokens of English text from the Python standard library, with the
+source, token count and sha256 of the text (mmprune/realtext.py; text only, the token recipe does
+not apply). Prints one JSON line on stdout. Without --data_path the embedded synthetic eval split
+is used (a banner on stderr says so).
 
 `evaluate(model, processor, records, image_folder)` is the same computation for in-process use.
 """
@@ -27,6 +31,7 @@ from llava import eas
 from llava.embedded import paths
 from mmprune.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
 from mmprune.errors import UserInputError
+from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer  # noqa: F401
 
 DEFAULT_MAX_NEW_TOKENS = 8
@@ -199,6 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--token_recipe", type=Path, default=None,
                         help="FitPrune recipe JSON (scripts/fitprune/search.sh): drop visual tokens in the "
                              "prefill as it says")
+    add_realtext_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -225,6 +231,8 @@ def run(argv=None) -> dict:
     set_cpu_threads(model, args.threads)
     result = evaluate(model, processor, records, image_folder, args.max_new_tokens, token_recipe=recipe)
     extra = {"token_recipe": str(args.token_recipe)} if recipe is not None else {}
+    if args.realtext_tokens:
+        result["realtext"] = realtext_perplexity(model, processor.tokenizer, args.realtext_tokens).as_dict()
     return {"model_path": str(args.model_path), **extra, **result}
 
 

@@ -93,8 +93,9 @@ def test_cli_prints_one_json_line(capsys):
     lines = captured.out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"model_path", "n", "accuracy", "answer_perplexity", "per_kind"}
+    assert set(result) == {"model_path", "n", "accuracy", "answer_perplexity", "per_kind", "realtext"}
     assert result["n"] == 6
+    assert result["realtext"]["tokens"] == 4096 and result["realtext"]["perplexity"] > 1
     assert "EMBEDDED" in captured.err
 
 

@@ -2,12 +2,15 @@
 
     python -m videollama2.eval --model_path DIR [--data_path JSON --data_folder DIR]
                                [--max_samples N] [--max_new_tokens K] [--device cpu|cuda]
+                               [--realtext_tokens N]
 
 Metrics: exact-match accuracy of the greedy answer (case, whitespace and trailing punctuation
 normalised) and answer perplexity (teacher forced on the reference answer and its end-of-turn
 tokens, token-weighted over the data set), overall and per question `kind` when records carry
-one. Prints one JSON line on stdout. Without --data_path the embedded synthetic eval split is
-used (a banner on stderr says so).
+one. Beside them, `realtext`: the Qwen2 decoder's perplexity (text only) on --realtext_tokens
+(default 4096, 0 skips it) tokens of English text from the Python standard library, with the
+source, token count and sha256 of the text (mmprune/realtext.py). Prints one JSON line on stdout.
+Without --data_path the embedded synthetic eval split is used (a banner on stderr says so).
 
 `evaluate(model, tokenizer, records, data_folder, media)` is the same computation in-process.
 """
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from mmprune.cli import OneLineErrorParser, check_eval_limits, run_main
 from mmprune.errors import UserInputError
+from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer
 from videollama2.data import check_media, encode_record, load_records, reference_answer
 from videollama2.embedded import paths
@@ -110,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_realtext_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -131,6 +136,8 @@ def run(argv=None) -> dict:
     media = MediaLoader.for_config(model.config, model.image_size)
     check_media(records, folder, media)
     result = evaluate(model, tokenizer, records, folder, media, args.max_new_tokens)
+    if args.realtext_tokens:
+        result["realtext"] = realtext_perplexity(model, tokenizer, args.realtext_tokens).as_dict()
     return {"model_path": str(args.model_path), "data_path": str(data_path), **result}
 
 
