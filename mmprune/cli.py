@@ -21,6 +21,7 @@ from mmprune.owl import OWLConfig
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
 from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, peak_memory, prune_decoder
+from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.report import build_report, plot_sparsity, write_report
 from mmprune.sparsity import SparsityPattern, check_ratio
 from mmprune.sparsity_dict import write_sparsity_dict
@@ -200,6 +201,7 @@ class LoadedModel:
     prune_extra: Callable[[PhaseTimer], dict] | None = None  # e.g. vision-tower pruning
     evaluate: Callable[[], dict] | None = None
     head: LanguageHead | None = None  # final norm + LM head (ECoFLaP's loss)
+    tokenizer: object = None  # the text tokenizer, for the real-text perplexity
 
 
 def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace, calibration: dict,
@@ -209,6 +211,11 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
     if loaded.evaluate is not None:
         with timer.phase("evaluate_dense"):
             evaluation["dense"] = loaded.evaluate()
+    tokens = getattr(args, "realtext_tokens", 0) if loaded.tokenizer is not None else 0
+    realtext = {}
+    if tokens:
+        with timer.phase("realtext_dense"):
+            realtext["dense"] = realtext_perplexity(loaded.model, loaded.tokenizer, tokens, device=cfg.device)
     store_device = "cpu" if args.offload_activations else cfg.device
     store = None
     if cfg.needs_calibration:
@@ -226,6 +233,10 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
     if loaded.evaluate is not None:
         with timer.phase("evaluate_pruned"):
             evaluation["pruned"] = loaded.evaluate()
+    if realtext:
+        with timer.phase("realtext_pruned"):
+            realtext["pruned"] = realtext_perplexity(loaded.model, loaded.tokenizer, tokens, device=cfg.device)
+    extra = dict(extra, realtext={k: r.as_dict() for k, r in realtext.items()}) if realtext else extra
     options = {k: v for k, v in vars(args).items()}
     options["resolved_method"] = cfg.method
     options["layerwise_resolved"] = cfg.layerwise
@@ -273,6 +284,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser, data_help: str, folder_f
     ev.add_argument("--eval_data_path", default=None, help=f"{data_help} (default: the embedded eval split)")
     ev.add_argument(f"--eval_{folder_flag}", default=None)
     ev.add_argument("--eval_samples", type=int, default=None, help="evaluate the first N records only")
+    add_realtext_argument(ev)  # dense and pruned, with or without --eval
 
 
 def check_eval_samples(args: argparse.Namespace) -> None:
@@ -302,6 +314,13 @@ def run_summary(report: dict, cfg: PruneConfig, output_dir: str) -> dict:
             summary["pruned_accuracy_per_kind"] = {k: v["accuracy"] for k, v in pruned["per_kind"].items()}
         sys.stderr.write(f"\naccuracy dense {dense['accuracy']:.3f} -> pruned {pruned['accuracy']:.3f}; "
                          f"answer perplexity {dense['answer_perplexity']:.3f} -> {pruned['answer_perplexity']:.3f}\n")
+    if "realtext" in report:
+        dense, pruned = report["realtext"]["dense"], report["realtext"]["pruned"]
+        summary["dense_realtext_perplexity"] = dense["perplexity"]
+        summary["pruned_realtext_perplexity"] = pruned["perplexity"]
+        shown = [f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "n/a" for r in (dense, pruned)]
+        sys.stderr.write(f"real-text perplexity dense {shown[0]} -> pruned {shown[1]} ({pruned['tokens']} tokens of "
+                         f"Python standard library English, sha256 {pruned['sha256'][:12]})\n")
     return summary
 
 

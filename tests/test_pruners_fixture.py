@@ -84,3 +84,20 @@ def test_input_checkpoint_is_not_modified(fixture_dirs, tmp_path):
     before = {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()}
     run(fixture_dirs, tmp_path, "--method", "tamp")
     assert before == {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()}
+
+
+def test_report_and_summary_hold_the_realtext_perplexity(fixture_dirs, tmp_path, capsys):
+    from llava.convert import load_llava_next
+    from mmprune.realtext import realtext_perplexity
+
+    _, report = run(fixture_dirs, tmp_path, "--method", "wanda", "--realtext_tokens", "600")
+    dense, pruned = report["realtext"]["dense"], report["realtext"]["pruned"]
+    assert dense["tokens"] == pruned["tokens"] == 600 and dense["sha256"] == pruned["sha256"]
+    model, processor = load_llava_next(str(fixture_dirs[0]), dtype=torch.float32)
+    assert dense["perplexity"] == pytest.approx(realtext_perplexity(model, processor.tokenizer, 600).perplexity,
+                                                rel=1e-6)  # measured before pruning
+    assert pruned["perplexity"] != dense["perplexity"]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pruned_realtext_perplexity"] == pruned["perplexity"]
+    _, report = run(fixture_dirs, tmp_path / "off", "--method", "wanda", "--realtext_tokens", "0")
+    assert "realtext" not in report

@@ -124,3 +124,10 @@ def test_six_term_das_on_spliced_samples(fixture_dirs):
     sweep(model.model.layers, store.clone(), diversity, "cpu", desc="test")
     for group in diversity.groups:
         assert len(diversity.accumulator.term_means(group)) == 6
+
+
+def test_report_holds_the_realtext_perplexity(fixture_dirs, tmp_path):
+    _, report = run(fixture_dirs, tmp_path, "--method", "magnitude", "--realtext_tokens", "500")
+    dense, pruned = report["realtext"]["dense"], report["realtext"]["pruned"]
+    assert dense["tokens"] == pruned["tokens"] == 500 and pruned["perplexity"] != dense["perplexity"]
+    assert "Python" in pruned["source"] and len(pruned["sha256"]) == 64

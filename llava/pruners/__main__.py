@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
         capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
-        head=LanguageHead(model.model.language_model.norm, model.lm_head),
+        head=LanguageHead(model.model.language_model.norm, model.lm_head), tokenizer=processor.tokenizer,
     )
     calibration = {"data_path": args.data_path, "image_folder": args.image_folder, "task_split_path": args.task_split_path,
                    "task_name": args.task_name, "nsamples": args.nsamples, "seed": args.seed,

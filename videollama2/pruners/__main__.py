@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
         capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
-        head=LanguageHead(model.model.norm, model.lm_head),
+        head=LanguageHead(model.model.norm, model.lm_head), tokenizer=tokenizer,
     )
     calibration = {"data_path": args.data_path, "data_folder": args.data_folder, "nsamples": args.nsamples,
                    "seed": args.seed, "sample_select": args.sample_select,
