@@ -87,12 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------ samples
 
 
-def make_pool(processor, rng: random.Random, max_turns: int) -> SamplePool:
-    """Pool of (encoded conversation, scene, per-token probe targets): real processor output."""
+def make_pool(processor, rng: random.Random, max_turns: int, tile: int = tiny.TILE,
+              patch: int = tiny.PATCH) -> SamplePool:
+    """Pool of (encoded conversation, scene, per-token probe targets): real processor output.
+    `tile` and `patch` are the model's CLIP image and patch sizes."""
     def make():
         scene, turns = vqa.make_conversation(rng, vqa.MAX_OBJECTS, max_turns)
         record = vqa.conversation_record(turns, TRAIN_TASK, 0)
-        return encode_conversation(processor, record, vqa.render(scene)), scene, token_targets(scene)
+        return encode_conversation(processor, record, vqa.render(scene)), scene, token_targets(scene, tile, patch)
     return SamplePool(make)
 
 
@@ -121,32 +123,32 @@ def _block_means(masks: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return cells.mean(axis=(2, 4)).reshape(n, rows * cols)
 
 
-def token_coverage(scene) -> np.ndarray:
+def token_coverage(scene, tile: int = tiny.TILE, patch: int = tiny.PATCH) -> np.ndarray:
     """(objects, image tokens) painted fraction, tokens in the order of the projected features:
     the base view (image resized to one tile), then the crops of the anyres canvas row by row.
 
     Follows the processor's geometry for the embedded sizes: every image picks the canvas
     CROP_CANVAS unscaled and is zero-padded to it, centred (LlavaNextImageProcessor)."""
     masks = vqa.object_masks(scene)
-    per_side = tiny.TILE // tiny.PATCH
+    per_side = tile // patch
     canvas_h, canvas_w = CROP_CANVAS
     if max(scene.height / canvas_h, scene.width / canvas_w) != 1:
         raise ValueError(f"image {scene.height}x{scene.width} does not fill the {CROP_CANVAS} canvas unscaled")
     top, left = (canvas_h - scene.height) // 2, (canvas_w - scene.width) // 2
     canvas = np.zeros((len(masks), canvas_h, canvas_w), dtype=bool)
     canvas[:, top:top + scene.height, left:left + scene.width] = masks
-    tiles_y, tiles_x = canvas_h // tiny.TILE, canvas_w // tiny.TILE
+    tiles_y, tiles_x = canvas_h // tile, canvas_w // tile
     grid = _block_means(canvas, tiles_y * per_side, tiles_x * per_side).reshape(
         len(masks), tiles_y, per_side, tiles_x, per_side)
     crops = grid.transpose(0, 1, 3, 2, 4).reshape(len(masks), -1)  # tile-major, then patch-major
     return np.concatenate([_block_means(masks, per_side, per_side), crops], axis=1)
 
 
-def token_targets(scene) -> torch.Tensor:
+def token_targets(scene, tile: int = tiny.TILE, patch: int = tiny.PATCH) -> torch.Tensor:
     """(image tokens, CHANNELS) float32 probe targets of one scene."""
-    coverage = token_coverage(scene)
+    coverage = token_coverage(scene, tile, patch)
     tokens = coverage.shape[1]
-    base = (tiny.TILE // tiny.PATCH) ** 2
+    base = (tile // patch) ** 2
     targets = torch.zeros(tokens, CHANNELS)
     targets[:base, BASE_CHANNEL] = 1.0
     # Side is unknowable on crops and meaningless off objects: "no side" (0.5) there, so crop
@@ -174,14 +176,15 @@ def probe_loss(head: torch.nn.Module, features: torch.Tensor, items: list) -> to
     return torch.nn.functional.binary_cross_entropy_with_logits(head(features), targets)
 
 
-def layout_targets(height: int, width: int, n_image_tokens: int) -> torch.Tensor:
+def layout_targets(height: int, width: int, n_image_tokens: int, tile: int = tiny.TILE,
+                   patch: int = tiny.PATCH) -> torch.Tensor:
     """(image tokens, 3): [left half, top half, weight] of each image token in the model's order
-    (base view 4x4, then the unpadded crop grid row by row with a newline token closing each row;
-    newlines get weight 0)."""
-    per_side = tiny.TILE // tiny.PATCH
+    (base view (tile/patch)^2, then the unpadded crop grid row by row with a newline token closing
+    each row; newlines get weight 0)."""
+    per_side = tile // patch
     canvas_h, canvas_w = CROP_CANVAS
-    rows = height * 2 * per_side // canvas_h
-    cols = width * 2 * per_side // canvas_w
+    rows = height * (canvas_h // tile) * per_side // canvas_h
+    cols = width * (canvas_w // tile) * per_side // canvas_w
 
     def grid(n_rows: int, n_cols: int, newline: bool) -> torch.Tensor:
         r, c = torch.meshgrid(torch.arange(n_rows), torch.arange(n_cols + newline), indexing="ij")
@@ -199,12 +202,14 @@ class LayoutTap:
 
     def __init__(self, model, index: int):
         self.hidden = None
+        self.geometry = (model.config.vision_config.image_size, model.config.vision_config.patch_size)
         layer = model.model.language_model.layers[index]
         self.handle = layer.register_forward_hook(lambda m, a, o: setattr(self, "hidden", o[0] if isinstance(o, tuple) else o))
 
     def loss(self, head, batch, items, image_token_id) -> torch.Tensor:
         mask = batch["input_ids"] == image_token_id
-        targets = torch.cat([layout_targets(int(e["image_sizes"][0, 0]), int(e["image_sizes"][0, 1]), int(m.sum()))
+        targets = torch.cat([layout_targets(int(e["image_sizes"][0, 0]), int(e["image_sizes"][0, 1]), int(m.sum()),
+                                            *self.geometry)
                              for (e, *_), m in zip(items, mask)])
         logits = head(self.hidden[mask])
         return torch.nn.functional.binary_cross_entropy_with_logits(
