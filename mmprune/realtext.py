@@ -10,18 +10,22 @@ so every machine with the venv has it and nothing is downloaded. In this order:
    that hold doctest prompts (`>>>`).
 
 These texts were picked because they are the same in CPython 3.10.13, 3.11.2, 3.11.7, 3.12.1 and
-3.13.0 (58,664 characters, 9,043 words, sha256 `REFERENCE_SHA256`); the result records the Python version and
-the sha256 of the text actually read, so two numbers are comparable exactly when their hashes are.
-The files are parsed with `ast`, never imported: `python -OO` and import side effects do not matter.
+3.13.0 (58,664 characters, 9,043 words, sha256 `REFERENCE_SHA256`); the result records the Python
+version and the sha256 of the text actually read, so two numbers are comparable exactly when their
+hashes are. The files are parsed with `ast`, never imported: `python -OO` and import side effects do
+not matter.
 
 Perplexity: the text is tokenised once by the model's tokenizer (no special tokens); its first
 `max_tokens` tokens are cut into consecutive chunks of `window` tokens (fewer when the model's
 max_position_embeddings is smaller), and each forward is the tokenizer's BOS token (its EOS when it
 has no BOS) followed by one chunk, so every text token is predicted once, from the earlier tokens of
-its chunk. exp(mean NLL over those tokens); the loss is taken on float32 logits and summed in float64.
-Without a BOS or EOS token, each chunk's first token is context only. The forward is text-only through the language model: its embedding, then the
-decoder blocks one at a time with the pruning driver (so it runs wherever pruning runs, offloaded
-blocks included), then the final norm and the LM head.
+its chunk. exp(mean NLL over those tokens); the loss is taken on float32 logits and summed in
+float64. Without a BOS or EOS token, each chunk's first token is context only.
+
+The forward is text-only through the language model: its embedding, then the decoder blocks one at
+a time with the pruning driver (so it runs wherever pruning runs, offloaded blocks included), then
+the final norm and the LM head. An EAS model (llava/eas) is not measured: its adapters pool over
+the whole window, so each position would see the tokens it predicts.
 """
 
 from __future__ import annotations
@@ -230,11 +234,14 @@ def realtext_perplexity(model: nn.Module, tokenizer, max_tokens: int = DEFAULT_T
     unk = tokenizer.unk_token_id
     was_training = model.training
     model.eval()
-    error = None
+    mean, error = None, None
     try:
-        mean = windows_nll(model, windows, device) / len(targets)
+        if hasattr(model, "eas_state"):  # EAS adapters pool over the whole window: tokens would see their future
+            error = "not measured: the EAS adapters pool over every position, so the model is not causal"
+        else:
+            mean = windows_nll(model, windows, device) / len(targets)
     except NonFiniteActivationError as exc:
-        mean, error = None, str(exc).split(";")[0]
+        error = str(exc).split(";")[0]
     finally:
         model.train(was_training)
     if mean is not None and not math.isfinite(mean):
@@ -242,7 +249,8 @@ def realtext_perplexity(model: nn.Module, tokenizer, max_tokens: int = DEFAULT_T
     perplexity = math.exp(mean) if mean is not None and mean < 700 else None  # beyond 700 exp overflows
     return RealTextResult(
         perplexity=perplexity, mean_nll=mean, tokens=len(targets), windows=len(windows), window=window,
-        corpus_tokens=len(ids), unknown_token_fraction=sum(t == unk for t in targets) / len(targets) if unk is not None else None,
+        corpus_tokens=len(ids),
+        unknown_token_fraction=sum(t == unk for t in targets) / len(targets) if unk is not None else None,
         prefix_token=tokenizer.convert_ids_to_tokens(prefix) if prefix is not None else None,
         source=text.source, characters=len(text.text), sha256=text.sha256,
         seconds=round(time.perf_counter() - started, 3), error=error)

@@ -137,3 +137,14 @@ def test_bad_token_budget_is_one_error_line(capsys, value):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "--realtext_tokens" in err[-1]
+
+
+def test_eas_model_is_not_measured(tiny_tokenizer):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from llava.eas import install
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(paths.CHECKPOINT_DIR, dtype=torch.float32).eval()
+    install(model, [1], rank=4)
+    result = realtext.realtext_perplexity(model, tiny_tokenizer, max_tokens=300)
+    assert result.perplexity is None and "EAS" in result.error and result.tokens == 300
