@@ -155,7 +155,7 @@ def token_budget(text: str) -> int:
 
 
 def add_realtext_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--realtext_tokens", type=token_budget, default=DEFAULT_TOKENS,
+    parser.add_argument("--realtext_tokens", type=token_budget, default=DEFAULT_TOKENS, metavar="N",
                         help="perplexity of the language decoder on this many tokens of English text from the "
                              "Python standard library (mmprune/realtext.py; default %(default)s, 0 skips it)")
 
