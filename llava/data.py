@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmprune.checks import image_to_rgb, require_file
 from mmprune.errors import UserInputError
 
 # Per-token modality ids (int8), shared with the pruning core.
@@ -96,6 +97,28 @@ def load_task_split(task_split_path) -> dict:
     return split
 
 
+def image_task(record: dict) -> str | None:
+    """The task a record belongs to: the first folder of its image path (split_finetune_llava_next)."""
+    image = record.get("image")
+    if not isinstance(image, str) or "/" not in image:
+        return None
+    return image.split("/")[0] or None
+
+
+def check_task_range(records: list, start: int, end: int, task_name: str, task_split_path) -> None:
+    """No record in a task's range may belong to another task (by image folder): a split made for
+    another version of the data file would otherwise calibrate on the wrong records. Records
+    without an image belong to no task and pass."""
+    foreign = [i for i in range(start, end) if image_task(records[i]) not in (None, task_name)]
+    if foreign:
+        first = records[foreign[0]]
+        raise UserInputError(
+            f"task split {task_split_path}: {len(foreign)} of the {end - start} records in the range [{start}, {end}) "
+            f"of task {task_name!r} are not in its image folder (record {foreign[0]} has image "
+            f"{first.get('image')!r}); the split was made for another data file: regenerate it with "
+            "python -m llava.pruners.split_finetune_llava_next")
+
+
 def select_task(records: list, task_split_path, task_name: str, nsamples: int | None,
                 seed: int) -> list:
     """nsamples records of one task, drawn without replacement, **in drawn order**.
@@ -113,6 +136,7 @@ def select_task(records: list, task_split_path, task_name: str, nsamples: int | 
             f"task {task_name!r} range [{start}, {end}) does not fit the {len(records)} records "
             "of the data file; the split belongs to another file: regenerate it with "
             "split_finetune_llava_next")
+    check_task_range(records, start, end, task_name, task_split_path)
     if nsamples is None:
         return records[start:end]
     if nsamples < 1 or nsamples > end - start:
@@ -124,14 +148,12 @@ def select_task(records: list, task_split_path, task_name: str, nsamples: int | 
 
 def load_image(image_folder, relpath) -> Image.Image:
     """The image as RGB, fully decoded now so that a corrupt file fails here, naming its path."""
-    path = Path(image_folder) / relpath
-    if not path.is_file():
-        raise UserInputError(f"image {path} does not exist; check --image_folder (images are "
-                             "looked up as image_folder/<record image>)")
+    path = require_file(Path(image_folder) / relpath, "image", "check --image_folder and the record's 'image' "
+                        "(images are looked up as image_folder/<record image>)")
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return image_to_rgb(image, path)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable data
         raise UserInputError(f"image {path} cannot be read ({exc}); replace or remove it") from None
 
@@ -200,6 +222,11 @@ def build_messages(record: dict, with_answer: bool = True) -> list:
     if not with_answer and messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return messages
+
+
+def has_answer(record: dict) -> bool:
+    """Whether the record has an assistant turn, i.e. labelled answer tokens once encoded."""
+    return any(ROLES.get(turn.get("from")) == "assistant" for turn in record.get("conversations") or [])
 
 
 def reference_answer(record: dict) -> str | None:

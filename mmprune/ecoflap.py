@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mmprune.calibration import CalibrationStore
 from mmprune.das import linear_name
 from mmprune.driver import block_linears, block_output, on_device
+from mmprune.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,10 @@ def zeroth_order_importance(
 ) -> tuple[dict[str, float], dict[str, int]]:
     """Importance per linear and the forward-pass counts spent. `store` is consumed (advanced)."""
     samples = range(min(cfg.samples or len(store), len(store)))
-    if any(store.labels[j] is None or not bool((store.labels[j] != -100).any()) for j in samples):
-        raise ValueError("ECoFLaP needs labelled answer tokens in every calibration sample")
+    unlabelled = [j for j in samples if store.labels[j] is None or not bool((store.labels[j] != -100).any())]
+    if unlabelled:
+        raise UserInputError(f"ECoFLaP needs labelled answer tokens in every calibration sample, but sample(s) "
+                             f"{unlabelled[:5]} have none (no assistant answer); use records with answers")
     importance: dict[str, float] = {}
     block_passes = 0
     with on_device(blocks, device), on_device(final_norm, device), on_device(lm_head, device):

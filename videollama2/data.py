@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmprune.checks import check_draw
 from mmprune.errors import UserInputError
 from videollama2.media import MediaLoader
 from videollama2.model import AUDIO_TOKEN_INDEX, IGNORE_INDEX, PLACEHOLDERS, VIDEO_TOKEN_INDEX
@@ -76,9 +77,7 @@ def check_record(record, index: int, path) -> None:
 def select_samples(records: list, nsamples: int, seed: int) -> list:
     """nsamples records drawn without replacement, in drawn order: the public code's
     `np.random.seed(seed); np.random.choice(len(records), nsamples, replace=False)`."""
-    if nsamples > len(records):
-        raise UserInputError(f"cannot draw {nsamples} calibration samples from {len(records)} records; use "
-                             f"--nsamples {len(records)} or fewer")
+    check_draw(nsamples, len(records), "the data file")
     picks = np.random.RandomState(seed).choice(np.arange(len(records)), size=nsamples, replace=False)
     return [records[int(i)] for i in picks]
 
@@ -120,6 +119,11 @@ def normalized_turns(record: dict) -> list[dict]:
     if tag is not None and not placed:
         raise UserInputError(f"record {record.get('id')!r} has media but no human turn to attach them to")
     return messages
+
+
+def has_answer(record: dict) -> bool:
+    """Whether the record has an assistant turn, i.e. labelled answer tokens once encoded."""
+    return any(ROLES.get(turn.get("from")) == "assistant" for turn in record["conversations"])
 
 
 def reference_answer(record: dict) -> str | None:

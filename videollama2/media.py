@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmprune.checks import require_file
 from mmprune.errors import UserInputError
 from videollama2.fbank import fbank
 
@@ -63,9 +64,15 @@ def _reason(exc: Exception) -> str:
 
 
 def _require_file(path: Path, what: str, hint: str) -> None:
-    if not path.is_file():
-        state = "is a directory" if path.is_dir() else "does not exist"
-        raise UserInputError(f"{what} {path} {state}; {hint}")
+    require_file(path, what, hint)
+
+
+def _check_finite(samples: np.ndarray, path: Path, what: str) -> None:
+    """NaN or inf samples would only surface later as NaN activations, blamed on the dtype."""
+    if not np.isfinite(samples).all():
+        bad = int((~np.isfinite(samples)).sum())
+        raise UserInputError(f"{what} {path} holds {bad} NaN or inf audio samples; repair or replace the file "
+                             "(or drop the record's \"audio\" field)")
 
 
 def frame_indices(total: int, num_frames: int) -> list[int]:
@@ -133,6 +140,7 @@ def read_video_audio(path) -> np.ndarray:
     if samples.size == 0:
         raise UserInputError(f"video file {path} has an empty audio track; replace it or drop the record's "
                              "\"audio\" field")
+    _check_finite(samples, path, "the audio track of video file")
     return samples
 
 
@@ -148,6 +156,7 @@ def read_audio_file(path) -> tuple[np.ndarray, int]:
         raise UserInputError(f"audio file {path} cannot be read ({_reason(exc)}); replace or remove it") from None
     if data.shape[0] == 0:
         raise UserInputError(f"audio file {path} holds no samples; replace or remove it")
+    _check_finite(data[:, 0], path, "audio file")
     return data[:, 0], int(rate)
 
 

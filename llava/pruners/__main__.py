@@ -13,13 +13,16 @@ import sys
 import torch
 
 from llava.convert import load_llava_next
-from llava.data import encode_record, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task
+from llava.data import (
+    encode_record, has_answer, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task,
+)
 from llava.embedded import paths as embedded
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
 from mmprune.cli import (
     LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
     default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
 )
+from mmprune.checks import check_calibration_records
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
 from mmprune.report import modality_summary
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
     with timer.phase("load_data"):
         records = select_task(load_records(args.data_path), args.task_split_path, args.task_name, args.nsamples, args.seed)
         check_images(records, args.image_folder)
+        check_calibration_records(cfg, records, lambda r: record_image(r) is not None, has_answer, "an image")
         eval_records, eval_folder = None, None
         if args.eval:
             eval_path = args.eval_data_path or str(embedded.EVAL_DATA_PATH)

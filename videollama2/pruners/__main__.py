@@ -21,6 +21,7 @@ from mmprune.cli import (
     LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, banner, check_eval_samples,
     default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
 )
+from mmprune.checks import check_calibration_records, check_draw
 from mmprune.errors import UserInputError
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
@@ -28,7 +29,7 @@ from mmprune.report import modality_summary
 from mmprune.sparsity import check_ratio
 from videollama2.checkpoint import load_tokenizer
 from videollama2.config import VideoLLaMA2Config
-from videollama2.data import check_media, encode_record, load_records, select_samples
+from videollama2.data import check_media, encode_record, has_answer, load_records, select_samples
 from videollama2.embedded import paths as embedded
 from videollama2.media import MediaLoader
 from videollama2.model import MODALITY_NAMES, VideoLLaMA2ForCausalLM, decoder_layers
@@ -119,9 +120,12 @@ def main(argv=None) -> int:
     with timer.phase("load_data"):
         records = load_records(args.data_path)
         if args.sample_select == "longest":
-            records = longest(records, min(args.nsamples, len(records)))
+            check_draw(args.nsamples, len(records), f"data file {args.data_path}")
+            records = longest(records, args.nsamples)
         else:
             records = select_samples(records, args.nsamples, args.seed)
+        check_calibration_records(cfg, records, lambda r: bool(r.get("video") or r.get("audio")), has_answer,
+                                  "a video or audio")
         check_media(records, args.data_folder, media)
         eval_records, eval_folder = None, None
         if args.eval:
