@@ -16,11 +16,14 @@ from torch import nn
 from mmprune.amia import AMIAConfig
 from mmprune.calibration import CalibrationStore
 from mmprune.das import DASConfig
+from mmprune.checks import check_seed, resolve_device
 from mmprune.ecoflap import ECoFLaPConfig
 from mmprune.owl import OWLConfig
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
-from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, peak_memory, prune_decoder
+from mmprune.pipeline import (
+    PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, file_plan, peak_memory, prune_decoder,
+)
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.report import build_report, plot_sparsity, write_report
 from mmprune.sparsity import SparsityPattern, check_ratio
@@ -128,17 +131,14 @@ def das_granularity(args: argparse.Namespace) -> str:
 
 
 def default_device(requested: str | None) -> str:
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserInputError(f"--device {requested}: no CUDA device is available here; use --device cpu")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(requested)
 
 
 def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
     ratio = check_ratio(args.llm_sparsity_ratio)
     check_ratio(args.vit_sparsity_ratio, "--vit_sparsity_ratio")
     pattern = SparsityPattern.parse(args.sparsity_type)
+    check_seed(args.seed)
     if args.nsamples < 1:
         raise UserInputError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.amia_knn < 1:
@@ -207,6 +207,8 @@ class LoadedModel:
 def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace, calibration: dict,
                  output_dir: str, timer: PhaseTimer) -> dict:
     """Capture, prune, evaluate, and write the output folder atomically. Returns the report."""
+    if cfg.layerwise == "file":
+        file_plan(loaded.blocks, loaded.prefix, cfg)  # a dict that does not fit fails before any sweep
     evaluation = {}
     if loaded.evaluate is not None:
         with timer.phase("evaluate_dense"):

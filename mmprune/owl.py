@@ -1,5 +1,6 @@
 """OWL (Outlier Weighed Layerwise sparsity, Yin et al. 2024): blocks with more outliers in their
-Wanda scores are pruned *less*. s_l = S - (D~_l - mean D~), D~ scaled to [0, 2 lambda]."""
+Wanda scores are pruned *less*. s_l = S - (D~_l - mean D~), D~ scaled to [0, 2 lambda], kept
+within [0, cap] (owl_sparsity)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,26 @@ def outlier_ratio(scores: list[torch.Tensor], multiple: float) -> float:
     return 100.0 * above / total
 
 
-def owl_sparsity(ratios: list[float], target: float, spread: float) -> list[float]:
-    """Per-block sparsity from outlier ratios; the mean stays at the target (clipped at 0 for
-    targets below lambda)."""
+def owl_sparsity(ratios: list[float], target: float, spread: float, cap: float = 0.99) -> list[float]:
+    """Per-block sparsity from outlier ratios; the mean stays at the target.
+
+    Every block stays within [0, cap] (cap: --max_sparsity_per_layer, default min(T + 0.1, 0.99)):
+    where s_l = T - (D~_l - mean D~) would leave that range (T near 0 or 1, or a large lambda),
+    all deviations from T are scaled down by one common factor, so the ranking of the blocks and
+    the mean T are kept and no block is pruned whole or below zero."""
     low, high = min(ratios), max(ratios)
     if high - low <= 0:
         return [target] * len(ratios)
     scaled = [2 * spread * (d - low) / (high - low) for d in ratios]
     mean = sum(scaled) / len(scaled)
-    return [max(target - (d - mean), 0.0) for d in scaled]
+    deviation = [d - mean for d in scaled]  # s_l = T - deviation_l
+    factor = 1.0
+    for dev in deviation:
+        if dev > 0:
+            factor = min(factor, target / dev)
+        elif dev < 0:
+            factor = min(factor, max(cap - target, 0.0) / -dev)
+    return [min(max(target - factor * dev, 0.0), cap) for dev in deviation]
 
 
 class OutlierSweep:
@@ -60,9 +72,10 @@ class OutlierSweep:
         self.ratios[index] = outlier_ratio(scores, self.cfg.outlier_multiple)
 
 
-def owl_plan(sweep: OutlierSweep, blocks, prefix: str, target: float) -> tuple[dict[str, float], dict[int, float]]:
+def owl_plan(sweep: OutlierSweep, blocks, prefix: str, target: float,
+             cap: float = 0.99) -> tuple[dict[str, float], dict[int, float]]:
     indices = sorted(sweep.ratios)
-    per_block = dict(zip(indices, owl_sparsity([sweep.ratios[i] for i in indices], target, sweep.cfg.spread)))
+    per_block = dict(zip(indices, owl_sparsity([sweep.ratios[i] for i in indices], target, sweep.cfg.spread, cap)))
     plan = {}
     for index, block in enumerate(blocks):
         for rel, module in block.named_modules():

@@ -28,7 +28,9 @@ from mmprune.methods.sparsegpt import SparseGPTPruner
 from mmprune.methods.wanda import LinearResult, SelectionStats, WandaPruner
 from mmprune.owl import OutlierSweep, OWLConfig, owl_plan
 from mmprune.sparsity import SparsityPattern
-from mmprune.sparsity_dict import read_sparsity_dict
+from mmprune.sparsity_dict import load_sparsity_dict, read_sparsity_dict
+
+MAX_DEFAULT_LAYER_SPARSITY = 0.99  # default cap of the layer-wise allocators: no layer pruned whole
 
 # method -> (layer-wise sparsity, weight pruner, tokens in ||X||)
 PRESETS: dict[str, tuple[str, str, str]] = {
@@ -64,8 +66,27 @@ class PruneConfig:
         if self.method not in PRESETS:
             raise UserInputError(f"unknown method {self.method!r}; choose one of {', '.join(PRESETS)}")
         self.pattern.check_against_ratio(self.sparsity)
+        if self.sparsity_dict_path:
+            if self.pattern.is_nm:
+                raise UserInputError(
+                    f"--sparsity_dict cannot be used with --sparsity_type {self.pattern}: an N:M pattern prunes "
+                    f"exactly {self.pattern.ratio:g} of every linear, so a per-layer allocation does not apply; "
+                    "drop one of the two")
+            load_sparsity_dict(self.sparsity_dict_path)  # a broken file fails before the model loads
+        capped = self.layerwise in ("das", "owl", "ecoflap") and not self.pattern.is_nm
         if self.max_sparsity_per_layer is None:
-            self.max_sparsity_per_layer = min(self.sparsity + 0.1, 0.99)
+            self.max_sparsity_per_layer = min(self.sparsity + 0.1, MAX_DEFAULT_LAYER_SPARSITY)
+            if capped and self.max_sparsity_per_layer < self.sparsity:
+                raise UserInputError(
+                    f"target sparsity {self.sparsity:g} is above {MAX_DEFAULT_LAYER_SPARSITY}, the most the "
+                    f"{self.layerwise} allocation gives any layer by default (min(T + 0.1, "
+                    f"{MAX_DEFAULT_LAYER_SPARSITY})); use a target of at most {MAX_DEFAULT_LAYER_SPARSITY}, or "
+                    "allow more with --max_sparsity_per_layer (up to 1)")
+        elif capped and self.max_sparsity_per_layer < self.sparsity - 1e-12:
+            raise UserInputError(
+                f"--max_sparsity_per_layer ({self.max_sparsity_per_layer:g}) is below the target sparsity "
+                f"({self.sparsity:g}); no allocation can reach the target. Use at least the target (scripts pass "
+                "target + 0.1)")
 
     @property
     def layerwise(self) -> str:
@@ -146,6 +167,14 @@ class LanguageHead:
     lm_head: nn.Module
 
 
+def file_plan(blocks, prefix, cfg: PruneConfig) -> dict[str, float]:
+    """The --sparsity_dict allocation mapped onto this decoder, checked against its linears and the
+    target (cheap: entry points call it right after loading the model, before any sweep)."""
+    sizes = {linear_name(prefix, i, rel): m.weight.numel() for i, b in enumerate(blocks)
+             for rel, m in block_linears(b).items()}
+    return read_sparsity_dict(cfg.sparsity_dict_path, list(sizes), sizes, cfg.sparsity)
+
+
 def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer, head: LanguageHead | None):
     """Per-linear target sparsity (allocation sweeps run on the dense model) and report details."""
     names = decoder_linear_names(blocks, prefix)
@@ -155,7 +184,7 @@ def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer
     if cfg.pattern.is_nm:
         return {n: cfg.pattern.ratio for n in names}, None, details  # N:M fixes the ratio
     if layerwise == "file":
-        return read_sparsity_dict(cfg.sparsity_dict_path, names), None, details
+        return file_plan(blocks, prefix, cfg), None, details
     if layerwise == "uniform":
         return {n: cfg.sparsity for n in names}, None, details
     if layerwise == "das":
@@ -168,7 +197,7 @@ def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer
         with timer.phase("owl_dense_sweep"):
             outliers = OutlierSweep(cfg.owl)
             sweep(blocks, store.clone(), outliers, cfg.device, desc="OWL outlier sweep")
-            plan, per_block = owl_plan(outliers, blocks, prefix, cfg.sparsity)
+            plan, per_block = owl_plan(outliers, blocks, prefix, cfg.sparsity, cfg.max_sparsity_per_layer)
         details["owl"] = {"outlier_ratio_percent": outliers.ratios, "block_sparsity": per_block,
                           "M": cfg.owl.outlier_multiple, "lambda": cfg.owl.spread}
         return plan, None, details
