@@ -758,6 +758,24 @@ def _convert_on_load(src: Path, convert_cache_dir) -> Path:
         raise
 
 
+def load_pretrained_checked(model_class, hf_dir, **kwargs):
+    """from_pretrained with the weight files checked first (an index naming a missing shard, a
+    truncated file) and every parameter required to come from them: transformers would otherwise
+    start missing ones from random values and go on with one log line."""
+    from llava import eas
+    from mmprune.checks import check_loaded_weights, weight_files
+
+    weight_files(hf_dir)
+    try:
+        with eas.quiet_load(hf_dir):
+            model, info = model_class.from_pretrained(str(hf_dir), output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
+        raise UserInputError(f"cannot load the model weights from {hf_dir} ({first}); restore the checkpoint") from None
+    check_loaded_weights(info, hf_dir, *eas.expected_load_gaps(hf_dir))
+    return model
+
+
 def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementation="sdpa", convert_cache_dir=None):
     """Load a LLaVA-NeXT model and its processor: returns (model, processor), model in eval mode.
 
@@ -792,8 +810,7 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
         kwargs["device_map"] = device_map
     from llava import eas
 
-    with eas.quiet_load(hf_dir):
-        model = LlavaNextForConditionalGeneration.from_pretrained(str(hf_dir), **kwargs)
+    model = load_pretrained_checked(LlavaNextForConditionalGeneration, hf_dir, **kwargs)
     eas.install_from_config(model, hf_dir)  # skipped attention + adapters of an EAS model
     try:
         processor = AutoProcessor.from_pretrained(str(hf_dir))

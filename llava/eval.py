@@ -30,6 +30,8 @@ from llava.data import encode_record, load_records, model_inputs, reference_answ
 from llava import eas
 from llava.embedded import paths
 from mmprune.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
+from llava.convert import load_pretrained_checked
+from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer  # noqa: F401
@@ -170,14 +172,13 @@ def load_model(model_path, device: str | None = None):
     if not (model_path / "config.json").is_file():
         raise UserInputError(f"model directory {model_path} has no config.json; pass a llava-hf "
                              "LLaVA-NeXT checkpoint directory to --model_path")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         processor = AutoProcessor.from_pretrained(model_path)
-        with eas.quiet_load(model_path):
-            model = LlavaNextForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
+    model = load_pretrained_checked(LlavaNextForConditionalGeneration, model_path, dtype=dtype)
     eas.install_from_config(model, model_path)  # skipped attention + adapters of an EAS model
     return model.to(device), processor
 

@@ -25,6 +25,7 @@ from llava.embedded import paths as embedded
 from llava.model import capture_decoder_inputs, decoder_layers
 from mmprune import fitprune as core
 from mmprune.cli import OneLineErrorParser, run_main
+from mmprune.checks import check_seed, resolve_device
 from mmprune.errors import UserInputError
 
 REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
         raise UserInputError(f"--budget {args.budget} must be in (0, 1), e.g. 0.5 for half the visual FLOPs")
     if not 0.0 < args.tolerance < 1.0:
         raise UserInputError(f"--tolerance {args.tolerance} must be in (0, 1)")
+    check_seed(args.seed)
+    args.device = resolve_device(args.device)
     embedded.resolve_model_and_data(args)
     name = os.path.basename(os.path.normpath(args.model_path))
     output = args.output or os.path.join("checkpoints", f"{name}_fitprune_{args.budget}.json")

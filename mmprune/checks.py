@@ -152,7 +152,8 @@ def weight_files(folder) -> list[Path]:
 
 def check_loaded_weights(info: dict, model_path, expected_missing: Sequence[str] = (),
                          expected_unexpected: Sequence[str] = ()) -> None:
-    """transformers' loading info: every parameter must come from the checkpoint with its shape.
+    """transformers' loading info: every parameter must come from the checkpoint with its shape
+    (it would otherwise start from random values); tensors the model does not use get one warning.
     Names containing one of the `expected_*` fragments (e.g. the EAS adapters) are allowed."""
     def surprising(keys, allowed):
         return sorted(k for k in keys if not any(a in k for a in allowed))
@@ -168,10 +169,9 @@ def check_loaded_weights(info: dict, model_path, expected_missing: Sequence[str]
         raise UserInputError(f"the weights in {model_path} have {len(mismatched)} parameters with the wrong shape "
                              f"for its config.json (e.g. {shown}); the weights belong to another model")
     unexpected = surprising(info.get("unexpected_keys", ()), expected_unexpected)
-    if unexpected:
-        raise UserInputError(f"the weights in {model_path} hold {len(unexpected)} tensors the model does not have "
-                             f"(e.g. {', '.join(unexpected[:3])}); they belong to another model: restore the "
-                             "checkpoint's weight files")
+    if unexpected:  # every parameter is loaded; extra tensors are ignored, as transformers does
+        warn(f"the weights in {model_path} hold {len(unexpected)} tensors the model does not use "
+             f"(e.g. {', '.join(unexpected[:3])}); they are ignored")
 
 
 # ------------------------------------------------------------------------------ calibration data

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mmprune.checks import weight_files
 from mmprune.errors import UserInputError
 from videollama2.config import VideoLLaMA2Config
 
@@ -66,6 +67,7 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 def read_weights(model_dir) -> tuple[dict[str, torch.Tensor], CheckpointLayout]:
     folder = Path(model_dir)
+    weight_files(folder)  # an index naming a missing shard, a truncated file: one line naming it
     layout = CheckpointLayout(source_dir=str(folder))
     files: list[str]
     for index_name, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mmprune.cli import OneLineErrorParser, check_eval_limits, run_main
+from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer
@@ -131,7 +132,7 @@ def run(argv=None) -> dict:
         data_path = Path(args.data_path)
         folder = Path(args.data_folder) if args.data_folder else data_path.parent
     records = load_records(data_path)[: args.max_samples]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, tokenizer = load_videollama2(args.model_path, dtype=args.dtype, device=device)
     media = MediaLoader.for_config(model.config, model.image_size)
     check_media(records, folder, media)

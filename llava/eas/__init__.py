@@ -110,6 +110,19 @@ def has_eas_config(model_path) -> bool:
         return False
 
 
+def expected_load_gaps(model_path) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) key fragments that from_pretrained reports for an EAS checkpoint and
+    that are no damage: the removed attention of skipped layers, and the adapters."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8")).get(CONFIG_KEY)
+    except (OSError, ValueError, AttributeError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        return [], []
+    skipped = cfg.get("skipped_layers") or []
+    return [f"language_model.layers.{int(i)}.self_attn." for i in skipped], [".eas_pia."]
+
+
 class quiet_load:
     """Around `from_pretrained` of an EAS checkpoint: the adapters (unexpected keys) and the
     removed attention (missing keys) are expected, so transformers' load report is muted."""
