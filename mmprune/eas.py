@@ -17,6 +17,7 @@ the prefill (padding masked), and the pooled router weights and vector are kept 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -304,6 +305,54 @@ def adapter_parameters(layers: nn.ModuleList) -> list[nn.Parameter]:
 
 
 # ------------------------------------------------------------------------------- search
+
+
+def check_k(k: float) -> None:
+    """K before the model is known: a whole count >= 1 or a fraction in (0, 1)."""
+    if not math.isfinite(k) or k <= 0 or (k >= 1 and k != int(k)):
+        raise UserInputError(f"K={k:g}: give a whole number of blocks (>= 1) or a fraction in (0, 1)")
+
+
+def check_settings(*, lr: float, weight_decay: float, tau: float, scale: float, dropout: float, groups: int,
+                   rank: int | None, eta: float, counts: dict[str, int], search: bool,
+                   search_steps: int, warmup_steps: int) -> None:
+    """EAS hyper-parameters, before the model loads; `counts`: flag -> value that must be >= 1."""
+    def refuse(flag, value, rule):
+        raise UserInputError(f"{flag} must be {rule}, got {value!r}")
+
+    for flag, value in (("--lr", lr), ("--tau", tau), ("--eta", eta)):
+        if not math.isfinite(value) or value <= 0:
+            refuse(flag, value, "a positive number")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        refuse("--weight_decay", weight_decay, "zero or positive")
+    if not math.isfinite(scale):
+        refuse("--scale", scale, "a finite number")
+    if not 0 <= dropout < 1:
+        refuse("--dropout", dropout, "in [0, 1)")
+    for flag, value in counts.items():
+        if value < 1:
+            refuse(flag, value, "at least 1")
+    if groups < 1:
+        refuse("--groups", groups, "at least 1")
+    if rank is not None and (rank < 1 or rank % groups):
+        refuse("--rank", rank, f"a positive multiple of --groups ({groups})")
+    if search_steps < 0 or warmup_steps < 0:
+        refuse("--search_steps" if search_steps < 0 else "--warmup_steps", min(search_steps, warmup_steps),
+               "zero or positive")
+    if search and search_steps <= warmup_steps:
+        raise UserInputError(f"--search_steps ({search_steps}) must exceed --warmup_steps ({warmup_steps}): the "
+                             "policy is only updated after the warm-up, so the search would pick the first K "
+                             "layers untested; raise --search_steps or pass --skip_layers")
+
+
+def check_skip_layers(skip: list[int], num_layers: int, k: float | None) -> None:
+    """An explicit skip set: every layer in 1..L-1, and a K given with it must agree with it."""
+    for index in skip:
+        if not 0 < index < num_layers:
+            raise UserInputError(f"--skip_layers: layer {index} cannot be skipped; choose among 1..{num_layers - 1}")
+    if k is not None and resolve_k(k, num_layers) != len(skip):
+        raise UserInputError(f"K={k:g} means {resolve_k(k, num_layers)} skipped blocks, but --skip_layers names "
+                             f"{len(skip)} ({', '.join(map(str, skip))}); drop K or make the two agree")
 
 
 def resolve_k(k: float, num_layers: int) -> int:

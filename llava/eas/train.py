@@ -35,7 +35,8 @@ from llava.eas import settings_of, write_settings
 from llava.embedded import paths as embedded, synthetic_vqa as vqa
 from llava.model import decoder_layers
 from mmprune import eas
-from mmprune.cli import OneLineErrorParser, run_main
+from mmprune.checks import check_seed, resolve_device
+from mmprune.cli import OneLineErrorParser, check_eval_samples, run_main
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
 
@@ -57,8 +58,9 @@ def parse_args(argv):
     io.add_argument("--task_split_path", default=None, help="task_split.json (default: beside the data JSON)")
     io.add_argument("--task_name", default="sharegpt4v", help="task of --data_path to train on")
     eas_args = parser.add_argument_group("EAS")
-    eas_args.add_argument("--k", type=float, default=0.5,
-                          help="attention blocks to skip: a count, or a fraction of the blocks (default 0.5)")
+    eas_args.add_argument("--k", type=float, default=None,
+                          help="attention blocks to skip: a count, or a fraction of the blocks (default 0.5; "
+                               "with --skip_layers it must agree with them)")
     eas_args.add_argument("--skip_layers", default=None,
                           help="comma-separated layers to skip: no search, only adapter training")
     eas_args.add_argument("--rank", type=int, default=None, help="PIA hidden size r (default min(128, d/4))")
@@ -243,16 +245,32 @@ def finetune(model, layers, batches: Batches, args, skip) -> dict:
             "validation_loss": round(sum(val) / len(val), 5)}
 
 
+def parse_skip_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise UserInputError(f"--skip_layers {text!r}: give comma-separated layer numbers") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     uses_embedded = resolve_paths(args)
     if args.eval is None:
         args.eval = uses_embedded
     check_output_dir(args.output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
-    for name in ("search_steps", "finetune_steps", "batch_size", "val_batches", "nas_turn", "nas_samples"):
-        if getattr(args, name) < (0 if name == "search_steps" else 1):
-            raise UserInputError(f"--{name} must be positive, got {getattr(args, name)}")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    skip = parse_skip_layers(args.skip_layers)
+    if args.k is not None:
+        eas.check_k(args.k)
+    eas.check_settings(lr=args.lr, weight_decay=args.weight_decay, tau=args.tau, scale=args.scale, dropout=args.dropout,
+                       groups=args.groups, rank=args.rank, eta=args.eta, search=skip is None,
+                       search_steps=args.search_steps, warmup_steps=args.warmup_steps,
+                       counts={f"--{name}": getattr(args, name) for name in (
+                           "finetune_steps", "batch_size", "val_batches", "nas_turn", "nas_samples")})
+    check_eval_samples(args)
+    check_seed(args.seed)
+    args.device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     start = time.monotonic()
     model, processor = load_llava_next(args.model_path)
@@ -266,7 +284,11 @@ def main(argv=None) -> int:
     _, layers = decoder_layers(model)
     config = model.config.get_text_config()
     args.rank = args.rank or max(args.groups, min(128, config.hidden_size // 4))
-    k = eas.resolve_k(args.k, len(layers))
+    if skip is not None:
+        eas.check_skip_layers(skip, len(layers), args.k)
+        k = len(skip)
+    else:
+        k = eas.resolve_k(0.5 if args.k is None else args.k, len(layers))
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
@@ -284,14 +306,7 @@ def main(argv=None) -> int:
 
     batches = Batches(processor, args)
     search_info = {}
-    if args.skip_layers:
-        try:
-            skip = sorted({int(v) for v in args.skip_layers.split(",")})
-        except ValueError:
-            raise UserInputError(f"--skip_layers {args.skip_layers!r}: give comma-separated layer numbers") from None
-        for index in skip:
-            if not 0 < index < len(layers):
-                raise UserInputError(f"--skip_layers: layer {index} cannot be skipped; choose among 1..{len(layers) - 1}")
+    if skip is not None:
         search_info = {"searched": False}
     else:
         result = search(model, layers, batches, args, k)

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 k=0.5
-if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then k="$1"; shift; fi
+k_args=()  # K goes to python only when given: with --skip_layers it must agree with them
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then k="$1"; k_args=(--k "$k"); shift; fi
 case "$k" in
   ''|*[!0-9.]*) echo "error: K '$k' is not a number (a count of blocks or a fraction like 0.5)" >&2; exit 2 ;;
 esac
@@ -20,7 +21,7 @@ if [ -z "$py" ]; then
 fi
 model_name="$(basename "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}")"
 [ -d "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}" ] || model_name=llava-next-tiny
-args=(--k "$k" --seed "${SEED:-0}" --output_dir "${OUTPUT_DIR:-checkpoints/${model_name}_eas_k${k}}")
+args=("${k_args[@]}" --seed "${SEED:-0}" --output_dir "${OUTPUT_DIR:-checkpoints/${model_name}_eas_k${k}}")
 if [ -n "${MODEL_PATH:-}" ]; then args+=(--model_path "$MODEL_PATH"); fi
 if [ -n "${DATA_PATH:-}" ]; then args+=(--data_path "$DATA_PATH"); fi
 if [ -n "${IMAGE_FOLDER:-}" ]; then args+=(--image_folder "$IMAGE_FOLDER"); fi
