@@ -22,6 +22,8 @@ lock:
 	bash scripts/lib/write_lock.sh .venv-lock test,media $(LOCK)
 	rm -rf .venv-peer-lock
 	PEER_LOCK=latest PEER_WRITE_LOCK=locks/peer.txt PEER_SETUP_ONLY=1 bash tests/peer/run_peer_tests.sh .venv-peer-lock
+	rm -rf .venv-lmms-eval-lock
+	LMMS_EVAL_LOCK=latest LMMS_EVAL_WRITE_LOCK=locks/lmms-eval.txt LMMS_EVAL_SETUP_ONLY=1 LMMS_EVAL_VENV=.venv-lmms-eval-lock bash scripts/eval/lmms_eval.sh
 
 # The suite on the newest releases pyproject.toml allows, in a fresh .venv-latest (not run by CI).
 test-latest:
@@ -60,6 +62,19 @@ eas-results: setup
 # for the llm-compressor comparison if missing; the GPU part runs only where CUDA is available).
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
+
+# lmms-eval's llava_hf on MODEL_DIR, in its own venv .venv-lmms-eval (locks/lmms-eval.txt). Without
+# TASKS: a local task on the embedded held-out split, scored like llava.eval (prints the accuracy);
+# with TASKS (e.g. TASKS=mme,gqa): those lmms-eval tasks, for real checkpoints.
+MODEL_DIR ?= checkpoints/embedded/llava-next-tiny
+TASKS ?=
+.PHONY: lmms-eval test-lmms-eval
+lmms-eval:
+	bash scripts/eval/lmms_eval.sh "$(MODEL_DIR)" "$(TASKS)"
+
+# lmms-eval's predictions equal llava.eval's, record by record, dense and TAMP 50% (~5 min; not in `make test`).
+test-lmms-eval:
+	bash tests/lmms_eval/run_lmms_eval_tests.sh
 
 # Pruned outputs of the scripts (the committed embedded checkpoint is kept).
 clean-outputs:

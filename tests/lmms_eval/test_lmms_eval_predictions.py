@@ -1,0 +1,99 @@
+"""lmms-eval's llava_hf and `python -m llava.eval` give the same answer to every held-out question.
+
+For the dense embedded LLaVA-NeXT and a TAMP 50% pruned copy, the local lmms-eval task of
+`python -m llava.lmms_task` (lmms-eval's own CLI, its llava_hf model, generate()) and
+llava.eval.evaluate (our tokenisation, greedy decoding) are run on the 300 records of the
+embedded eval split; the decoded predictions must be equal record by record, and so the
+accuracies. This holds only if both feed the model the same tokens: one BOS (the saved chat
+template leaves it to the tokenizer), the same image tokens, the same pixels.
+
+Runs in the lmms-eval venv: `bash tests/lmms_eval/run_lmms_eval_tests.sh` (about 5 minutes on
+2 CPU cores, most of it lmms-eval's start-up and generate()). Skipped where lmms-eval is missing.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here; run "
+                    "`bash tests/lmms_eval/run_lmms_eval_tests.sh` (its own venv, .venv-lmms-eval)")
+
+import torch  # noqa: E402
+
+from llava import data  # noqa: E402
+from llava.embedded import paths  # noqa: E402
+from llava.eval import evaluate, load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    """TAMP 50% unstructured on the embedded model, as scripts/prune/tamp.sh 0.5 runs it."""
+    from llava.pruners.__main__ import main as prune_main
+
+    out = tmp_path_factory.mktemp("pruned") / "llava-next-tiny_tamp_0.5_unstructured"
+    argv = ["--method", "tamp", "--llm_sparsity_ratio", "0.5", "--sparsity_type", "unstructured",
+            "--seed", "42", "--nsamples", "128", "--vit_sparsity_ratio", "0", "--no_eval",
+            "--model_path", str(paths.CHECKPOINT_DIR), "--data_path", str(paths.DATA_PATH),
+            "--image_folder", str(paths.IMAGE_FOLDER), "--task_split_path", str(paths.TASK_SPLIT_PATH),
+            "--save_model", str(out), "--device", "cpu"]
+    assert prune_main(argv) == 0
+    return out
+
+
+def llava_eval_predictions(model_dir) -> tuple:
+    torch.set_num_threads(1)
+    model, processor = load_model(model_dir, "cpu")
+    predictions = []
+    result = evaluate(model, processor, data.load_records(paths.EVAL_DATA_PATH), paths.EVAL_IMAGE_FOLDER,
+                      progress=False, predictions=predictions)
+    return result, predictions
+
+
+def lmms_eval_predictions(model_dir, tmp_path) -> tuple:
+    out = tmp_path / "lmms_eval"
+    command = [sys.executable, "-m", "llava.lmms_task", "--model_path", str(model_dir), "--device", "cpu",
+               "--output_path", str(out / "logs"), "--predictions", str(out / "predictions.jsonl")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    with open(out / "predictions.jsonl", encoding="utf-8") as f:
+        return result, [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("which", ["dense", "pruned"])
+def test_lmms_eval_predictions_equal_llava_eval(which, pruned_dir, tmp_path, capsys):
+    model_dir = paths.CHECKPOINT_DIR if which == "dense" else pruned_dir
+    ours, our_preds = llava_eval_predictions(model_dir)
+    theirs, their_preds = lmms_eval_predictions(model_dir, tmp_path)
+
+    assert [p["id"] for p in their_preds] == [p["id"] for p in our_preds]
+    differing = [(a["id"], a["prediction"], b["prediction"]) for a, b in zip(our_preds, their_preds)
+                 if a["prediction"] != b["prediction"] or a["correct"] != b["correct"]]
+    with capsys.disabled():
+        print(f"\n{which} ({model_dir}): llava.eval accuracy {ours['accuracy']:.4f}, "
+              f"{theirs['evaluator']} accuracy {theirs['accuracy']:.4f}, {len(our_preds) - len(differing)}/"
+              f"{len(our_preds)} predictions equal")
+    assert not differing, f"{len(differing)} records differ (id, llava.eval, lmms-eval): {differing[:10]}"
+    assert theirs["n"] == ours["n"] == 300
+    assert theirs["accuracy"] == ours["accuracy"]
+    assert {k: v["accuracy"] for k, v in theirs["per_kind"].items()} == \
+        {k: v["accuracy"] for k, v in ours["per_kind"].items()}
+
+
+def test_pruned_checkpoint_keeps_the_single_bos_template(pruned_dir):
+    """The pruner saves the input's template, which leaves BOS to the tokenizer."""
+    saved = (pruned_dir / "chat_template.jinja").read_text()
+    assert saved == (paths.CHECKPOINT_DIR / "chat_template.jinja").read_text()
+    assert "<|begin_of_text|>" not in saved
