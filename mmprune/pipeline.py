@@ -72,7 +72,6 @@ class PruneConfig:
                     f"--sparsity_dict cannot be used with --sparsity_type {self.pattern}: an N:M pattern prunes "
                     f"exactly {self.pattern.ratio:g} of every linear, so a per-layer allocation does not apply; "
                     "drop one of the two")
-            load_sparsity_dict(self.sparsity_dict_path)  # a broken file fails before the model loads
         capped = self.layerwise in ("das", "owl", "ecoflap") and not self.pattern.is_nm
         if self.max_sparsity_per_layer is None:
             self.max_sparsity_per_layer = min(self.sparsity + 0.1, MAX_DEFAULT_LAYER_SPARSITY)
@@ -87,6 +86,12 @@ class PruneConfig:
                 f"--max_sparsity_per_layer ({self.max_sparsity_per_layer:g}) is below the target sparsity "
                 f"({self.sparsity:g}); no allocation can reach the target. Use at least the target (scripts pass "
                 "target + 0.1)")
+
+    def check_sparsity_dict_file(self) -> None:
+        """Parse and check --sparsity_dict on its own; entry points call it before loading the model
+        (after the output checks), so a broken file never waits for the model."""
+        if self.sparsity_dict_path:
+            load_sparsity_dict(self.sparsity_dict_path)
 
     @property
     def layerwise(self) -> str:

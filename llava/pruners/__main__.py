@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     args.save_model = output_dir
     check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
     check_eval_samples(args)
+    cfg.check_sparsity_dict_file()
 
     timer = PhaseTimer()
     with timer.phase("load_data"):

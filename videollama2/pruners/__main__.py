@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     args.save_model = output_dir
     check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.data_folder])
     check_eval_samples(args)
+    cfg.check_sparsity_dict_file()
 
     timer = PhaseTimer()
     config = VideoLLaMA2Config.from_dir(args.model_path)
