@@ -761,17 +761,23 @@ def _convert_on_load(src: Path, convert_cache_dir) -> Path:
 def load_pretrained_checked(model_class, hf_dir, **kwargs):
     """from_pretrained with the weight files checked first (an index naming a missing shard, a
     truncated file) and every parameter required to come from them: transformers would otherwise
-    start missing ones from random values and go on with one log line."""
+    start missing ones from random values and go on with a long load report. The report is
+    muted: check_loaded_weights says what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
     from llava import eas
     from mmprune.checks import check_loaded_weights, weight_files
 
     weight_files(hf_dir)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        with eas.quiet_load(hf_dir):
-            model, info = model_class.from_pretrained(str(hf_dir), output_loading_info=True, **kwargs)
+        model, info = model_class.from_pretrained(str(hf_dir), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
         raise UserInputError(f"cannot load the model weights from {hf_dir} ({first}); restore the checkpoint") from None
+    finally:
+        hf_logging.set_verbosity(previous)
     check_loaded_weights(info, hf_dir, *eas.expected_load_gaps(hf_dir))
     return model
 

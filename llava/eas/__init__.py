@@ -103,13 +103,6 @@ def write_settings(model: nn.Module, skipped, rank: int, groups: int, tau: float
     return cfg
 
 
-def has_eas_config(model_path) -> bool:
-    try:
-        return CONFIG_KEY in json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
 def expected_load_gaps(model_path) -> tuple[list[str], list[str]]:
     """(missing, unexpected) key fragments that from_pretrained reports for an EAS checkpoint and
     that are no damage: the removed attention of skipped layers, and the adapters."""
@@ -121,26 +114,3 @@ def expected_load_gaps(model_path) -> tuple[list[str], list[str]]:
         return [], []
     skipped = cfg.get("skipped_layers") or []
     return [f"language_model.layers.{int(i)}.self_attn." for i in skipped], [".eas_pia."]
-
-
-class quiet_load:
-    """Around `from_pretrained` of an EAS checkpoint: the adapters (unexpected keys) and the
-    removed attention (missing keys) are expected, so transformers' load report is muted."""
-
-    def __init__(self, model_path):
-        self.active = has_eas_config(model_path)
-
-    def __enter__(self):
-        if self.active:
-            from transformers.utils import logging
-
-            self.previous = logging.get_verbosity()
-            logging.set_verbosity_error()
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            from transformers.utils import logging
-
-            logging.set_verbosity(self.previous)
-        return False
