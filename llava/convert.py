@@ -772,7 +772,9 @@ def load_pretrained_checked(model_class, hf_dir, **kwargs):
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = model_class.from_pretrained(str(hf_dir), output_loading_info=True, **kwargs)
+        # mismatched shapes come back in `info` (named below) rather than as an error pointing to the muted report
+        model, info = model_class.from_pretrained(str(hf_dir), output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc.__class__.__name__
         raise UserInputError(f"cannot load the model weights from {hf_dir} ({first}); restore the checkpoint") from None

@@ -165,9 +165,9 @@ def check_loaded_weights(info: dict, model_path, expected_missing: Sequence[str]
                              "restore the checkpoint's weight files")
     mismatched = list(info.get("mismatched_keys", ()))
     if mismatched:
-        shown = ", ".join(str(m[0] if isinstance(m, (tuple, list)) else m) for m in mismatched[:3])
+        shown = ", ".join(sorted(str(m[0] if isinstance(m, (tuple, list)) else m) for m in mismatched)[:3])
         raise UserInputError(f"the weights in {model_path} have {len(mismatched)} parameters with the wrong shape "
-                             f"for its config.json (e.g. {shown}); the weights belong to another model")
+                             f"for its config.json (e.g. {shown}); the weights and config.json belong to different models")
     unexpected = surprising(info.get("unexpected_keys", ()), expected_unexpected)
     if unexpected:  # every parameter is loaded; extra tensors are ignored, as transformers does
         warn(f"the weights in {model_path} hold {len(unexpected)} tensors the model does not use "

@@ -362,6 +362,31 @@ def test_weights_of_another_model_are_refused_not_randomly_initialised(tmp_path)
         load_llava_next(model)
 
 
+def test_weights_shaped_for_another_config_are_named(tmp_path):
+    from llava.convert import load_llava_next
+
+    model = llava_copy(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError, match=r"have 12 parameters with the wrong shape for its config.json \(e.g. "
+                                             r"model.language_model.layers.0.mlp.down_proj.weight"):
+        load_llava_next(model)
+
+
+def test_loading_info_allows_eas_gaps_and_warns_once_about_unused_tensors(capsys):
+    info = {"missing_keys": {"model.language_model.layers.2.self_attn.q_proj.weight"},
+            "unexpected_keys": {"model.language_model.layers.2.eas_pia.A_weight"}, "mismatched_keys": set()}
+    checks.check_loaded_weights(info, "m", ["language_model.layers.2.self_attn."], [".eas_pia."])
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UserInputError, match="lack 1 parameters"):
+        checks.check_loaded_weights(info, "m")
+    checks.check_loaded_weights(dict(info, missing_keys=set()), "m")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: the weights in m hold 1 tensors the model does not use "
+        "(e.g. model.language_model.layers.2.eas_pia.A_weight); they are ignored"]
+
+
 # ---------------------------------------------------------------------------------------- VideoLLaMA2 data
 
 
