@@ -4,9 +4,11 @@
     python -m llava.lmms_task --model_path DIR --data_path JSON [--image_folder DIR]   # any raw-format data
     python -m llava.lmms_task --model_path DIR --tasks mme,gqa      # lmms-eval's own tasks (real checkpoints)
 
-Without --tasks it runs a local lmms-eval task, `mmprune_vqa`, built at run time from a
-LLaVA-NeXT raw-format JSON (default: the embedded held-out split) into a temporary directory: a
-`datasets` dataset saved to disk plus a task yaml pointing at it, so nothing comes from a hub.
+Without --tasks, and always for the embedded tiny model and checkpoints pruned or trained from it
+(their word-level tokenizer only knows the synthetic task), it runs a local lmms-eval task,
+`mmprune_vqa`, built at run time from a LLaVA-NeXT raw-format JSON (default: the embedded held-out
+split) into a temporary directory: a `datasets` dataset saved to disk plus a task yaml pointing at
+it, so nothing comes from a hub.
 Its answers are scored as `python -m llava.eval` scores them (mmprune.scoring.normalize_answer,
 exact match against the record's final gpt turn, at most 8 new tokens, greedy), so the accuracy
 means the same. Prints one JSON line: n, accuracy, per_kind, lmms-eval's version and where its
@@ -156,23 +158,26 @@ def lmms_eval_command(model_path, tasks: str, output_path, device: str, local: b
     return command + list(extra)
 
 
-def _one(paths: list, what: str, where) -> Path:
+def results_files(output_path) -> set:
+    """lmms-eval's results files under output_path (earlier runs' stay there too)."""
+    return set(Path(output_path).rglob("*_results.json"))
+
+
+def read_outputs(output_path, before: set) -> tuple:
+    """(lmms-eval's results dict, its logged samples) of the local task run that found `before`."""
     from mmprune.errors import UserInputError
 
-    if len(paths) != 1:
-        raise UserInputError(f"expected one {what} under {where}, found {len(paths)}; did lmms-eval fail?")
-    return paths[0]
-
-
-def read_outputs(output_path) -> tuple:
-    """(lmms-eval's results dict, its logged samples) of the local task from --output_path."""
-    results = json.loads(_one(sorted(Path(output_path).rglob("*_results.json")), "results file",
-                              output_path).read_text())
-    samples_file = _one(sorted(Path(output_path).rglob(f"*_samples_{TASK_NAME}.jsonl")), "samples file",
-                        output_path)
+    found = sorted(results_files(output_path) - before)
+    if len(found) != 1:
+        raise UserInputError(f"expected one new lmms-eval results file under {output_path}, found {len(found)}; "
+                             "its log above says what went wrong")
+    # <time>_results.json and <time>_samples_<task>.jsonl, side by side
+    samples_file = found[0].with_name(found[0].name.replace("_results.json", f"_samples_{TASK_NAME}.jsonl"))
+    if not samples_file.is_file():
+        raise UserInputError(f"lmms-eval wrote {found[0]} but no {samples_file.name} beside it")
     with open(samples_file, encoding="utf-8") as f:
         samples = [json.loads(line) for line in f if line.strip()]
-    return results, samples
+    return json.loads(found[0].read_text()), samples
 
 
 def _response(sample: dict) -> str:
@@ -216,16 +221,19 @@ def lmms_eval_version() -> str:
 def run_local(model_path, data_path, image_folder, output_path, device: str, limit: int | None = None,
               extra=()) -> dict:
     """The local task through lmms-eval's CLI (a subprocess, its own logs on stderr); the summary."""
+    from mmprune.errors import UserInputError
+
     with tempfile.TemporaryDirectory(prefix="mmprune-lmms-task-") as task_dir:
         docs = build_task(data_path, image_folder, task_dir, limit)
         print(f"lmms-eval task {TASK_NAME}: {len(docs)} records of {data_path} -> {task_dir}", file=sys.stderr)
         command = lmms_eval_command(model_path, TASK_NAME, output_path, device, True, task_dir, extra)
         print("+ " + " ".join(command), file=sys.stderr)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        before = results_files(output_path)
         done = subprocess.run(command, stdout=sys.stderr, env=env)
         if done.returncode != 0:
-            raise SystemExit(f"error: lmms-eval exited with status {done.returncode}")
-    results, samples = read_outputs(output_path)
+            raise UserInputError(f"lmms-eval exited with status {done.returncode}")
+    results, samples = read_outputs(output_path, before)
     return {"model_path": str(model_path), "evaluator": f"lmms-eval {lmms_eval_version()} {MODEL}",
             "task": TASK_NAME, "data_path": str(data_path), **summarize(results, samples, docs),
             "output_path": str(output_path)}
@@ -272,17 +280,25 @@ def main(argv=None) -> int:
             raise UserInputError("--limit must be at least 1")
         device = args.device or default_device()
         output_path = args.output_path or Path("logs") / "lmms_eval" / args.model_path.resolve().name
+        if args.tasks and is_embedded_derived(args.model_path):
+            # its word-level vocabulary cannot even spell a real benchmark's questions
+            print(f"=== {args.model_path} is the embedded tiny LLaVA-NeXT or derived from it: running the local "
+                  f"task {TASK_NAME}, NOT the requested tasks {args.tasks} ===", file=sys.stderr)
+            args.tasks = None
         if args.tasks:
-            if is_embedded_derived(args.model_path):
-                print("note: this checkpoint is the embedded tiny LLaVA-NeXT (or derived from it); it only knows "
-                      "the synthetic task, run without TASKS for that", file=sys.stderr)
             extra = ["--limit", str(args.limit)] if args.limit else []
             command = lmms_eval_command(args.model_path, args.tasks, output_path, device, False, extra=extra)
             print("+ " + " ".join(command), file=sys.stderr)
-            return subprocess.run(command).returncode
+            before = results_files(output_path)
+            status = subprocess.run(command).returncode
+            # lmms-eval 0.7.3 logs a failed evaluation and still exits 0: a results file says it ran
+            if status == 0 and not results_files(output_path) - before:
+                print(f"error: lmms-eval wrote no results under {output_path} (its log above says why)", file=sys.stderr)
+                return 1
+            return status
         if args.data_path is None:
-            print(f"=== lmms-eval: no TASKS / DATA_PATH, local task {TASK_NAME} on the EMBEDDED synthetic eval "
-                  f"split {paths.EVAL_DATA_PATH} ===", file=sys.stderr)
+            print(f"=== lmms-eval: local task {TASK_NAME} on the EMBEDDED synthetic eval split "
+                  f"{paths.EVAL_DATA_PATH} (no DATA_PATH given) ===", file=sys.stderr)
             data_path, image_folder = paths.EVAL_DATA_PATH, args.image_folder or paths.EVAL_IMAGE_FOLDER
         else:
             data_path, image_folder = args.data_path, args.image_folder or args.data_path.parent

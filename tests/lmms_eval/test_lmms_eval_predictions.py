@@ -20,12 +20,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here; run "
-                    "`bash tests/lmms_eval/run_lmms_eval_tests.sh` (its own venv, .venv-lmms-eval)")
+# By distribution, not `import lmms_eval`: with tests/ on sys.path (conftest.py) this very folder
+# would import as a namespace package of that name.
+try:
+    version("lmms-eval")
+except PackageNotFoundError:
+    pytest.skip("lmms-eval is not installed here; run `bash tests/lmms_eval/run_lmms_eval_tests.sh` "
+                "(its own venv, .venv-lmms-eval)", allow_module_level=True)
 
 import torch  # noqa: E402
 
