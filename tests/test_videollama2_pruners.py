@@ -131,3 +131,64 @@ def test_report_holds_the_realtext_perplexity(fixture_dirs, tmp_path):
     dense, pruned = report["realtext"]["dense"], report["realtext"]["pruned"]
     assert dense["tokens"] == pruned["tokens"] == 500 and pruned["perplexity"] != dense["perplexity"]
     assert "Python" in pruned["source"] and len(pruned["sha256"]) == 64
+
+
+def test_a_pruned_vision_tower_is_what_upstream_loading_reads(fixture_dirs, tmp_path):
+    # upstream VideoLLaMA2 builds SigLIP from the folder `mm_vision_tower` names (only if "siglip" is
+    # in the name) and ignores the tower weights in the shards
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+
+    prefix = "model.vision_tower.vision_tower."
+    out, report = run(fixture_dirs, tmp_path, "--method", "wanda", "--vit_sparsity_ratio", "0.5")
+    config = json.loads((out / "config.json").read_text())
+    name = config["mm_vision_tower"]
+    source = json.loads((fixture_dirs[0] / "config.json").read_text())["mm_vision_tower"]
+    assert "siglip" in name and name == str(out.resolve() / "siglip-vision-tower")
+    assert config["mm_vision_tower_source"] == source
+    shards, standalone = tensors(out), load_file(str(out / "siglip-vision-tower" / "model.safetensors"))
+    assert standalone.keys() == {k[len(prefix):] for k in shards if k.startswith(prefix)}  # released names
+    assert all(torch.equal(v, shards[prefix + k]) for k, v in standalone.items())
+    tower = SiglipVisionModel.from_pretrained(name)
+    SiglipImageProcessor.from_pretrained(name)
+    q = shards[prefix + "vision_model.encoder.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(tower.get_parameter(tower_key(tower, "encoder.layers.0.self_attn.q_proj.weight")), q)
+    assert abs(float(q.eq(0).float().mean()) - 0.5) < 0.01
+    assert abs(report["vision_tower"]["achieved_sparsity"] - 0.5) < 0.01
+
+    # pruning that output again without touching the tower keeps a tower folder of its own
+    again = tmp_path / "again"
+    model_dir, data = fixture_dirs
+    assert main(["--model_path", str(out), "--data_path", str(data / "data.json"), "--nsamples", "4",
+                 "--save_model", str(again), "--no_eval", "--method", "magnitude"]) == 0
+    config = json.loads((again / "config.json").read_text())
+    assert config["mm_vision_tower"] == str(again.resolve() / "siglip-vision-tower")
+    assert config["mm_vision_tower_source"] == source
+    tower = SiglipVisionModel.from_pretrained(config["mm_vision_tower"])
+    assert torch.equal(tower.get_parameter(tower_key(tower, "encoder.layers.0.self_attn.q_proj.weight")), q)
+
+    # a moved checkpoint still loads here (its own tower folder), while upstream would fail loudly
+    moved = tmp_path / "moved"
+    again.rename(moved)
+    model, _ = load_videollama2(moved)
+    tower = model.vision_tower.vision_tower
+    assert torch.equal(tower.get_parameter(tower_key(tower, "encoder.layers.0.self_attn.q_proj.weight")), q)
+    # a released-layout config (no vision_config) reads the tower's configuration from the moved folder
+    from videollama2.config import VideoLLaMA2Config
+
+    raw = json.loads((moved / "config.json").read_text())
+    expected = raw.pop("vision_config")
+    (moved / "config.json").write_text(json.dumps(raw))
+    vision = VideoLLaMA2Config.from_dir(moved).vision_config()
+    assert {k: getattr(vision, k) for k in expected} == expected
+
+
+def tower_key(tower, name):
+    """transformers 5 flattens SiglipVisionModel; older releases keep a `vision_model` level."""
+    return f"vision_model.{name}" if hasattr(tower, "vision_model") else name
+
+
+def test_a_dense_vision_tower_keeps_the_released_name(fixture_dirs, tmp_path):
+    out, _ = run(fixture_dirs, tmp_path, "--method", "magnitude")
+    source = json.loads((fixture_dirs[0] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == source
+    assert not (out / "siglip-vision-tower").exists()

@@ -38,6 +38,9 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _REL_BIAS = re.compile(r"^model\.audio_tower\.encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.weight$")
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
+# Upstream VideoLLaMA2 rebuilds SigLIP from the folder `mm_vision_tower` names and ignores the tower
+# weights in the shards; its builder picks SigLIP only when "siglip" is in that name.
+STANDALONE_VISION_TOWER = "siglip-vision-tower"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -239,12 +242,60 @@ def checkpoint_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write the checkpoint into an existing empty folder (callers handle atomicity)."""
+def vision_tower_inside(config: VideoLLaMA2Config, model_dir) -> bool:
+    """True when `mm_vision_tower` names a folder inside `model_dir` (a tower this project saved)."""
+    name = config.vision_tower_name
+    if not name:
+        return False
+    tower, root = Path(name).resolve(), Path(model_dir).resolve()
+    return tower == root or root in tower.parents
+
+
+def save_vision_tower_folder(model, folder, state: dict[str, torch.Tensor]) -> None:
+    """The SigLIP tower as a standalone transformers folder (weights, config, image processor).
+    Weights keep the released `vision_model.*` names (not save_pretrained's): transformers 5
+    flattens SiglipVisionModel and strips that prefix on load, older releases need it."""
+    from transformers import SiglipImageProcessor
+    from transformers.utils import logging
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    tower = model.vision_tower.vision_tower
+    size = tower.config.image_size
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # without torchvision it says it falls back to the PIL backend
+    try:
+        # squash resize, bicubic, mean = std = 0.5: what upstream and videollama2/media.py do
+        processor = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                         image_std=[0.5] * 3)
+    finally:
+        logging.set_verbosity(verbosity)
+    strip = len(VISION_RUNTIME)
+    weights = {k[strip:]: v for k, v in state.items() if k.startswith(VISION_CHECKPOINT)}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tower.config.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+
+
+def save_model(model, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, final_dir=None) -> None:
+    """Write the checkpoint into an existing empty folder (callers handle atomicity).
+
+    With `final_dir` (where `folder` will end up), the SigLIP tower is also written as
+    `final_dir/siglip-vision-tower/` and `mm_vision_tower` names that absolute path (the released
+    name is kept as `mm_vision_tower_source`), so that upstream's loader runs this tower, not a
+    fresh download of the original one. Moving the checkpoint breaks that path loudly (upstream
+    cannot find the folder), never silently."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if final_dir is not None:
+        raw = model.config.raw
+        if not str(raw.get("mm_vision_tower", "")).endswith(STANDALONE_VISION_TOWER):
+            raw["mm_vision_tower_source"] = raw.get("mm_vision_tower")
+        raw["mm_vision_tower"] = str(Path(final_dir).resolve() / STANDALONE_VISION_TOWER)
     layout: CheckpointLayout | None = getattr(model, "checkpoint_layout", None)
     state = checkpoint_state(model)
+    if final_dir is not None:
+        save_vision_tower_folder(model, folder / STANDALONE_VISION_TOWER, state)
     audio_bin = None
     if layout is not None and layout.audio_bin_keys is not None:
         audio_bin = {k: state[k].to(dtype) for k, dtype in layout.audio_bin_keys.items() if k in state}

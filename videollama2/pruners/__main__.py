@@ -27,7 +27,7 @@ from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
 from mmprune.report import modality_summary
 from mmprune.sparsity import check_ratio
-from videollama2.checkpoint import load_tokenizer
+from videollama2.checkpoint import load_tokenizer, save_model, vision_tower_inside
 from videollama2.config import VideoLLaMA2Config
 from videollama2.data import check_media, encode_record, has_answer, load_records, select_samples
 from videollama2.embedded import paths as embedded
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio,
                                                        args.sparsity_type)
     args.save_model = output_dir
-    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.data_folder])
+    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.data_folder, args.sparsity_dict,
+                                                   args.eval_data_path, args.eval_data_folder])
     check_eval_samples(args)
     cfg.check_sparsity_dict_file()
 
@@ -162,8 +163,11 @@ def main(argv=None) -> int:
                     extra.update(prune_tower(model, which, samples(), ratio, cfg.device, store_device, len(records)))
         return extra
 
+    # a pruned (or earlier saved) SigLIP goes into its own folder, which upstream's loader reads
+    standalone_tower = config.has_vision and (vit_ratio > 0 or vision_tower_inside(config, args.model_path))
+
     def save(folder):
-        model.to("cpu").save_pretrained(folder)
+        save_model(model.to("cpu"), folder, final_dir=output_dir if standalone_tower else None)
 
     loaded = LoadedModel(
         name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="videollama2_av",
