@@ -61,11 +61,35 @@ def test_clip_sampling_of_the_released_setting():
     samples = np.arange(10 * rate, dtype=np.float32)
     joined = media.clip_concat(samples, 8, 2.0, rate)
     assert joined.shape[0] == 16 * rate
-    starts = [int(joined[i * 2 * rate]) for i in range(8)]
-    assert starts == [int(i * 8 / 7 * rate) for i in range(8)]
+    # pytorchvideo 0.1.5 (upstream): 8 s of room split in 8 -> starts 0, 1, ..., 7 s
+    assert [int(joined[i * 2 * rate]) for i in range(8)] == [i * rate for i in range(8)]
+    even = media.clip_concat(samples, 8, 2.0, rate, spacing="even")  # the last clip ends at 10 s
+    assert [int(even[i * 2 * rate]) for i in range(8)] == [int(i * 8 / 7 * rate) for i in range(8)]
     short = media.clip_concat(np.ones(rate, dtype=np.float32), 8, 2.0, rate)
     assert short.shape[0] == 8 * rate  # each clip is the whole (shorter) audio
     assert media.fit_length(joined, 30 * rate).shape[0] == 480000
+
+
+def test_clip_starts_use_pytorchvideos_float_duration():
+    # 32022 samples: 32022 / 16000 - 2 = 0.0013749999... s of room in float arithmetic, so clip 4
+    # starts at 0.5 * that * 16000 = 10.99999 -> sample 10 (the exact fraction 11/8000 s gives 11)
+    assert int(media.clip_starts(32022, 8, 2.0, 16000)[4] * 16000) == 10
+    assert int(media.clip_starts(32022, 8, 2.0, 16000, "even")[7] * 16000) == 22  # 22/16000 s of room
+
+
+def test_fbank_rounded_to_bfloat16_as_upstream_and_cast_by_the_tower():
+    samples = np.sin(np.arange(16000) / 7.0).astype(np.float32) * 0.3
+    full = media.audio_features(samples, "float32")
+    rounded = media.audio_features(samples)
+    assert full.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded, full.to(torch.bfloat16)) and not torch.equal(rounded.float(), full)
+    from videollama2.config import VideoLLaMA2Config
+
+    released = VideoLLaMA2Config({"model_type": "videollama2_qwen2", "hidden_size": 8, "num_hidden_layers": 1,
+                                  "intermediate_size": 16,
+                                  "num_attention_heads": 1, "vocab_size": 4, "mm_audio_tower": "beats"})
+    loader = MediaLoader.for_config(released, 0)
+    assert (loader.audio_clip_spacing, loader.audio_fbank_dtype) == ("pytorchvideo", "bfloat16")
 
 
 def test_audio_file_first_channel_resampled_and_padded(tmp_path):
@@ -98,3 +122,14 @@ def test_bad_media_files_are_named_in_the_error(tmp_path):
         media.read_audio_file(tmp_path / "noise.wav")
     with pytest.raises(UserInputError, match="nothing.mp4 does not exist"):
         media.read_video_frames(tmp_path / "nothing.mp4", 4)
+
+
+def test_embedded_tiny_model_keeps_the_rules_it_was_trained_with_and_eval_dtype_follows_upstream():
+    from videollama2.config import VideoLLaMA2Config
+    from videollama2.embedded import paths
+    from videollama2.eval import inference_dtype
+
+    tiny = VideoLLaMA2Config.from_dir(paths.CHECKPOINT_DIR)
+    assert (tiny.audio_clip_spacing, tiny.audio_fbank_dtype) == ("even", "float32")
+    assert inference_dtype("upstream", "cuda:0") == "float16" and inference_dtype("upstream", "cpu") == "float32"
+    assert inference_dtype("bfloat16", "cuda") == "bfloat16"

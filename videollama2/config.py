@@ -14,7 +14,9 @@
   `mm_projector_a_type`, `mm_hidden_size_a` -> `hidden_size_a`;
 - media: `num_frames` (8 when absent, as the released code), frames squashed to SigLIP's
   image size; audio as 8 clips of 2 s padded to 30 s at 16 kHz (`audio_clips`,
-  `audio_clip_seconds`, `audio_seconds` override these for the tiny model).
+  `audio_clip_seconds`, `audio_seconds` override these for the tiny model), clips spaced and
+  fbank rounded as upstream (`audio_clip_spacing` "even" and `audio_fbank_dtype` "float32" give
+  the rules the tiny embedded model was trained with).
 """
 
 from __future__ import annotations
@@ -218,6 +220,22 @@ class VideoLLaMA2Config:
     @property
     def audio_clip_seconds(self) -> float:
         return float(self.raw.get("audio_clip_seconds", 2.0))
+
+    @property
+    def audio_clip_spacing(self) -> str:
+        """How clip starts are spread (videollama2/media.py); upstream's by default."""
+        value = str(self.raw.get("audio_clip_spacing", "pytorchvideo"))
+        if value not in ("pytorchvideo", "even"):
+            raise UserInputError(f"{self.source}: audio_clip_spacing {value!r} is not 'pytorchvideo' or 'even'")
+        return value
+
+    @property
+    def audio_fbank_dtype(self) -> str:
+        """The dtype the fbank features are rounded to before the tower; upstream's bfloat16 by default."""
+        value = str(self.raw.get("audio_fbank_dtype", "bfloat16"))
+        if value not in ("bfloat16", "float32"):
+            raise UserInputError(f"{self.source}: audio_fbank_dtype {value!r} is not 'bfloat16' or 'float32'")
+        return value
 
     @property
     def audio_samples(self) -> int:

@@ -114,9 +114,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate the first N records only")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="upstream", choices=["upstream", "auto", "float32", "bfloat16", "float16"],
+                        help="upstream (default): float16 on a GPU, as VideoLLaMA2's own inference loads the model, "
+                             "float32 on the CPU (upstream has no CPU path; float16 kernels there are slow); "
+                             "auto: the checkpoint's torch_dtype")
     add_realtext_argument(parser)
     return parser.parse_args(argv)
+
+
+def inference_dtype(choice: str, device) -> str:
+    """The dtype name a --dtype choice loads the model in on `device`."""
+    if choice != "upstream":
+        return choice
+    return "float16" if str(device).startswith("cuda") else "float32"
 
 
 def run(argv=None) -> dict:
@@ -133,7 +143,7 @@ def run(argv=None) -> dict:
         folder = Path(args.data_folder) if args.data_folder else data_path.parent
     records = load_records(data_path)[: args.max_samples]
     device = resolve_device(args.device)
-    model, tokenizer = load_videollama2(args.model_path, dtype=args.dtype, device=device)
+    model, tokenizer = load_videollama2(args.model_path, dtype=inference_dtype(args.dtype, device), device=device)
     media = MediaLoader.for_config(model.config, model.image_size)
     check_media(records, folder, media)
     result = evaluate(model, tokenizer, records, folder, media, args.max_new_tokens)

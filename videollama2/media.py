@@ -5,11 +5,16 @@ frames, idx_i = round((N - 1) / F * (i + 1/2)) (halves up); each frame squashed 
 tower's square size (bicubic), scaled to [0, 1] and normalised with mean = std = 0.5.
 
 Audio, from a video's own track (decord, mono, 16 kHz): `audio_clips` clips of
-`audio_clip_seconds` starting at i * max(D - clip, 0) / (clips - 1) s, concatenated, then
-cropped or zero-padded to `audio_seconds` (released model: 8 clips of 2 s, 30 s).
+`audio_clip_seconds` starting at i * max(D - clip, 0) / clips s (spacing "pytorchvideo": what
+upstream gets from pytorchvideo 0.1.5's ConstantClipsPerVideoSampler, the release its unpinned
+requirements install; D is the float duration, as there), concatenated, then cropped or
+zero-padded to `audio_seconds` (released model: 8 clips of 2 s, 30 s). Spacing "even" puts them
+at i * max(D - clip, 0) / (clips - 1) instead, so the last clip ends at D (the project's earlier
+rule, kept for models trained with it: the tiny embedded one).
 Audio from a file (soundfile): first channel, cropped at its start to `audio_seconds` or
 zero-padded, resampled to 16 kHz (FFT resampling). Both are scaled by 2**15 and turned into
-128-bin Kaldi fbank features (videollama2.fbank).
+128-bin Kaldi fbank features (videollama2.fbank), then rounded to bfloat16 as upstream does
+before the tower (`audio_fbank_dtype` "float32" skips the rounding).
 
 Unlike the reference code, which substitutes silence or another sample when a file cannot be
 read, every problem here is a UserInputError naming the file.
@@ -173,17 +178,31 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return (np.fft.irfft(out, n_out) * (n_out / n)).astype(np.float32)
 
 
-def clip_concat(samples: np.ndarray, clips: int, clip_seconds: float, rate: int = SAMPLE_RATE) -> np.ndarray:
-    """`clips` clips of `clip_seconds` evenly spread over the audio, concatenated (a clip past the
-    end is cut short)."""
-    duration = Fraction(samples.shape[0], rate)
+CLIP_SPACINGS = ("pytorchvideo", "even")
+
+
+def clip_starts(n_samples: int, clips: int, clip_seconds: float, rate: int = SAMPLE_RATE,
+                spacing: str = "pytorchvideo") -> list[Fraction]:
+    """Start times (s) of the audio clips (see the module docstring)."""
+    if spacing == "pytorchvideo":
+        # float duration minus the clip, then exact fractions: pytorchvideo's own arithmetic
+        room = Fraction(max(n_samples / rate - clip_seconds, 0))
+        step = room / clips
+    elif spacing == "even":
+        room = max(Fraction(n_samples, rate) - Fraction(clip_seconds).limit_denominator(1000), Fraction(0))
+        step = room / max(clips - 1, 1)
+    else:
+        raise ValueError(f"unknown audio clip spacing {spacing!r}; expected one of {CLIP_SPACINGS}")
+    return [step * i for i in range(clips)]
+
+
+def clip_concat(samples: np.ndarray, clips: int, clip_seconds: float, rate: int = SAMPLE_RATE,
+                spacing: str = "pytorchvideo") -> np.ndarray:
+    """`clips` clips of `clip_seconds` spread over the audio, concatenated (a clip past the end is
+    cut short)."""
     clip = Fraction(clip_seconds).limit_denominator(1000)
-    step = max(duration - clip, Fraction(0)) / max(clips - 1, 1)
-    pieces = []
-    for i in range(clips):
-        start = step * i
-        pieces.append(samples[int(start * rate): int((start + clip) * rate)])
-    return np.concatenate(pieces)
+    starts = clip_starts(samples.shape[0], clips, clip_seconds, rate, spacing)
+    return np.concatenate([samples[int(start * rate): int((start + clip) * rate)] for start in starts])
 
 
 def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
@@ -193,9 +212,14 @@ def fit_length(samples: np.ndarray, length: int) -> np.ndarray:
     return np.pad(samples, (0, length - samples.shape[0]))
 
 
-def audio_features(samples: np.ndarray) -> torch.Tensor:
-    """(n_frames, 128) float32 fbank of a 16 kHz waveform in [-1, 1]."""
-    return fbank(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)) * 2 ** 15)
+FBANK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def audio_features(samples: np.ndarray, dtype: str = "bfloat16") -> torch.Tensor:
+    """(n_frames, 128) fbank of a 16 kHz waveform in [-1, 1], computed in float32 and stored in
+    `dtype` (upstream rounds it to bfloat16; the tower casts it to its own dtype)."""
+    features = fbank(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)) * 2 ** 15)
+    return features.to(FBANK_DTYPES[dtype])
 
 
 def is_video_path(path) -> bool:
@@ -207,13 +231,16 @@ class MediaLoader:
     entries are dropped beyond `cache_bytes`)."""
 
     def __init__(self, num_frames: int, image_size: int, audio_seconds: float = 30.0, audio_clips: int = 8,
-                 audio_clip_seconds: float = 2.0, cache: bool = True, cache_bytes: int = 1 << 30):
+                 audio_clip_seconds: float = 2.0, cache: bool = True, cache_bytes: int = 1 << 30,
+                 audio_clip_spacing: str = "pytorchvideo", audio_fbank_dtype: str = "bfloat16"):
         self.num_frames = num_frames
         self.image_size = image_size
         self.audio_samples = int(round(audio_seconds * SAMPLE_RATE))
         self.audio_seconds = audio_seconds
         self.audio_clips = audio_clips
         self.audio_clip_seconds = audio_clip_seconds
+        self.audio_clip_spacing = audio_clip_spacing
+        self.audio_fbank_dtype = audio_fbank_dtype
         self._cache: OrderedDict | None = OrderedDict() if cache else None
         self._cache_bytes = cache_bytes
         self._held = 0
@@ -221,7 +248,8 @@ class MediaLoader:
     @classmethod
     def for_config(cls, config, image_size: int, cache: bool = True) -> "MediaLoader":
         return cls(config.num_frames, image_size, config.audio_seconds, config.audio_clips,
-                   config.audio_clip_seconds, cache)
+                   config.audio_clip_seconds, cache, audio_clip_spacing=config.audio_clip_spacing,
+                   audio_fbank_dtype=config.audio_fbank_dtype)
 
     def _cached(self, key, compute):
         if self._cache is None:
@@ -250,8 +278,9 @@ class MediaLoader:
 
     def _audio(self, path) -> torch.Tensor:
         if is_video_path(path):
-            samples = clip_concat(read_video_audio(path), self.audio_clips, self.audio_clip_seconds)
-            return audio_features(fit_length(samples, self.audio_samples))
+            samples = clip_concat(read_video_audio(path), self.audio_clips, self.audio_clip_seconds,
+                                  spacing=self.audio_clip_spacing)
+            return audio_features(fit_length(samples, self.audio_samples), self.audio_fbank_dtype)
         samples, rate = read_audio_file(path)
         samples = fit_length(samples, int(round(self.audio_seconds * rate)))
-        return audio_features(fit_length(resample(samples, rate), self.audio_samples))
+        return audio_features(fit_length(resample(samples, rate), self.audio_samples), self.audio_fbank_dtype)

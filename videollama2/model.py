@@ -172,7 +172,8 @@ class VideoLLaMA2ForCausalLM(nn.Module):
         """(B, n_frames, 128) fbank -> (B, tokens, d)."""
         if self.audio_tower is None:
             raise UserInputError("this checkpoint has no audio tower, but the sample has audio")
-        features = self.audio_tower(fbank)
+        # upstream hands the tower its fbank already in the model dtype (bfloat16 -> half)
+        features = self.audio_tower(fbank.to(self.audio_tower.patch_embedding.weight.dtype))
         return self.model.mm_projector_a(features)
 
     def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -114,6 +114,9 @@ def build_config(tokenizer) -> VideoLLaMA2Config:
         "audio_seconds": AUDIO_SECONDS,
         "audio_clips": AUDIO_CLIPS,
         "audio_clip_seconds": AUDIO_CLIP_SECONDS,
+        # the rules this model was trained with (upstream's are the defaults: videollama2/media.py)
+        "audio_clip_spacing": "even",
+        "audio_fbank_dtype": "float32",
         "use_cache": True,
     }
     return VideoLLaMA2Config(raw, "embedded tiny config")

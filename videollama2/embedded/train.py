@@ -89,8 +89,9 @@ class ClipPool(SamplePool):
         path.write_bytes(av.encode_mp4(frames, audio))
         config = self.config
         video = resize_frames(read_video_frames(path, config.num_frames), self.image_size)
-        samples = clip_concat(read_video_audio(path), config.audio_clips, config.audio_clip_seconds)
-        return spec, video, audio_features(fit_length(samples, config.audio_samples))
+        samples = clip_concat(read_video_audio(path), config.audio_clips, config.audio_clip_seconds,
+                              spacing=config.audio_clip_spacing)
+        return spec, video, audio_features(fit_length(samples, config.audio_samples), config.audio_fbank_dtype)
 
     def fill(self, size: int, desc: str = "training clips") -> None:
         super().fill(size, desc)
