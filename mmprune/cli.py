@@ -20,6 +20,7 @@ from mmprune.checks import check_seed, resolve_device
 from mmprune.ecoflap import ECoFLaPConfig
 from mmprune.owl import OWLConfig
 from mmprune.errors import UserInputError
+from mmprune.interrupt import EXIT_STATUS as INTERRUPTED_EXIT, Interrupted, signals_raise
 from mmprune.output import atomic_output_dir, check_output_dir
 from mmprune.pipeline import (
     PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, file_plan, peak_memory, prune_decoder,
@@ -327,9 +328,15 @@ def run_summary(report: dict, cfg: PruneConfig, output_dir: str) -> dict:
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Entry-point wrapper: user errors become one `error:` line and exit status 2."""
-    try:
-        return main(argv)
-    except UserInputError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    """Entry-point wrapper: user errors become one `error:` line and exit status 2; SIGINT (Ctrl-C),
+    SIGTERM and SIGHUP remove unfinished outputs and become one `error: interrupted` line, exit 130."""
+    with signals_raise():
+        try:
+            return main(argv)
+        except UserInputError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 2
+        except KeyboardInterrupt as exc:
+            name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+            sys.stderr.write(f"\nerror: interrupted by {name}; unfinished outputs were removed\n")
+            return INTERRUPTED_EXIT

@@ -176,13 +176,20 @@ def load_recipe(path) -> TokenRecipe:
 
 
 def save_recipe(path, recipe: TokenRecipe) -> None:
-    """Write atomically (a temporary file renamed into place)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(recipe.to_json(), handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, path)
+    """Write atomically (a hidden temporary file renamed into place, removed on error or signal)."""
+    from mmprune.output import write_json_file
+
+    write_json_file(str(path), recipe.to_json())
+
+
+def is_recipe_file(path) -> bool:
+    """Whether `path` holds a recipe this project wrote (its "format" key): what --overwrite may replace."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == RECIPE_FORMAT and "keep_fraction" in data
 
 
 # --------------------------------------------------------------------------------------------

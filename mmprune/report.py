@@ -142,11 +142,10 @@ def update_markdown_section(path: str, section: str, body: str, title: str = "# 
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
+    from mmprune.output import atomic_output_file
+
+    with atomic_output_file(path) as tmp, open(tmp, "w") as handle:
         handle.write(text)
-    os.replace(tmp, path)
 
 
 def modality_summary(report: dict) -> str:
