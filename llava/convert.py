@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 
 from mmprune.errors import UserInputError
+from mmprune.interrupt import signals_deferred
+from mmprune.output import check_output_location, share_tree
 
 CONVERTER_COMMAND = "python -m llava.convert --src LMMS_LAB_DIR --dst LLAVA_HF_DIR"
 PROVENANCE_FILE = "mmprune_conversion.json"
@@ -564,6 +566,7 @@ def convert_lmms_lab_to_hf(src_dir, dst_dir, dtype=None, *, max_shard_bytes: int
         raise UserInputError(f"destination {dst} already exists; choose a new --dst or delete it first")
     if _is_within(dst.resolve(), src):
         raise UserInputError(f"destination {dst} lies inside the source {src}; choose a directory outside it")
+    check_output_location(str(dst), [str(src)], "--dst")  # e.g. a regular file on the way to dst
     _check_supported(src, cfg)
 
     from transformers import GenerationConfig, LlavaNextConfig, LlavaNextProcessor
@@ -694,12 +697,15 @@ def convert_lmms_lab_to_hf(src_dir, dst_dir, dtype=None, *, max_shard_bytes: int
             "image_grid_pinpoints_source_wh": cfg["image_grid_pinpoints"],
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        share_tree(str(tmp))  # safetensors writes 0600 files
         try:
-            os.rename(tmp, dst)
+            with signals_deferred():
+                os.rename(tmp, dst)
         except OSError as exc:
             raise UserInputError(f"cannot move the converted model to {dst} ({exc}); choose a new --dst") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
 
@@ -852,13 +858,14 @@ def main(argv=None) -> int:
         "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)"
     )
     args = parser.parse_args(argv)
-    try:
-        dst = convert_lmms_lab_to_hf(args.src, args.dst, dtype=args.dtype)
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {dst}")
-    return 0
+
+    def convert(_argv) -> int:
+        print(f"wrote {convert_lmms_lab_to_hf(args.src, args.dst, dtype=args.dtype)}")
+        return 0
+
+    from mmprune.cli import run_main  # one `error:` line, exit 2; signals remove the partial copy
+
+    return run_main(convert)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from mmprune import fitprune as core
 from mmprune.cli import OneLineErrorParser, run_main
 from mmprune.checks import check_seed, resolve_device
 from mmprune.errors import UserInputError
+from mmprune.output import check_output_file
 
 REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
 DEFAULT_NSAMPLES = 66  # the reference's ≈0.01 % slice of llava_v1_5_mix665k
@@ -146,11 +147,8 @@ def main(argv=None) -> int:
     embedded.resolve_model_and_data(args)
     name = os.path.basename(os.path.normpath(args.model_path))
     output = args.output or os.path.join("checkpoints", f"{name}_fitprune_{args.budget}.json")
-    if os.path.exists(output) and not args.overwrite:
-        raise UserInputError(f"recipe {output} already exists; remove it, choose another OUTPUT, or pass --overwrite")
-    for protected in (args.model_path, args.data_path):
-        if os.path.realpath(output) == os.path.realpath(protected):
-            raise UserInputError(f"--output {output} is an input; choose another file")
+    check_output_file(output, args.overwrite, [args.model_path, args.data_path, args.image_folder, args.task_split_path],
+                      "--output / OUTPUT", core.is_recipe_file, "token recipe")
     records = select_task(load_records(args.data_path), args.task_split_path, args.task_name, args.nsamples, args.seed)
     torch.manual_seed(args.seed)
     model, processor = load_model(args.model_path, args.device)

@@ -11,7 +11,6 @@ time of dense vs recipe, timed in one process, alternating, median over repeats.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ from llava.data import encode_record, load_records, model_inputs, select_task
 from llava.embedded import paths
 from llava.eval import evaluate, load_model
 from llava.model import decoder_layers
+from mmprune.cli import run_main
+from mmprune.output import check_output_location, write_json_file
 from mmprune.report import update_markdown_section
 
 SECTION = "fitprune"
@@ -231,6 +232,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # before the measurements: neither output overwrites or lands inside an input, and both can be created
+    inputs = [paths.CHECKPOINT_DIR, paths.DATA_ROOT, args.tamp_model]
+    check_output_location(args.markdown, inputs, "--markdown")
+    check_output_location(args.json, inputs, "--json")
     began = time.perf_counter()
     load_start = os.getloadavg()[0]
     torch.set_num_threads(1)
@@ -251,14 +256,11 @@ def main(argv=None) -> int:
     load = (load_start, os.getloadavg()[0])
     body = markdown(results, args, elapsed, scaled, load)
     update_markdown_section(args.markdown, SECTION, body)
-    tmp_json = f"{args.json}.tmp"
-    with open(tmp_json, "w") as handle:
-        json.dump({"results": results, "width_check": scaled, "minutes": round(elapsed / 60, 2),
-                   "load_average_1min": {"start": load[0], "end": load[1], "cores": os.cpu_count()}}, handle, indent=1)
-    os.replace(tmp_json, args.json)
+    write_json_file(args.json, {"results": results, "width_check": scaled, "minutes": round(elapsed / 60, 2),
+                                "load_average_1min": {"start": load[0], "end": load[1], "cores": os.cpu_count()}})
     print(body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,6 +26,7 @@ from llava.eval import evaluate
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from mmprune.cli import run_main
 from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
+from mmprune.output import atomic_output_file, check_output_location, write_json_file
 from mmprune.report import toolkit_commit, update_markdown_section, versions
 from mmprune.sparsity import SparsityPattern
 
@@ -132,8 +133,7 @@ def write_outputs(args, results: dict) -> None:
             "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
             "eval_data_path": embedded.shown(args.eval_data_path),
             "eval_samples": results["dense"]["n"], "minutes": round(results["minutes"], 1)}
-    with open(os.path.join(args.out_dir, "results.json"), "w") as handle:
-        json.dump({"meta": meta, **results}, handle, indent=1)
+    write_json_file(os.path.join(args.out_dir, "results.json"), {"meta": meta, **results})
     by_key: dict[tuple[str, str], list[dict]] = {}
     for run in results["runs"]:
         by_key.setdefault((run["method"], run["setting"]), []).append(run)
@@ -194,7 +194,8 @@ def plot(args, results, by_key, methods, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -234,6 +235,11 @@ def run_in_workers(args, argv: list[str]) -> dict:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    # before the runs: the outputs neither overwrite nor land inside an input, and can be created
+    inputs = [args.model_path, args.data_path, args.image_folder, args.task_split_path, args.eval_data_path,
+              args.eval_image_folder]
+    for name in ("results.md", "results.json", "results_accuracy.png"):
+        check_output_location(args.partial or os.path.join(args.out_dir, name), inputs, "--out_dir")
     if args.partial:
         torch.set_num_threads(1)
         with open(args.partial, "w") as handle:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from mmprune.errors import UserInputError
+from mmprune.output import check_output_file, write_json_file
 
 
 def read_annotations(path) -> list:
@@ -87,16 +86,17 @@ def write_json_atomic(path, data) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserInputError(f"the folder of --save_path {path} does not exist; create it first")
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    write_json_file(str(path), data)
+
+
+def is_transformed(path) -> bool:
+    """Whether `path` holds records this transform wrote: the only file --save_path replaces."""
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=1)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, list) and all(
+        isinstance(r, dict) and "conversations" in r and ("video" in r or "audio" in r) for r in data)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_file(args.save_path, True, [args.dataset_path1, args.dataset_path2, args.video_dir], "--save_path",
+                      is_transformed, "transformed AVInstruct JSON")
     if not Path(args.video_dir).is_dir():
         raise UserInputError(f"--video_dir {args.video_dir} is not a folder; pass the folder of the .mp4 files")
     annotations = read_annotations(args.dataset_path1) + read_annotations(args.dataset_path2)

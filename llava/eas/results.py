@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from llava.embedded import paths as embedded
+from mmprune.cli import run_main
+from mmprune.output import atomic_output_dir, check_output_dir, check_output_location, write_json_file
 from mmprune.report import update_markdown_section
 
 ROOT = embedded.REPO_ROOT
@@ -51,12 +53,13 @@ def snapshot_dense(work: Path, reuse: bool) -> Path:
     even if the committed checkpoint is retrained meanwhile."""
     dense = work / "dense"
     if not (reuse and dense.is_dir()):
-        staging = work / ".dense.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(embedded.CHECKPOINT_DIR, staging)
-        shutil.rmtree(dense, ignore_errors=True)
-        staging.rename(dense)
+        with atomic_output_dir(str(dense), overwrite=True) as staging:  # replaces only an earlier snapshot
+            shutil.copytree(embedded.CHECKPOINT_DIR, staging, dirs_exist_ok=True)
     return dense
+
+
+MODEL_FOLDERS = ["dense", "tamp0.5", *(f"eas_{base}_k{k}" for base in ("dense", "tamp") for k in KS),
+                 "eas_dense_k0.5_then_tamp0.5"]
 
 
 def build_models(work: Path, reuse: bool, extra_train: list[str]) -> dict:
@@ -232,6 +235,11 @@ def main(argv=None) -> int:
         saved = json.loads(args.render.read_text())
         update_markdown_section(str(args.results), "eas", markdown(saved["rows"], saved["meta"]))
         return 0
+    # before training anything: the model folders it replaces are its own, and no output is an input
+    inputs = [embedded.CHECKPOINT_DIR, embedded.DATA_ROOT]
+    check_output_location(str(args.results), inputs, "--results")
+    for name in MODEL_FOLDERS:
+        check_output_dir(str(args.work_dir / name), True, inputs, flag="--work_dir")
     start = time.monotonic()
     load_start = os.getloadavg()[0]
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -272,12 +280,11 @@ def main(argv=None) -> int:
         meta[f"speedup_{key}"] = by_name[name]["speedup"]
         meta[f"decoder_speedup_{key}"] = by_name[name]["decoder_speedup"]
     update_markdown_section(str(args.results), "eas", markdown(rows, meta))
-    with open(args.work_dir / "eas_results.json", "w") as f:
-        json.dump({"rows": rows, "meta": meta}, f, indent=1)
+    write_json_file(str(args.work_dir / "eas_results.json"), {"rows": rows, "meta": meta})
     print(json.dumps({"minutes": round(meta["minutes"], 1), "rows": [
         {k: r[k] for k in ("name", "skipped", "accuracy", "speedup", "decoder_speedup")} for r in rows]}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

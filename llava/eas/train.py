@@ -259,7 +259,9 @@ def main(argv=None) -> int:
     uses_embedded = resolve_paths(args)
     if args.eval is None:
         args.eval = uses_embedded
-    check_output_dir(args.output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
+    check_output_dir(args.output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder,
+                                                        args.task_split_path, args.eval_data_path, args.eval_image_folder],
+                     flag="--output_dir / OUTPUT_DIR")
     skip = parse_skip_layers(args.skip_layers)
     if args.k is not None:
         eas.check_k(args.k)

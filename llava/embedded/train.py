@@ -47,7 +47,8 @@ from llava.data import collate, encode_conversation, load_records, model_inputs
 from mmprune.training import SamplePool, warmup_cosine
 from llava.embedded import paths, synthetic_vqa as vqa, tiny
 from llava.eval import evaluate
-from mmprune.output import atomic_output_dir
+from mmprune.cli import run_main
+from mmprune.output import atomic_output_dir, check_output_dir
 
 TRAIN_TASK = "train"
 VISION_TASK = "vision"
@@ -402,7 +403,13 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
+    # before the training: the folder is replaced at the end, and only if this project wrote it
+    check_output_dir(str(args.out), True, [paths.DATA_ROOT], flag="--out")
     info = train(args)
     heldout = info["heldout_eval"]
     summary = {"out": str(args.out), "steps": info["steps"], "minutes": info["minutes"],

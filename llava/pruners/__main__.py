@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         args.eval = uses_embedded
     output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio, args.sparsity_type)
     args.save_model = output_dir
-    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder])
+    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder, args.task_split_path,
+                                                   args.sparsity_dict, args.eval_data_path, args.eval_image_folder])
     check_eval_samples(args)
     cfg.check_sparsity_dict_file()
 

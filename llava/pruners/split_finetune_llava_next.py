@@ -21,7 +21,9 @@ from pathlib import Path
 
 from llava.data import load_records
 from llava.embedded.paths import REAL_DATA_PATH
+from mmprune.cli import run_main
 from mmprune.errors import UserInputError
+from mmprune.output import check_output_file, write_json_file
 
 
 def record_task(record: dict, index: int) -> str:
@@ -57,13 +59,20 @@ def task_ranges(records: list) -> dict:
     return ranges
 
 
+def is_task_split(path) -> bool:
+    """Whether `path` holds a task split ({task: [start, end)}): the only file --save_path replaces."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v) for v in data.values())
+
+
 def write_task_split(data_path, save_path) -> dict:
+    check_output_file(str(save_path), True, [str(data_path)], "--save_path", is_task_split, "task split")
     ranges = task_ranges(load_records(data_path))
-    save_path = Path(save_path)
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(save_path, "w", encoding="utf-8") as f:
-        json.dump(ranges, f, indent=1)
-        f.write("\n")
+    write_json_file(str(save_path), ranges)
     return ranges
 
 
@@ -79,13 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Errors end as one `error:` line, exit 2 (also when called from Python, as the tests do)."""
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     save_path = args.save_path or args.data_path.parent / "task_split.json"
-    try:
-        ranges = write_task_split(args.data_path, save_path)
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ranges = write_task_split(args.data_path, save_path)
     for task, (start, end) in ranges.items():
         print(f"{task}: [{start}, {end}) {end - start} records")
     print(f"wrote {save_path}")

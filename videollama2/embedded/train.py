@@ -39,7 +39,8 @@ from videollama2.checkpoint import save_model
 from videollama2.data import collate, conversation_segments, load_records, tokenize_segments
 from videollama2.embedded import paths, synthetic_av as av, tiny
 from videollama2.eval import evaluate
-from mmprune.output import atomic_output_dir
+from mmprune.cli import run_main
+from mmprune.output import atomic_output_dir, check_output_dir
 from videollama2.media import MediaLoader, audio_features, clip_concat, fit_length, normalize_frames, \
     read_video_audio, read_video_frames, resize_frames
 
@@ -312,7 +313,13 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
+    # before the training: the folder is replaced at the end, and only if this project wrote it
+    check_output_dir(str(args.out), True, [paths.DATA_ROOT], flag="--out")
     info = train(args)
     heldout = info["heldout_eval"]
     print(json.dumps({"out": str(args.out), "steps": info["steps"], "total_minutes": info["total_minutes"],
