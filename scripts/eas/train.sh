@@ -7,6 +7,10 @@
 # embedded default (tiny model, synthetic VQA) when those are absent (a banner says so).
 # An existing OUTPUT_DIR is refused unless OVERWRITE=1.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/paths.sh"
+absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT OUTPUT_DIR PYTHON  # the caller's relative paths
+absolutize_args "$@"
+set -- "${ABS_ARGS[@]}"
 cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 k=0.5

@@ -8,6 +8,10 @@
 #
 #   bash scripts/embedded/train_llava_next.sh [--seed 1234] [--minutes 26.5] [...]
 set -euo pipefail
+source "$(dirname "$0")/../lib/paths.sh"
+absolutize_env PYTHON  # the caller's relative paths (--out ...), not the repository root's
+absolutize_args "$@"
+set -- "${ABS_ARGS[@]}"
 cd "$(dirname "$0")/../.."
 
 python datasets/make_synthetic_llava_next.py --seed 0

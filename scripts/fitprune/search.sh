@@ -9,6 +9,10 @@
 set -euo pipefail
 budget=0.5
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then budget="$1"; shift; fi
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/paths.sh"
+absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT OUTPUT PYTHON  # the caller's relative paths
+absolutize_args "$@"
+set -- "${ABS_ARGS[@]}"
 cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 py="${PYTHON:-}"
 if [ -z "$py" ]; then

@@ -2,13 +2,15 @@
 # Sourced by scripts/prune/_common.sh and scripts_videollama2/prune/_common.sh: what the prune
 # scripts of both models share. `prune_setup "$@"` parses the optional positionals
 # [SPARSITY=0.5] [unstructured|2:4|4:8] (a first argument starting with "--" is a flag, so
-# `tamp.sh --no_eval` keeps the default sparsity), moves to the repository root and sets
+# `tamp.sh --no_eval` keeps the default sparsity), makes the caller's relative paths absolute
+# (scripts/lib/paths.sh), moves to the repository root and sets
 #   PY           the python to run (PYTHON, else .venv/bin/python, else python3)
 #   COMMON_ARGS  the flags every entry point takes, from the positionals and the environment
 #                (SEED, NSAMPLES, MODEL_PATH, DATA_PATH, OUTPUT_DIR, DEVICE, OVERWRITE=1)
 #   REST_ARGS    the remaining arguments, passed on unchanged
 #   SPARSITY_ARG, TYPE_ARG
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/paths.sh"
 
 prune_setup() {
   SPARSITY_ARG=0.5
@@ -19,7 +21,10 @@ prune_setup() {
     unstructured|2:4|4:8) ;;
     *) echo "error: sparsity type '$TYPE_ARG' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;
   esac
-  REST_ARGS=("$@")
+  # relative paths are the caller's, not the repository root's
+  absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT DATA_FOLDER OUTPUT_DIR PYTHON
+  absolutize_args "$@"
+  REST_ARGS=("${ABS_ARGS[@]}")
   cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
   PY="${PYTHON:-}"
   if [ -z "$PY" ]; then

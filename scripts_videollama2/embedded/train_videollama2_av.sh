@@ -6,6 +6,10 @@
 #
 #   bash scripts_videollama2/embedded/train_videollama2_av.sh [--seed 1234] [--threads 2] [...]
 set -euo pipefail
+source "$(dirname "$0")/../../scripts/lib/paths.sh"
+absolutize_env PYTHON  # the caller's relative paths (--out ...), not the repository root's
+absolutize_args "$@"
+set -- "${ABS_ARGS[@]}"
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-}"
 if [ -z "$python" ]; then

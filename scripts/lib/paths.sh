@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sourced by every script of scripts/ and scripts_videollama2/. The scripts move to the repository
+# root (the default paths are relative to it), so a relative path the caller gives would be read
+# from there. Call these first, while still in the caller's directory:
+#   absolutize_env VAR...   each set variable holding a relative path becomes absolute
+#                           (PYTHON only when it names a file, e.g. .venv/bin/python, not `python3`)
+#   absolutize_args ARG...  sets ABS_ARGS: ARG... with the value of every path flag made absolute
+#                           (`--flag value` and `--flag=value`)
+
+PATH_FLAGS=" --model_path --data_path --image_folder --task_split_path --save_model --sparsity_dict"
+PATH_FLAGS+=" --eval_data_path --eval_image_folder --data_folder --eval_data_folder --output --output_dir"
+PATH_FLAGS+=" --out --save --token_recipe --tamp_model "
+
+abs_path() {
+  case "$1" in
+    ''|/*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "$1" ;;
+  esac
+}
+
+absolutize_env() {
+  local name value
+  for name in "$@"; do
+    value="${!name:-}"
+    [ -n "$value" ] || continue
+    if [ "$name" = PYTHON ] && [ "${value#*/}" = "$value" ]; then continue; fi  # a command name
+    export "$name=$(abs_path "$value")"
+  done
+}
+
+absolutize_args() {
+  ABS_ARGS=()
+  local arg flag
+  while [ $# -gt 0 ]; do
+    arg="$1"; shift
+    case "$arg" in
+      --*=*)
+        flag="${arg%%=*}"
+        case "$PATH_FLAGS" in *" $flag "*) arg="$flag=$(abs_path "${arg#*=}")" ;; esac
+        ABS_ARGS+=("$arg") ;;
+      --*)
+        ABS_ARGS+=("$arg")
+        case "$PATH_FLAGS" in
+          *" $arg "*) if [ $# -gt 0 ]; then ABS_ARGS+=("$(abs_path "$1")"); shift; fi ;;
+        esac ;;
+      *) ABS_ARGS+=("$arg") ;;
+    esac
+  done
+}
