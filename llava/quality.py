@@ -211,18 +211,23 @@ def run_in_workers(args, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pending = list(args.seeds)
         running: list[tuple[subprocess.Popen, int]] = []
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                seed = pending.pop(0)
-                path = os.path.join(tmp, f"{seed}.json")
-                cmd = [sys.executable, "-m", "llava.quality", *argv, "--only_seed", str(seed), "--partial", path]
-                running.append((subprocess.Popen(cmd, env=env), seed))
-            proc, seed = running.pop(0)
-            if proc.wait() != 0:
-                for other, _ in running:
-                    other.kill()
-                raise RuntimeError(f"the quality worker for seed {seed} failed (exit {proc.returncode}); see above")
-            parts.append((seed, os.path.join(tmp, f"{seed}.json")))
+        try:
+            while pending or running:
+                while pending and len(running) < args.jobs:
+                    seed = pending.pop(0)
+                    path = os.path.join(tmp, f"{seed}.json")
+                    cmd = [sys.executable, "-m", "llava.quality", *argv, "--only_seed", str(seed), "--partial", path]
+                    running.append((subprocess.Popen(cmd, env=env), seed))
+                proc, seed = running[0]
+                if proc.wait() != 0:
+                    raise RuntimeError(f"the quality worker for seed {seed} failed (exit {proc.returncode}); see above")
+                running.pop(0)
+                parts.append((seed, os.path.join(tmp, f"{seed}.json")))
+        except BaseException:  # a failed worker, or SIGTERM / Ctrl-C here: no worker outlives the run
+            for other, _ in running:
+                other.kill()
+                other.wait()
+            raise
         loaded = {seed: json.load(open(path)) for seed, path in parts}
     dense = loaded[args.seeds[0]]["dense"]
     for seed, part in loaded.items():  # the dense model does not depend on the seed: a cheap sanity check

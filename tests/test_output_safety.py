@@ -427,3 +427,22 @@ def test_result_generators_check_their_outputs_before_measuring(tmp_path, capsys
     assert run_main(eas_results.main, ["--work_dir", str(tmp_path / "work")]) == 2
     assert "not written by this project" in last_error(capsys)
     assert (tmp_path / "work" / "dense" / "notes.txt").read_text() == NOTES
+
+
+def test_sigterm_to_the_quality_sweep_stops_its_workers(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "llava.quality", "--methods", "magnitude", "--sparsities", "0.5",
+                             "--patterns", "2:4", "--seeds", "1", "2", "--jobs", "2", "--out_dir", str(tmp_path / "docs")],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def workers():
+        done = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in done.stdout.split()]
+
+    wait_for(lambda: len(workers()) == 2, proc)
+    children = workers()
+    proc.send_signal(signal.SIGTERM)
+    assert_interrupted(proc, signal.SIGTERM)
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert not (tmp_path / "docs").exists()
