@@ -1,7 +1,9 @@
 """Shared by the end-to-end script tests of both models: run a bash script from the repository
 root, read a saved checkpoint's tensors, and check a run stopped cleanly on bad input."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,21 @@ def run_bash(script: Path, *args, env=None, check=True, timeout=900) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"{script.name} {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def copy_embedded_llava_data(folder: Path, n: int) -> list:
+    """The first `n` embedded LLaVA-NeXT calibration records, their images and a task split, in
+    `folder` (data.json, task_split.json); returns the records."""
+    from llava.embedded import paths as embedded
+
+    records = json.loads(Path(embedded.DATA_PATH).read_text())[:n]
+    for record in records:
+        target = folder / record["image"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(embedded.IMAGE_FOLDER) / record["image"], target)
+    (folder / "data.json").write_text(json.dumps(records))
+    (folder / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
+    return records
 
 
 def load_tensors(folder) -> dict:

@@ -2,7 +2,6 @@
 bad inputs that must stop a run with a one-line error and no output."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 import yaml
 
 from llava.embedded import paths as embedded
-from script_runs import ROOT, assert_clean_failure, load_tensors, run_bash
+from script_runs import ROOT, assert_clean_failure, copy_embedded_llava_data, load_tensors, run_bash
 from mmprune.masks import nm_pattern_holds
 
 DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,15 +107,8 @@ def test_wanda_script_at_0_6(tmp_path):
 @pytest.fixture
 def small_data(tmp_path):
     """A copy of a few embedded calibration records and their images."""
-    records = json.loads(Path(embedded.DATA_PATH).read_text())[:6]
-    folder = tmp_path / "data"
-    for record in records:
-        target = folder / record["image"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(embedded.IMAGE_FOLDER) / record["image"], target)
-    (folder / "data.json").write_text(json.dumps(records))
-    (folder / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
-    return folder, records
+    records = copy_embedded_llava_data(tmp_path / "data", 6)
+    return tmp_path / "data", records
 
 
 def bad_run(tmp_path, *args, env=None):

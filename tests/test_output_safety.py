@@ -24,7 +24,7 @@ from llava.embedded import paths as embedded
 from mmprune.cli import run_main
 from mmprune.errors import UserInputError
 from mmprune import output
-from script_runs import ROOT
+from script_runs import ROOT, copy_embedded_llava_data
 
 NOTES = "my notes, not a model"
 
@@ -90,15 +90,8 @@ def fitprune(argv):
 @pytest.fixture
 def llava_data(tmp_path):
     """A few embedded calibration records with their images and task split, in a folder of their own."""
-    records = json.loads(Path(embedded.DATA_PATH).read_text())[:4]
-    folder = tmp_path / "data"
-    for record in records:
-        target = folder / record["image"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(embedded.IMAGE_FOLDER) / record["image"], target)
-    (folder / "data.json").write_text(json.dumps(records))
-    (folder / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
-    return folder
+    copy_embedded_llava_data(tmp_path / "data", 4)
+    return tmp_path / "data"
 
 
 def test_fitprune_output_inside_the_input_checkpoint_or_onto_the_task_split_is_refused(tmp_path, capsys):
