@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -790,8 +791,10 @@ def load_pretrained_checked(model_class, hf_dir, **kwargs):
     return model
 
 
-def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementation="sdpa", convert_cache_dir=None):
+def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementation="sdpa", convert_cache_dir=None,
+                    offload_folder=None):
     """Load a LLaVA-NeXT model and its processor: returns (model, processor), model in eval mode.
+    With `device_map` accelerate places it (modules on "disk" are read from `offload_folder`).
 
     model_path: a llava-hf directory (loaded as is) or an lmms-lab checkpoint (converted first,
     into convert_cache_dir when given -- reused on later calls -- else into a temporary directory).
@@ -822,9 +825,14 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
     kwargs = {"dtype": load_dtype, "attn_implementation": attn_implementation}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     from llava import eas
 
-    model = load_pretrained_checked(LlavaNextForConditionalGeneration, hf_dir, **kwargs)
+    with warnings.catch_warnings():
+        # a placement names parameters such as model.image_newline; accelerate says they are not modules
+        warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
+        model = load_pretrained_checked(LlavaNextForConditionalGeneration, hf_dir, **kwargs)
     eas.install_from_config(model, hf_dir)  # skipped attention + adapters of an EAS model
     try:
         processor = AutoProcessor.from_pretrained(str(hf_dir))

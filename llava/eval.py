@@ -48,11 +48,20 @@ def stop_token_ids(tokenizer) -> list:
     return sorted({i for i in ids if i is not None})
 
 
+def _input_device(model) -> torch.device:
+    """Where the forward takes its inputs: a model accelerate placed takes them on its main device
+    (its first parameter may be offloaded to the meta device)."""
+    from mmprune.offload import is_dispatched, main_device
+
+    return main_device(model) if is_dispatched(model) else model.device
+
+
 def _on_device(inputs: dict, model) -> dict:
     """Move tensors to the model's device; pixel values also to its floating dtype."""
     moved = {}
+    device = _input_device(model)
     for key, value in inputs.items():
-        value = value.to(model.device)
+        value = value.to(device)
         if key == "pixel_values":
             value = value.to(model.dtype)
         moved[key] = value
@@ -92,8 +101,8 @@ def _prompt_then_answer_logits(model, full: dict, start: int, end: int) -> torch
     out = model(**_on_device(_slice_prompt(full, start), model), use_cache=True)
     logits = [out.logits[0, -1:]]
     if end - start > 1:
-        answer = full["input_ids"][:, start:end - 1].to(model.device)
-        mask = torch.ones(1, end - 1, dtype=torch.long, device=model.device)
+        answer = full["input_ids"][:, start:end - 1].to(_input_device(model))
+        mask = torch.ones(1, end - 1, dtype=torch.long, device=answer.device)
         logits.append(model(input_ids=answer, attention_mask=mask, past_key_values=out.past_key_values,
                             use_cache=True).logits[0])
     return torch.cat(logits).float()

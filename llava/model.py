@@ -56,9 +56,12 @@ def capture_decoder_inputs(model: nn.Module, samples, device: str, store_device:
 
 def prune_vision_tower(model: nn.Module, samples, ratio: float, device: str, store_device: str, total: int) -> dict:
     """Wanda at a uniform ratio on the CLIP encoder layers (all tiles of a sample form one batch)."""
+    from mmprune.offload import is_dispatched
+
     prefix, layers = vision_layers(model)
     tower = model.model.vision_tower
-    tower.to(device)
+    if not is_dispatched(model):  # a placed tower stays put: its hooks bring inputs to it
+        tower.to(device)
     dtype = next(tower.parameters()).dtype
 
     def run_tower(sample):

@@ -51,7 +51,11 @@ def _is_cache(value: Any) -> bool:
 def move_except(model: nn.Module, keep: nn.Module, device) -> None:
     """Move every parameter and buffer of `model` except those inside `keep` to `device`, so the
     embedding stage runs on the accelerator while the decoder layers stay where they are (the
-    driver moves them one at a time)."""
+    driver moves them one at a time). A model accelerate placed is left where it is: its hooks move
+    each module's inputs to that module's device, and moving weights under them would split a
+    module from its hook."""
+    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        return
     kept = {id(p) for p in keep.parameters()} | {id(b) for b in keep.buffers()}
     for module in model.modules():
         for key, param in module._parameters.items():

@@ -21,7 +21,11 @@ from mmprune.ecoflap import ECoFLaPConfig
 from mmprune.owl import OWLConfig
 from mmprune.errors import UserInputError
 from mmprune.interrupt import EXIT_STATUS as INTERRUPTED_EXIT, Interrupted, signals_raise
-from mmprune.output import atomic_output_dir, check_output_dir
+from mmprune.offload import metering
+from mmprune.output import atomic_output_dir
+from mmprune.placement import (
+    Placement, add_placement_arguments, parse_device_map, parse_max_memory, parse_size, placement_report,
+)
 from mmprune.pipeline import (
     PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, file_plan, peak_memory, prune_decoder,
 )
@@ -84,6 +88,7 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--offload_activations", action="store_true",
                      help="keep captured hidden states on the CPU between blocks (large models)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_placement_arguments(parser)
 
 
 _PUBLIC_SCORE_METHODS = {None: "uniform", "": "uniform", "uniform": "uniform", "density_sum": "das",
@@ -155,6 +160,11 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
         raise UserInputError(f"--ecoflap_epsilon must be positive, got {args.ecoflap_epsilon}")
     if not 0 <= args.owl_lambda < 1 or args.owl_M <= 0:
         raise UserInputError(f"--owl_lambda must be in [0, 1) and --owl_M positive, got {args.owl_lambda}, {args.owl_M}")
+    # the placement flags' syntax now; the placement itself is decided before loading (plan_placement)
+    parse_max_memory(args.max_memory)
+    if args.device_map is not None:
+        parse_device_map(args.device_map)
+    shard_bytes(args)
     return PruneConfig(
         method=method,
         layerwise_override=layerwise,
@@ -171,6 +181,11 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
         sparsity_dict_path=args.sparsity_dict,
         device=default_device(args.device),
     )
+
+
+def shard_bytes(args: argparse.Namespace) -> int | None:
+    """--max_shard_size in bytes (None: the model side's default)."""
+    return parse_size(args.max_shard_size, "--max_shard_size") if args.max_shard_size else None
 
 
 def default_output_dir(model_path: str, method: str, ratio: str, sparsity_type: str) -> str:
@@ -203,61 +218,68 @@ class LoadedModel:
     evaluate: Callable[[], dict] | None = None
     head: LanguageHead | None = None  # final norm + LM head (ECoFLaP's loss)
     tokenizer: object = None  # the text tokenizer, for the real-text perplexity
+    placement: Placement | None = None  # where accelerate put the weights (None: all loaded on the CPU)
 
 
 def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace, calibration: dict,
                  output_dir: str, timer: PhaseTimer) -> dict:
     """Capture, prune, evaluate, and write the output folder atomically. Returns the report."""
-    if cfg.layerwise == "file":
-        file_plan(loaded.blocks, loaded.prefix, cfg)  # a dict that does not fit fails before any sweep
-    evaluation = {}
-    if loaded.evaluate is not None:
-        with timer.phase("evaluate_dense"):
-            evaluation["dense"] = loaded.evaluate()
-    tokens = getattr(args, "realtext_tokens", 0) if loaded.tokenizer is not None else 0
-    realtext = {}
-    if tokens:
-        with timer.phase("realtext_dense"):
-            realtext["dense"] = realtext_perplexity(loaded.model, loaded.tokenizer, tokens, device=cfg.device)
-    store_device = "cpu" if args.offload_activations else cfg.device
-    store = None
-    if cfg.needs_calibration:
-        with timer.phase("capture"):
-            store = loaded.capture(cfg.device, store_device)
-        calibration = dict(calibration, tokens_per_modality=store.token_counts(loaded.modality_names),
-                           nsamples_captured=len(store))
-        calibration["mean_tokens_per_sample"] = round(sum(h.shape[1] for h in store.hidden) / max(len(store), 1), 1)
-    else:
-        calibration = dict(calibration, used=False, note="magnitude pruning reads no calibration data")
-    outcome: PruneOutcome = prune_decoder(loaded.blocks, loaded.prefix, store, cfg, loaded.modality_names, timer,
-                                          loaded.head)
-    del store
-    extra = loaded.prune_extra(timer) if loaded.prune_extra else {}
-    if loaded.evaluate is not None:
-        with timer.phase("evaluate_pruned"):
-            evaluation["pruned"] = loaded.evaluate()
-    if realtext:
-        with timer.phase("realtext_pruned"):
-            realtext["pruned"] = realtext_perplexity(loaded.model, loaded.tokenizer, tokens, device=cfg.device)
-    extra = dict(extra, realtext={k: r.as_dict() for k, r in realtext.items()}) if realtext else extra
-    options = {k: v for k, v in vars(args).items()}
-    options["resolved_method"] = cfg.method
-    options["layerwise_resolved"] = cfg.layerwise
-    options["pruner_resolved"] = cfg.pruner
-    options["das_granularity_resolved"] = cfg.das.granularity
-    options["max_sparsity_per_layer_resolved"] = cfg.max_sparsity_per_layer
-    options["device_resolved"] = cfg.device
-    with timer.phase("save"), atomic_output_dir(output_dir, args.overwrite) as staging:
-        loaded.save(staging)
-        write_sparsity_dict(os.path.join(staging, "sparsity_dict.yaml"), outcome.plan)
-        plot_sparsity(os.path.join(staging, "sparsity.png"), outcome,
-                      f"{loaded.name}: {cfg.name} T={cfg.sparsity:g} {cfg.pattern}")
-        report = build_report(
-            outcome, method=cfg.name, options=options, calibration=calibration, timings=timer.seconds,
-            memory=peak_memory(), model={"name": loaded.name, "path": loaded.path, "kind": loaded.kind},
-            evaluation=evaluation or None, extra={**outcome.details, **extra},
-        )
-        write_report(os.path.join(staging, "pruning_report.json"), report)
+    # weights in memory per device and offload traffic, from the loaded model to the saved files
+    with metering(loaded.model) as meter:
+        if cfg.layerwise == "file":
+            file_plan(loaded.blocks, loaded.prefix, cfg)  # a dict that does not fit fails before any sweep
+        evaluation = {}
+        if loaded.evaluate is not None:
+            with timer.phase("evaluate_dense"):
+                evaluation["dense"] = loaded.evaluate()
+        tokens = getattr(args, "realtext_tokens", 0) if loaded.tokenizer is not None else 0
+        realtext = {}
+        if tokens:
+            with timer.phase("realtext_dense"):
+                realtext["dense"] = realtext_perplexity(loaded.model, loaded.tokenizer, tokens, device=cfg.device)
+        store_device = "cpu" if args.offload_activations else cfg.device
+        store = None
+        if cfg.needs_calibration:
+            with timer.phase("capture"):
+                store = loaded.capture(cfg.device, store_device)
+            calibration = dict(calibration, tokens_per_modality=store.token_counts(loaded.modality_names),
+                               nsamples_captured=len(store))
+            calibration["mean_tokens_per_sample"] = round(sum(h.shape[1] for h in store.hidden) / max(len(store), 1), 1)
+        else:
+            calibration = dict(calibration, used=False, note="magnitude pruning reads no calibration data")
+        outcome: PruneOutcome = prune_decoder(loaded.blocks, loaded.prefix, store, cfg, loaded.modality_names, timer,
+                                              loaded.head)
+        del store
+        extra = loaded.prune_extra(timer) if loaded.prune_extra else {}
+        if loaded.evaluate is not None:
+            with timer.phase("evaluate_pruned"):
+                evaluation["pruned"] = loaded.evaluate()
+        if realtext:
+            with timer.phase("realtext_pruned"):
+                realtext["pruned"] = realtext_perplexity(loaded.model, loaded.tokenizer, tokens, device=cfg.device)
+        extra = dict(extra, realtext={k: r.as_dict() for k, r in realtext.items()}) if realtext else extra
+        options = {k: v for k, v in vars(args).items()}
+        options["resolved_method"] = cfg.method
+        options["layerwise_resolved"] = cfg.layerwise
+        options["pruner_resolved"] = cfg.pruner
+        options["das_granularity_resolved"] = cfg.das.granularity
+        options["max_sparsity_per_layer_resolved"] = cfg.max_sparsity_per_layer
+        options["device_resolved"] = cfg.device
+        with timer.phase("save"), atomic_output_dir(output_dir, args.overwrite) as staging:
+            meter.reset_copies()
+            loaded.save(staging)
+            save_copies_peak = meter.copies_peak  # weights copied into memory to write them
+            write_sparsity_dict(os.path.join(staging, "sparsity_dict.yaml"), outcome.plan)
+            plot_sparsity(os.path.join(staging, "sparsity.png"), outcome,
+                          f"{loaded.name}: {cfg.name} T={cfg.sparsity:g} {cfg.pattern}")
+            report = build_report(
+                outcome, method=cfg.name, options=options, calibration=calibration, timings=timer.seconds,
+                memory=peak_memory(), model={"name": loaded.name, "path": loaded.path, "kind": loaded.kind},
+                evaluation=evaluation or None,
+                extra={**outcome.details, **extra,
+                       "placement": placement_report(loaded.placement, meter, save_copies_peak)},
+            )
+            write_report(os.path.join(staging, "pruning_report.json"), report)
     return report
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmprune.calibration import CalibrationStore, check_finite
-from mmprune.offload import materialized
+from mmprune.offload import materialized, sample_weights
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -98,6 +98,7 @@ def on_device(module: nn.Module, device: torch.device | str, keep_changes: bool 
         moved = home != torch.device(device)
         if moved:
             module.to(device)
+        sample_weights()  # the block is now in memory on `device`
         try:
             yield module
         finally:

@@ -49,6 +49,9 @@ class MemoryPlan:
     method_bytes: int
     blocks_per_device: dict[str, int] = field(default_factory=dict)
     over_budget: dict[str, int] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)     # device -> --max_memory (or what it has)
+    reserve: dict[str, int] = field(default_factory=dict)    # device -> working memory set aside
+    device_map: dict = field(default_factory=dict)           # module -> device, as accelerate takes it
 
 
 @contextmanager
@@ -112,11 +115,26 @@ def _device_of(name: str, device_map: dict) -> object:
         name = name.rsplit(".", 1)[0]
 
 
+def _uncovered(model: nn.Module, device_map: dict) -> list[str]:
+    """Parameters and buffers that no entry of `device_map` places."""
+    if "" in device_map:
+        return []
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    missing = []
+    for name in names:
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in device_map for i in range(1, len(parts) + 1)):
+            missing.append(name)
+    return missing
+
+
 def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", method="tamp",
               nsamples: int = 128, seqlen: int = 2048, offload_activations: bool = False,
-              shard_bytes: int = 5 * GiB) -> MemoryPlan:
+              shard_bytes: int = 5 * GiB, compute_device=None, longest: int | None = None) -> MemoryPlan:
     """Place the weights in what --max_memory leaves after the run's working memory (so the peak,
-    not just the weights, fits each device) and estimate each device's peak."""
+    not just the weights, fits each device) and estimate each device's peak. `seqlen` is the mean
+    tokens per calibration sample (the hidden states), `longest` the longest (one sample's forward;
+    default `seqlen`); `compute_device` (a GPU index or "cpu") defaults to the first GPU."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory
 
@@ -129,7 +147,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
     hidden = linears[0].in_features
     widest = max(max(m.in_features, m.out_features) for m in linears)
     act_bytes = 2 * nsamples * seqlen * hidden * torch.tensor([], dtype=torch_dtype).element_size()
-    working = 4 * seqlen * widest * 4  # float32 taps of one sample's forward
+    working = 4 * (longest or seqlen) * widest * 4  # float32 taps of one sample's forward
     if method == "sparsegpt":
         inputs = {m.in_features for m in linears}
         distinct = 3 * hidden ** 2 + sum(c ** 2 for c in inputs if c != hidden)  # q/k/v, o, gate/up share
@@ -141,7 +159,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
     with _quiet_accelerate():  # planning for GPUs this machine lacks is the point
         limits = get_max_memory(dict(max_memory) if max_memory else None)
     gpus = sorted(k for k in limits if isinstance(k, int))
-    compute = gpus[0] if gpus else "cpu"
+    compute = compute_device if compute_device is not None else (gpus[0] if gpus else "cpu")
     # what the compute device and the CPU need besides the weights placed on them
     reserve = {compute: block_bytes + working + method_bytes + (0 if offload_activations else act_bytes)}
     reserve["cpu"] = reserve.get("cpu", 0) + shard + block_bytes + (act_bytes if offload_activations else 0)
@@ -152,6 +170,10 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
         unknown = [name for name in placement if name and name not in known]
         if unknown:
             raise UserInputError(f"--device_map names modules the model lacks: {', '.join(unknown[:5])}")
+        missing = _uncovered(model, placement)
+        if missing:
+            raise UserInputError(f"--device_map places no device for {len(missing)} weights of the model (e.g. "
+                                 f"{', '.join(missing[:3])}); add their modules, or an entry \"\" for the rest")
     else:
         with _quiet_accelerate():
             if device_map in ("auto", "balanced") and len(gpus) > 1:
@@ -176,7 +198,8 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
     over = {dev: b - named_limits[dev] for dev, b in peak.items() if dev in named_limits and b > named_limits[dev]}
     groups = {name or "(whole model)": _device_name(device) for name, device in placement.items()}
     return MemoryPlan(str(model_path), dtype, groups, weights, peak, compute_name, block_bytes, act_bytes,
-                      method_bytes, per_device, over)
+                      method_bytes, per_device, over, named_limits,
+                      {_device_name(k): v for k, v in reserve.items()}, dict(placement))
 
 
 def _gib(n: int) -> str:
@@ -185,7 +208,7 @@ def _gib(n: int) -> str:
 
 def render(plan: MemoryPlan) -> str:
     lines = [f"model {plan.model} ({plan.dtype}); compute device {plan.compute_device}",
-             f"decoder blocks per device: " + ", ".join(f"{d} {n}" for d, n in plan.blocks_per_device.items()),
+             "decoder blocks per device: " + ", ".join(f"{d} {n}" for d, n in plan.blocks_per_device.items()),
              f"one block {_gib(plan.block_bytes).strip()}, calibration hidden states {_gib(plan.activation_bytes).strip()}, "
              f"method statistics {_gib(plan.method_bytes).strip()}", "",
              f"{'device':<10} {'weights':>12} {'expected peak':>14}"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmprune.calibration import CalibrationStore, capture_block_inputs, move_except
+from mmprune.offload import is_dispatched
 from mmprune.towers import prune_tower_wanda
 from videollama2.model import VideoLLaMA2ForCausalLM, decoder_layers
 
@@ -19,7 +20,7 @@ def capture_decoder_inputs(model: VideoLLaMA2ForCausalLM, samples, device: str, 
     labels of every encoded sample (batch of one, no padding)."""
     _, layers = decoder_layers(model)
     move_except(model, layers, device)
-    if model.config.tie_word_embeddings:  # the head shares the embedding: keep them together
+    if model.config.tie_word_embeddings and not is_dispatched(model):  # the head shares the embedding: keep them together
         model.lm_head.weight = model.model.embed_tokens.weight
     seen: dict = {}
 
@@ -52,7 +53,8 @@ def prune_tower(model: VideoLLaMA2ForCausalLM, which: str, samples, ratio: float
     prefix, layers, tower = tower_layers(model, which)
     if tower is None:
         raise ValueError(f"the model has no {'vision' if which == 'vit' else 'audio'} tower")
-    tower.to(device)
+    if not is_dispatched(model):  # a placed tower stays put: its hooks bring inputs to it
+        tower.to(device)
     dtype = next(tower.parameters()).dtype
     key = "video" if which == "vit" else "audio"
 

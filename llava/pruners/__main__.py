@@ -9,25 +9,31 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import torch
 
-from llava.convert import load_llava_next
+from llava.convert import is_llava_hf_checkpoint, load_llava_next
 from llava.data import (
     encode_record, has_answer, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task,
 )
 from llava.embedded import paths as embedded
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
+from llava.placed_save import save_placed
 from mmprune.cli import (
     LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
-    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
+    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads, shard_bytes,
 )
 from mmprune.checks import check_calibration_records
+from mmprune.errors import UserInputError
+from mmprune.offload import is_dispatched
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.placement import offload_workspace, plan_placement, placement_requested
 from mmprune.report import modality_summary
 
 REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
+SAVE_PRETRAINED_SHARD = 50 * 10 ** 9  # transformers' default max_shard_size ("50GB")
 
 
 def parse_args(argv):
@@ -78,10 +84,41 @@ def main(argv=None) -> int:
             eval_folder = args.eval_image_folder or (str(embedded.EVAL_IMAGE_FOLDER) if not args.eval_data_path
                                                      else os.path.dirname(os.path.abspath(eval_path)))
             eval_records = load_records(eval_path)[: args.eval_samples]
+    placement = None
+    if placement_requested(args):
+        placement = plan_placement(args, args.model_path, method=cfg.pruner, nsamples=len(records),
+                                   **calibration_lengths(args, records), device=cfg.device,
+                                   protected=[args.model_path, args.data_path, args.image_folder, args.task_split_path,
+                                              args.eval_data_path, args.eval_image_folder, output_dir],
+                                   shard_bytes=shard_bytes(args) or SAVE_PRETRAINED_SHARD)
+    with offload_workspace(placement) as offload_dir:
+        report = prune_and_save(args, cfg, records, eval_records, eval_folder, output_dir, timer, placement,
+                                offload_dir)
+    sys.stderr.write(modality_summary(report) + "\n")
+    print(json.dumps(run_summary(report, cfg, output_dir)))
+    return 0
+
+
+def calibration_lengths(args, records) -> dict:
+    """Mean and longest calibration sequence in tokens, from the processor alone (no weights), so
+    the placement can set their hidden states aside before the model is loaded."""
+    from transformers import AutoProcessor
+
+    if not is_llava_hf_checkpoint(args.model_path):
+        raise UserInputError(f"--device_map/--max_memory/--offload_folder need a llava-hf checkpoint; convert "
+                             f"{args.model_path} once with `python -m llava.convert --src {args.model_path} --dst DIR`")
+    processor = AutoProcessor.from_pretrained(args.model_path)
+    lengths = [encode_record(processor, r, args.image_folder, with_answer=True)["input_ids"].shape[1] for r in records]
+    return {"seqlen": -(-sum(lengths) // max(len(lengths), 1)), "longest": max(lengths, default=1)}
+
+
+def prune_and_save(args, cfg, records, eval_records, eval_folder, output_dir, timer, placement, offload_dir) -> dict:
     torch.manual_seed(args.seed)
     with timer.phase("load_model"):
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        model, processor = load_llava_next(args.model_path, dtype=dtype)
+        model, processor = load_llava_next(args.model_path, dtype=dtype,
+                                           device_map=placement.device_map if placement else None,
+                                           offload_folder=offload_dir)
     set_cpu_threads(model, args.threads, cfg.device)
     prefix, layers = decoder_layers(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
@@ -103,7 +140,14 @@ def main(argv=None) -> int:
             return prune_vision_tower(model, samples(), vit_ratio, cfg.device, store_device, len(records))
 
     def save(folder):
-        model.to("cpu").save_pretrained(folder)
+        size = {"max_shard_size": shard_bytes(args)} if args.max_shard_size else {}
+        if not is_dispatched(model):
+            model.to("cpu").save_pretrained(folder, **size)
+        elif not save_placed(model, folder, **size):
+            # a format that needs the values to name them: transformers' own save of a placed model
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+                model.save_pretrained(folder, **size)
         # one BOS for tools that tokenise the rendered template with special tokens (lmms-eval)
         if leave_bos_to_tokenizer(processor):
             print("mmprune: the saved chat template no longer writes BOS (the tokenizer adds it)", file=sys.stderr)
@@ -115,14 +159,12 @@ def main(argv=None) -> int:
         capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
         head=LanguageHead(model.model.language_model.norm, model.lm_head), tokenizer=processor.tokenizer,
+        placement=placement,
     )
     calibration = {"data_path": args.data_path, "image_folder": args.image_folder, "task_split_path": args.task_split_path,
                    "task_name": args.task_name, "nsamples": args.nsamples, "seed": args.seed,
                    "sample_ids": [r.get("id") for r in records], "full_conversations": True}
-    report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
-    sys.stderr.write(modality_summary(report) + "\n")
-    print(json.dumps(run_summary(report, cfg, output_dir)))
-    return 0
+    return run_and_save(loaded, cfg, args, calibration, output_dir, timer)
 
 
 if __name__ == "__main__":
