@@ -16,22 +16,10 @@ import os
 import torch
 from torch import nn
 
-from mmprune.offload import track_copy
+from mmprune.offload import offloaded_value, track_copy
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
-
-
-def _offloaded_value(model: nn.Module, name: str) -> torch.Tensor:
-    """A meta parameter's value, read from the store of the innermost hook that holds it."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, -1, -1):
-        owner = model.get_submodule(".".join(parts[:cut]))
-        hook = getattr(owner, "_hf_hook", None)
-        weights_map = getattr(hook, "weights_map", None)
-        if weights_map is not None:
-            return weights_map[".".join(parts[cut:])]
-    raise RuntimeError(f"{name} is on the meta device but no accelerate hook holds its value")
 
 
 def saved_names(model: nn.Module) -> dict[str, str] | None:
@@ -76,7 +64,7 @@ def save_placed(model: nn.Module, folder, max_shard_size: int | str = "50GB") ->
         for key in keys:
             value = saved[key]
             if value.is_meta:
-                value = _offloaded_value(model, names[key])  # the meter counts this read
+                value = offloaded_value(model, names[key])  # the meter counts this read
             if value.device.type != "cpu":
                 value = value.to("cpu")
                 track_copy(value)

@@ -58,6 +58,19 @@ def main_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def offloaded_value(model: nn.Module, name: str) -> torch.Tensor:
+    """An offloaded (meta) parameter's or buffer's value, read from the store of the innermost
+    hook that holds it (the meter counts a disk read)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:cut])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
+            weights_map = getattr(h, "weights_map", None)
+            if weights_map is not None:
+                return weights_map[".".join(parts[cut:])]
+    raise RuntimeError(f"{name} is on the meta device but no accelerate hook holds its value")
+
+
 def _write_back(weights_map, name: str, tensor: torch.Tensor) -> None:
     """Store a changed tensor where the hook reads it from next time. Disk stores get a new .dat
     file in their offload folder (a weight read from the original checkpoint file is never

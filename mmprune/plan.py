@@ -83,10 +83,11 @@ def empty_model(model_path) -> tuple[nn.Module, str, list[str]]:
 
             model = LlavaNextForConditionalGeneration(AutoConfig.from_pretrained(str(model_path)))
         elif model_type == "videollama2_qwen2":
+            from videollama2.checkpoint import optional_modules
             from videollama2.config import VideoLLaMA2Config
             from videollama2.model import VideoLLaMA2ForCausalLM
 
-            model = VideoLLaMA2ForCausalLM(VideoLLaMA2Config.from_dir(model_path))
+            model = VideoLLaMA2ForCausalLM(VideoLLaMA2Config.from_dir(model_path), **optional_modules(model_path))
         else:
             raise UserInputError(f"{path}: model_type {model_type!r} is neither llava_next nor videollama2_qwen2")
     # every element of a `layers` list stays whole: decoder blocks and tower layers
@@ -106,7 +107,8 @@ def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _device_of(name: str, device_map: dict) -> object:
+def device_of(name: str, device_map: dict) -> object:
+    """The device `device_map` gives the module or weight `name` (its closest listed ancestor)."""
     while True:
         if name in device_map:
             return device_map[name]
@@ -185,7 +187,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
         weights[_device_name(device)] = weights.get(_device_name(device), 0) + sizes[name]
     per_device: dict[str, int] = {}
     for i in range(len(blocks)):
-        dev = _device_name(_device_of(f"{prefix}.{i}", placement))
+        dev = _device_name(device_of(f"{prefix}.{i}", placement))
         per_device[dev] = per_device.get(dev, 0) + 1
     compute_name = _device_name(compute)
     streamed = any(dev != compute_name for dev in per_device)

@@ -101,10 +101,12 @@ class BEATsAttention(nn.Module):
             self.grep_linear = nn.Linear(self.head_dim, 8)
             self.grep_a = nn.Parameter(torch.ones(1, heads, 1, 1))
 
-    def compute_bias(self, length: int) -> torch.Tensor:
-        """(heads, length, length) bias from this layer's table."""
+    def compute_bias(self, length: int, device=None) -> torch.Tensor:
+        """(heads, length, length) bias from this layer's table; the buckets are made on `device` (the
+        activations' device: an offloaded table sits on the meta device until its hook loads it)."""
         table = self.relative_attention_bias
-        buckets = relative_position_buckets(length, length, self.num_buckets, self.max_distance, table.weight.device)
+        buckets = relative_position_buckets(length, length, self.num_buckets, self.max_distance,
+                                            device if device is not None else table.weight.device)
         return table(buckets).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,7 +207,7 @@ class BEATsEncoder(nn.Module):
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        bias = self.layers[0].self_attn.compute_bias(x.shape[1]) if self.relative_position_embedding else None
+        bias = self.layers[0].self_attn.compute_bias(x.shape[1], x.device) if self.relative_position_embedding else None
         for layer in self.layers:
             x = layer(x, position_bias=bias)
         if self.layer_norm_first:

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mmprune.checks import weight_files
 from mmprune.errors import UserInputError
+from mmprune.offload import offloaded_value, track_copy
 from videollama2.config import VideoLLaMA2Config
 
 VISION_RUNTIME = "model.vision_tower.vision_tower."
@@ -42,6 +43,7 @@ DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 # weights in the shards; its builder picks SigLIP only when "siglip" is in that name.
 STANDALONE_VISION_TOWER = "siglip-vision-tower"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REL_BIAS_TABLE = "model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight"
 
 
 @dataclass
@@ -58,17 +60,95 @@ class CheckpointLayout:
     audio_from_bin: bool = False  # BEATs weights came from audio_tower.bin (absent in the shards)
 
 
-def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise UserInputError(f"weight file {path} cannot be read ({str(exc).splitlines()[0][:200]}); the "
-                             "checkpoint is damaged or incomplete") from None
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_weights(model_dir) -> tuple[dict[str, torch.Tensor], CheckpointLayout]:
+def _unreadable(path: Path, exc: Exception) -> UserInputError:
+    return UserInputError(f"weight file {path} cannot be read ({str(exc).splitlines()[0][:200]}); the "
+                          "checkpoint is damaged or incomplete")
+
+
+class _WeightFile:
+    """One weight file whose tensors are read when asked for: safetensors through safe_open,
+    .bin through a memory map, so that weights placed on disk are never brought into memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        try:
+            if path.suffix == ".safetensors":
+                self._handle = safe_open(str(path), framework="pt", device="cpu")
+            else:
+                try:
+                    self._tensors = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    self._tensors = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise _unreadable(path, exc) from None
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys()) if self._handle is not None else list(self._tensors)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._handle is None:
+            return self._tensors[key]
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise _unreadable(self.path, exc) from None
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._handle is None:
+            return self._tensors[key].dtype
+        name = self._handle.get_slice(key).get_dtype()
+        return _SAFETENSORS_DTYPES[name] if name in _SAFETENSORS_DTYPES else self.get(key).dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._handle is None:
+            return tuple(self._tensors[key].shape)
+        return tuple(self._handle.get_slice(key).get_shape())
+
+
+class CheckpointWeights:
+    """Checkpoint key -> the file (and the key inside it) holding its tensor, read on demand."""
+
+    def __init__(self):
+        self.where: dict[str, tuple[_WeightFile, str]] = {}
+
+    def add(self, source: _WeightFile, key: str, inner: str | None = None) -> None:
+        self.where[key] = (source, inner or key)
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        source, inner = self.where[key]
+        return source.get(inner)
+
+    def dtype(self, key: str) -> torch.dtype:
+        source, inner = self.where[key]
+        return source.dtype(inner)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        source, inner = self.where[key]
+        return source.shape(inner)
+
+    def safetensors_file(self, key: str) -> tuple[str, str] | None:
+        """(file, key inside it) when the tensor can be read straight from a safetensors file."""
+        source, inner = self.where[key]
+        return (str(source.path.absolute()), inner) if source.path.suffix == ".safetensors" else None
+
+
+def open_weights(model_dir) -> tuple[CheckpointWeights, CheckpointLayout]:
+    """The checkpoint's tensors, located but not read, and the layout saving reproduces."""
     folder = Path(model_dir)
     weight_files(folder)  # an index naming a missing shard, a truncated file: one line naming it
     layout = CheckpointLayout(source_dir=str(folder))
@@ -89,26 +169,53 @@ def read_weights(model_dir) -> tuple[dict[str, torch.Tensor], CheckpointLayout]:
                                  "model-*.safetensors with an index, or pytorch_model*.bin)")
         files = single[:1]
         layout.format = "safetensors" if files[0].endswith(".safetensors") else "bin"
-    tensors: dict[str, torch.Tensor] = {}
+    weights = CheckpointWeights()
     for name in files:
         path = folder / name
         if not path.is_file():
             raise UserInputError(f"weight shard {path} listed in the index does not exist; the download is "
                                  "incomplete")
-        shard = _load_weight_file(path)
-        for key, value in shard.items():
-            tensors[key] = value
+        source = _WeightFile(path)
+        for key in source.keys():
+            weights.add(source, key)
             layout.weight_map[key] = name
     audio_bin = folder / AUDIO_TOWER_BIN
     if audio_bin.is_file():
-        extra = _load_weight_file(audio_bin)
-        extra = {k if k.startswith(AUDIO_PREFIX) else AUDIO_PREFIX + k: v for k, v in extra.items()}
-        layout.audio_bin_keys = {k: v.dtype for k, v in extra.items()}
-        if not any(k.startswith(AUDIO_PREFIX) for k in tensors):
-            tensors.update(extra)
+        source = _WeightFile(audio_bin)
+        named = {k if k.startswith(AUDIO_PREFIX) else AUDIO_PREFIX + k: k for k in source.keys()}
+        layout.audio_bin_keys = {k: source.dtype(inner) for k, inner in named.items()}
+        if not any(k.startswith(AUDIO_PREFIX) for k in weights.keys()):
+            for key, inner in named.items():
+                weights.add(source, key, inner)
             layout.audio_from_bin = True
-    layout.dtypes = {k: v.dtype for k, v in tensors.items()}
-    return tensors, layout
+    layout.dtypes = {k: weights.dtype(k) for k in weights.keys()}
+    return weights, layout
+
+
+def optional_modules(model_dir) -> dict[str, bool]:
+    """Which unused modules the checkpoint carries (SigLIP's head, BEATs' predictor), from the
+    weight files' key lists alone: the model is built with them so that they are saved again."""
+    folder = Path(model_dir)
+    keys: list[str] = []
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        if (folder / index_name).is_file():
+            try:
+                keys = list(json.loads((folder / index_name).read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserInputError(f"{folder / index_name} is not a valid weight index") from None
+            break
+    else:
+        keys = open_weights(folder)[0].keys()
+    if (folder / AUDIO_TOWER_BIN).is_file() and not any(k.startswith(AUDIO_PREFIX) for k in keys):
+        keys += [AUDIO_PREFIX + k for k in _WeightFile(folder / AUDIO_TOWER_BIN).keys()]
+    return {"vision_head": any(k.startswith(VISION_CHECKPOINT + "head.") for k in keys),
+            "audio_predictor": any(k.startswith(AUDIO_PREFIX + "predictor.") for k in keys)}
+
+
+def read_weights(model_dir) -> tuple[dict[str, torch.Tensor], CheckpointLayout]:
+    """Every tensor of the checkpoint in memory, and its layout."""
+    weights, layout = open_weights(model_dir)
+    return {k: weights.get(k) for k in weights.keys()}, layout
 
 
 def _vision_level(model) -> bool:
@@ -129,7 +236,9 @@ def to_runtime_key(key: str, keeps_level: bool) -> str:
     return key
 
 
-def resolve_dtype(dtype, config: VideoLLaMA2Config, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+def resolve_dtype(dtype, config: VideoLLaMA2Config, stored) -> torch.dtype:
+    """The dtype to load in: `dtype` itself, config.json's, or the one most stored tensors have
+    (`stored`: the tensors, or their dtypes)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
@@ -139,71 +248,124 @@ def resolve_dtype(dtype, config: VideoLLaMA2Config, tensors: dict[str, torch.Ten
     named = config.raw.get("torch_dtype") or config.raw.get("dtype")
     if isinstance(named, str) and named in _DTYPES:
         return _DTYPES[named]
-    floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    values = stored.values() if isinstance(stored, dict) else stored
+    floating = [d for d in (v.dtype if torch.is_tensor(v) else v for v in values) if d.is_floating_point]
     return max(set(floating), key=floating.count) if floating else torch.float32
 
 
-def load_model(cls, model_dir, dtype="auto", device="cpu"):
-    """Model from a checkpoint folder, with `checkpoint_layout` recorded for saving."""
+def _torch_device(device) -> torch.device:
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
+def load_model(cls, model_dir, dtype="auto", device="cpu", device_map=None, offload_dir=None, main_device=None):
+    """Model from a checkpoint folder, with `checkpoint_layout` recorded for saving.
+
+    With `device_map` (module -> GPU index, "cpu" or "disk", e.g. from mmprune.plan.make_plan)
+    each weight is read straight onto its device and accelerate's hooks are attached
+    (`dispatch_model`); weights placed on disk are not read at all: the hooks read them from the
+    checkpoint's safetensors file (a .bin checkpoint's are first copied into `offload_dir`)."""
     from accelerate import init_empty_weights
 
+    from mmprune.plan import device_of
+
     config = VideoLLaMA2Config.from_dir(model_dir)
-    tensors, layout = read_weights(model_dir)
-    vision_head = any(k.startswith(VISION_CHECKPOINT + "head.") for k in tensors)
-    audio_predictor = any(k.startswith(AUDIO_PREFIX + "predictor.") for k in tensors)
+    weights, layout = open_weights(model_dir)
+    keys = weights.keys()
+    vision_head = any(k.startswith(VISION_CHECKPOINT + "head.") for k in keys)
+    audio_predictor = any(k.startswith(AUDIO_PREFIX + "predictor.") for k in keys)
     with init_empty_weights(include_buffers=False):
         model = cls(config, vision_head=vision_head, audio_predictor=audio_predictor)
     keeps_level = _vision_level(model)
     expected = dict(model.state_dict(keep_vars=True))
-    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}  # runtime name -> checkpoint key
     rel_bias_copies: list[tuple[int, str]] = []
-    for key, value in tensors.items():
+    for key in keys:
         runtime = to_runtime_key(key, keeps_level)
         match = _REL_BIAS.match(key)
         if match and int(match.group(1)) > 0:
             rel_bias_copies.append((int(match.group(1)), key))
-            layout.passthrough[key] = value
+            layout.passthrough[key] = weights.get(key)
         elif runtime in expected:
-            state[runtime] = value
+            sources[runtime] = key
         else:
-            layout.passthrough[key] = value
+            layout.passthrough[key] = weights.get(key)
     if rel_bias_copies:  # the reference shares layer 0's table: loading each copy in turn, the last wins
-        table = "model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight"
-        state[table] = tensors[max(rel_bias_copies)[1]]
+        sources[REL_BIAS_TABLE] = max(rel_bias_copies)[1]
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         layout.passthrough.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(sources))
     if missing:
         shown = ", ".join(to_checkpoint_key(k, keeps_level) for k in missing[:5])
         raise UserInputError(f"checkpoint {model_dir} lacks {len(missing)} weights of the model (e.g. {shown}); "
                              "the folder is incomplete or not a VideoLLaMA2.1-AV checkpoint")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise UserInputError(f"checkpoint {model_dir}: {to_checkpoint_key(key, keeps_level)} has shape "
-                                 f"{tuple(value.shape)}, config.json implies {tuple(expected[key].shape)}")
-    target = resolve_dtype(dtype, config, tensors)
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    for runtime, key in sources.items():
+        if weights.shape(key) != tuple(expected[runtime].shape):
+            raise UserInputError(f"checkpoint {model_dir}: {to_checkpoint_key(runtime, keeps_level)} has shape "
+                                 f"{weights.shape(key)}, config.json implies {tuple(expected[runtime].shape)}")
+    target = resolve_dtype(dtype, config, [weights.dtype(k) for k in keys])
+    state: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}  # disk-placed weights: where accelerate's hooks read them
+    on_disk: list[str] = []
+    for runtime, key in sources.items():
+        where = device_of(runtime, device_map) if device_map else "cpu"
+        floating = weights.dtype(key).is_floating_point
+        if where == "disk":
+            on_disk.append(runtime)
+            direct = weights.safetensors_file(key)
+            if direct is not None:
+                index[runtime] = {"safetensors_file": direct[0], "weight_name": direct[1],
+                                  "dtype": str(target if floating else weights.dtype(key)).removeprefix("torch.")}
+            else:
+                if offload_dir is None:
+                    raise UserInputError("the placement sends weights to disk; an offload folder is needed")
+                from accelerate.utils import offload_weight
+
+                value = weights.get(key)
+                offload_weight(value.to(target) if floating else value, runtime, offload_dir, index=index)
+            continue
+        value = weights.get(key)
+        value = value.to(target) if floating else value
+        state[runtime] = value.to(_torch_device(where))
     model.load_state_dict(state, strict=False, assign=True)
+    del state
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+        if "model.embed_tokens.weight" in index:  # the offloaded head reads the embedding's entry
+            index["lm_head.weight"] = index["model.embed_tokens.weight"]
     for module in model.modules():  # buffers built on the CPU keep their dtype; match the weights
         for name, buf in module._buffers.items():
             if buf is not None and buf.is_floating_point() and name != "inv_freq":
                 module._buffers[name] = buf.to(target)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and n not in on_disk]
     if still_meta:
         raise RuntimeError(f"parameters left uninitialised after loading: {still_meta[:5]}")
     model.checkpoint_layout = layout
     model.eval()
-    return model.to(device)
+    if not device_map:
+        return model.to(device)
+    return _dispatch(model, device_map, offload_dir, index, main_device)
 
 
-def _shard(keys: list[str], tensors: dict[str, torch.Tensor], max_bytes: int, fmt: str) -> dict[str, str]:
+def _dispatch(model, device_map: dict, offload_dir, index: dict, main_device):
+    """accelerate's hooks for `device_map`: each module runs on its device, modules on "cpu" (with a
+    GPU as main device) or "disk" are offloaded and read from their store for each forward."""
+    from accelerate import dispatch_model
+
+    devices = set(device_map.values())
+    if len(devices) == 1 and "disk" not in devices:
+        return model.to(_torch_device(devices.pop()))
+    kwargs = {"main_device": main_device} if main_device is not None else {}  # an index or "cpu", as in the map
+    # an index (possibly empty) keeps accelerate from offloading the meta weights a second time
+    return dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir) if offload_dir else None,
+                          offload_index=index if "disk" in devices else None, **kwargs)
+
+
+def _shard(keys: list[str], sizes: dict[str, int], max_bytes: int, fmt: str) -> dict[str, str]:
     groups: list[list[str]] = [[]]
     size = 0
     for key in keys:
-        nbytes = tensors[key].numel() * tensors[key].element_size()
+        nbytes = sizes[key]
         if groups[-1] and size + nbytes > max_bytes:
             groups.append([])
             size = 0
@@ -216,25 +378,58 @@ def _shard(keys: list[str], tensors: dict[str, torch.Tensor], max_bytes: int, fm
     return {k: f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i, group in enumerate(groups) for k in group}
 
 
-def checkpoint_state(model) -> dict[str, torch.Tensor]:
-    """Checkpoint key -> tensor (CPU, contiguous, in the source dtypes), passthrough keys included."""
+@dataclass
+class _Entry:
+    """One tensor of the checkpoint to write: what holds it now and the dtype it is saved in."""
+
+    runtime: str | None  # the model's parameter or buffer name; None for a passthrough tensor
+    held: torch.Tensor  # the model's tensor (on the meta device when offloaded) or the passthrough value
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.held.numel() * self.dtype.itemsize
+
+
+def checkpoint_entries(model) -> dict[str, _Entry]:
+    """Checkpoint key -> what to write, passthrough keys included; nothing is read or copied yet."""
     keeps_level = _vision_level(model)
     layout: CheckpointLayout | None = getattr(model, "checkpoint_layout", None)
-    state = {}
+    entries: dict[str, _Entry] = {}
     for key, value in model.state_dict().items():
         if key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        state[to_checkpoint_key(key, keeps_level)] = value.detach().to("cpu")
+        entries[to_checkpoint_key(key, keeps_level)] = _Entry(key, value, value.dtype)
     if layout is not None:
         for key, value in layout.passthrough.items():
-            match = _REL_BIAS.match(key)
-            if match:  # copies of the shared table follow layer 0's current values
-                value = state["model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight"]
-            state[key] = value
-        state = {k: v.to(layout.dtypes.get(k, v.dtype)) for k, v in state.items()}
+            if _REL_BIAS.match(key):  # copies of the shared table follow layer 0's current values
+                table = entries[REL_BIAS_TABLE]
+                entries[key] = _Entry(table.runtime, table.held, value.dtype)
+            else:
+                entries[key] = _Entry(None, value, value.dtype)
+        for key, entry in entries.items():
+            entry.dtype = layout.dtypes.get(key, entry.dtype)
+    return entries
+
+
+def _materialise(model, entry: _Entry) -> torch.Tensor:
+    """The tensor on the CPU, in its saved dtype, contiguous; a weight offloaded to disk is read
+    from its store, and every copy made is reported to the run's meter (mmprune.offload)."""
+    value = entry.held
+    if value.is_meta:
+        value = offloaded_value(model, entry.runtime)
+    out = value.detach().to("cpu", entry.dtype).contiguous()
+    if out.untyped_storage().data_ptr() != value.untyped_storage().data_ptr() or out.device != value.device:
+        track_copy(out)
+    return out
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> tensor (CPU, contiguous, in the source dtypes), passthrough keys included,
+    all in memory at once (saving goes shard by shard instead)."""
     out, seen = {}, set()
-    for key, value in state.items():
-        value = value.contiguous()
+    for key, entry in checkpoint_entries(model).items():
+        value = _materialise(model, entry)
         if value.data_ptr() in seen:  # safetensors refuses shared storage
             value = value.clone()
         seen.add(value.data_ptr())
@@ -251,7 +446,7 @@ def vision_tower_inside(config: VideoLLaMA2Config, model_dir) -> bool:
     return tower == root or root in tower.parents
 
 
-def save_vision_tower_folder(model, folder, state: dict[str, torch.Tensor]) -> None:
+def save_vision_tower_folder(model, folder, entries: dict[str, _Entry]) -> None:
     """The SigLIP tower as a standalone transformers folder (weights, config, image processor).
     Weights keep the released `vision_model.*` names (not save_pretrained's): transformers 5
     flattens SiglipVisionModel and strips that prefix on load, older releases need it."""
@@ -271,20 +466,25 @@ def save_vision_tower_folder(model, folder, state: dict[str, torch.Tensor]) -> N
     finally:
         logging.set_verbosity(verbosity)
     strip = len(VISION_RUNTIME)
-    weights = {k[strip:]: v for k, v in state.items() if k.startswith(VISION_CHECKPOINT)}
+    weights = {k[strip:]: _materialise(model, e) for k, e in entries.items() if k.startswith(VISION_CHECKPOINT)}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights.clear()
     tower.config.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
 
 
-def save_model(model, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, final_dir=None) -> None:
-    """Write the checkpoint into an existing empty folder (callers handle atomicity).
+def save_model(model, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, final_dir=None,
+               keep_layout: bool = True) -> None:
+    """Write the checkpoint into an existing empty folder (callers handle atomicity), one weight
+    file at a time: a model accelerate placed (blocks on GPUs or offloaded to disk) has only one
+    file's offloaded or GPU-resident weights copied into CPU memory at once.
 
     With `final_dir` (where `folder` will end up), the SigLIP tower is also written as
     `final_dir/siglip-vision-tower/` and `mm_vision_tower` names that absolute path (the released
     name is kept as `mm_vision_tower_source`), so that upstream's loader runs this tower, not a
     fresh download of the original one. Moving the checkpoint breaks that path loudly (upstream
-    cannot find the folder), never silently."""
+    cannot find the folder), never silently. The files and shards of the folder the model was read
+    from are kept, unless `keep_layout` is False (then shards of at most `max_shard_bytes`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if final_dir is not None:
@@ -293,34 +493,44 @@ def save_model(model, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, final_
             raw["mm_vision_tower_source"] = raw.get("mm_vision_tower")
         raw["mm_vision_tower"] = str(Path(final_dir).resolve() / STANDALONE_VISION_TOWER)
     layout: CheckpointLayout | None = getattr(model, "checkpoint_layout", None)
-    state = checkpoint_state(model)
+    entries = checkpoint_entries(model)
     if final_dir is not None:
-        save_vision_tower_folder(model, folder / STANDALONE_VISION_TOWER, state)
-    audio_bin = None
+        save_vision_tower_folder(model, folder / STANDALONE_VISION_TOWER, entries)
     if layout is not None and layout.audio_bin_keys is not None:
-        audio_bin = {k: state[k].to(dtype) for k, dtype in layout.audio_bin_keys.items() if k in state}
+        # one pickle: the BEATs weights are in memory together while it is written
+        audio_bin = {k: _materialise(model, _Entry(entries[k].runtime, entries[k].held, dtype))
+                     for k, dtype in layout.audio_bin_keys.items() if k in entries}
+        torch.save(audio_bin, str(folder / AUDIO_TOWER_BIN))
+        audio_bin.clear()
         if layout.audio_from_bin:
-            state = {k: v for k, v in state.items() if not k.startswith(AUDIO_PREFIX)}
+            entries = {k: v for k, v in entries.items() if not k.startswith(AUDIO_PREFIX)}
     fmt = layout.format if layout is not None else "safetensors"
-    if layout is not None and set(layout.weight_map) == set(state):
+    sizes = {k: e.nbytes for k, e in entries.items()}
+    if keep_layout and layout is not None and set(layout.weight_map) == set(entries):
         weight_map = dict(layout.weight_map)
     else:
-        weight_map = _shard(list(state), state, max_shard_bytes, fmt)
+        weight_map = _shard(list(entries), sizes, max_shard_bytes, fmt)
     for name in sorted(set(weight_map.values())):
-        part = {k: state[k] for k in state if weight_map[k] == name}
+        part, seen = {}, set()
+        for key in (k for k in entries if weight_map[k] == name):
+            value = _materialise(model, entries[key])
+            if value.data_ptr() in seen:  # safetensors refuses shared storage
+                value = value.clone()
+                track_copy(value)
+            seen.add(value.data_ptr())
+            part[key] = value
         if fmt == "safetensors":
             save_file(part, str(folder / name), metadata={"format": "pt"})
         else:
             torch.save(part, str(folder / name))
+        part.clear()  # this file's copies are freed before the next file is read
+        value = None
     indexed = len(set(weight_map.values())) > 1 or (layout is not None and layout.indexed)
     if indexed:
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
         with open(folder / (SAFE_INDEX if fmt == "safetensors" else BIN_INDEX), "w") as handle:
             json.dump(index, handle, indent=2)
             handle.write("\n")
-    if audio_bin is not None:
-        torch.save(audio_bin, str(folder / AUDIO_TOWER_BIN))
     model.config.save(folder)
     if layout is not None:
         copy_side_files(layout.source_dir, folder)
@@ -360,4 +570,5 @@ def load_videollama2(model_dir, dtype="auto", device="cpu"):
     return model, load_tokenizer(model_dir)
 
 
-__all__ = ["CheckpointLayout", "load_model", "save_model", "read_weights", "load_videollama2", "load_tokenizer"]
+__all__ = ["CheckpointLayout", "load_model", "save_model", "read_weights", "open_weights", "load_videollama2",
+           "load_tokenizer"]

@@ -127,6 +127,12 @@ class VideoLLaMA2ForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the main device when accelerate placed the model (the head may be
+        offloaded to the meta device), else the head's device."""
+        if getattr(self, "_hf_hook", None) is not None:
+            from mmprune.offload import main_device
+
+            return main_device(self)
         return self.lm_head.weight.device
 
     @property
@@ -223,7 +229,8 @@ class VideoLLaMA2ForCausalLM(nn.Module):
                     row_labels = labels[b][attention_mask[b].bool()]
                     n_media = sum(f.shape[0] for f, _ in pieces)
                     label_parts = [row_labels[:p], row_labels.new_full((n_media,), IGNORE_INDEX), row_labels[p + 1:]]
-            embeds = torch.cat([e.to(embed.weight.dtype) for e, _ in parts])
+            # media tokens come from wherever a placement put the towers: join them on the text's device
+            embeds = torch.cat([e.to(parts[0][0].device, embed.weight.dtype) for e, _ in parts])
             modality = torch.cat([m for _, m in parts])
             row_labels = torch.cat(label_parts) if labels is not None else None
             rows.append((embeds, modality, row_labels))
@@ -288,10 +295,11 @@ class VideoLLaMA2ForCausalLM(nn.Module):
     # ---------------------------------------------------------------------------- checkpoints
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype="auto", device="cpu") -> "VideoLLaMA2ForCausalLM":
+    def from_pretrained(cls, model_dir, dtype="auto", device="cpu", **placement) -> "VideoLLaMA2ForCausalLM":
+        """`placement`: device_map, offload_dir, main_device (videollama2.checkpoint.load_model)."""
         from videollama2.checkpoint import load_model
 
-        return load_model(cls, model_dir, dtype=dtype, device=device)
+        return load_model(cls, model_dir, dtype=dtype, device=device, **placement)
 
     def save_pretrained(self, folder) -> None:
         from videollama2.checkpoint import save_model

@@ -13,21 +13,24 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mmprune.cli import (
     LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, banner, check_eval_samples,
-    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads,
+    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads, shard_bytes,
 )
 from mmprune.checks import check_calibration_records, check_draw
 from mmprune.errors import UserInputError
+from mmprune.offload import is_dispatched
 from mmprune.output import check_output_dir
 from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.placement import compute_key, offload_workspace, plan_placement, placement_requested
 from mmprune.report import modality_summary
 from mmprune.sparsity import check_ratio
-from videollama2.checkpoint import load_tokenizer, save_model, vision_tower_inside
+from videollama2.checkpoint import DEFAULT_SHARD_BYTES, load_tokenizer, save_model, vision_tower_inside
 from videollama2.config import VideoLLaMA2Config
 from videollama2.data import check_media, encode_record, has_answer, load_records, select_samples
 from videollama2.embedded import paths as embedded
@@ -136,10 +139,56 @@ def main(argv=None) -> int:
                                                     else os.path.dirname(os.path.abspath(eval_path)))
             eval_records = load_records(eval_path)[: args.eval_samples]
             check_media(eval_records, eval_folder, media)
+    placement = None
+    if placement_requested(args):
+        placement = plan_placement(args, args.model_path, method=cfg.pruner, nsamples=len(records),
+                                   **calibration_lengths(args, records, media), device=cfg.device,
+                                   protected=[args.model_path, args.data_path, args.data_folder, args.eval_data_path,
+                                              args.eval_data_folder, output_dir],
+                                   shard_bytes=shard_bytes(args) or largest_weight_file(args.model_path))
+    with offload_workspace(placement) as offload_dir:
+        report = prune_and_save(args, cfg, config, records, media, eval_records, eval_folder, vit_ratio, aud_ratio,
+                                output_dir, timer, placement, offload_dir)
+    sys.stderr.write(modality_summary(report) + "\n")
+    print(json.dumps(run_summary(report, cfg, output_dir)))
+    return 0
+
+
+def calibration_lengths(args, records, media) -> dict:
+    """Mean and longest calibration sequence in tokens (text plus the media tokens the config
+    gives), without weights, so the placement can set their hidden states aside before loading."""
+    from mmprune.plan import empty_model
+
+    tokenizer = load_tokenizer(args.model_path)
+    shapes = empty_model(args.model_path)[0]  # on the meta device: only the token counts are read
+    video = shapes.video_token_count() if shapes.config.has_vision else 0
+    audio = shapes.audio_token_count() if shapes.config.has_audio else 0
+    lengths = []
+    for record in records:
+        encoded = encode_record(tokenizer, record, args.data_folder, media, with_answer=True)
+        ids = encoded["input_ids"][0]
+        lengths.append(ids.numel() - int((ids < 0).sum()) + video * ("video" in encoded) + audio * ("audio" in encoded))
+    return {"seqlen": -(-sum(lengths) // max(len(lengths), 1)), "longest": max(lengths, default=1)}
+
+
+def largest_weight_file(model_path) -> int:
+    """The biggest weight file of a checkpoint: saving in its layout holds one such file in memory."""
+    sizes = [p.stat().st_size for p in Path(model_path).iterdir()
+             if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    return max(sizes, default=DEFAULT_SHARD_BYTES)
+
+
+def prune_and_save(args, cfg, config, records, media, eval_records, eval_folder, vit_ratio, aud_ratio, output_dir,
+                   timer, placement, offload_dir) -> dict:
     torch.manual_seed(args.seed)
     with timer.phase("load_model"):
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = VideoLLaMA2ForCausalLM.from_pretrained(args.model_path, dtype=dtype)
+        where = {}
+        if placement is not None:
+            compute = compute_key(cfg.device)
+            where = {"device_map": placement.device_map, "offload_dir": offload_dir,
+                     "main_device": compute if compute in placement.device_map.values() else None}
+        model = VideoLLaMA2ForCausalLM.from_pretrained(args.model_path, dtype=dtype, **where)
         tokenizer = load_tokenizer(args.model_path)
     prefix, layers = decoder_layers(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
@@ -151,7 +200,8 @@ def main(argv=None) -> int:
     def evaluate():
         from videollama2.eval import evaluate as run_eval
 
-        model.to(cfg.device)
+        if not is_dispatched(model):  # a placed model stays where accelerate put it
+            model.to(cfg.device)
         return run_eval(model, tokenizer, eval_records, eval_folder, media, desc="evaluate")
 
     def prune_extra(timer):
@@ -167,24 +217,24 @@ def main(argv=None) -> int:
     standalone_tower = config.has_vision and (vit_ratio > 0 or vision_tower_inside(config, args.model_path))
 
     def save(folder):
-        save_model(model.to("cpu"), folder, final_dir=output_dir if standalone_tower else None)
+        # --max_shard_size re-shards; otherwise the source's files are kept
+        size = {"max_shard_bytes": shard_bytes(args), "keep_layout": False} if args.max_shard_size else {}
+        save_model(model if is_dispatched(model) else model.to("cpu"), folder,
+                   final_dir=output_dir if standalone_tower else None, **size)
 
     loaded = LoadedModel(
         name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="videollama2_av",
         model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
         capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
-        head=LanguageHead(model.model.norm, model.lm_head), tokenizer=tokenizer,
+        head=LanguageHead(model.model.norm, model.lm_head), tokenizer=tokenizer, placement=placement,
     )
     calibration = {"data_path": args.data_path, "data_folder": args.data_folder, "nsamples": args.nsamples,
                    "seed": args.seed, "sample_select": args.sample_select,
                    "sample_ids": [r.get("id") for r in records], "full_conversations": True,
                    "video_tokens_per_sample": model.video_token_count() if config.has_vision else 0,
                    "audio_tokens_per_sample": model.audio_token_count() if config.has_audio else 0}
-    report = run_and_save(loaded, cfg, args, calibration, output_dir, timer)
-    sys.stderr.write(modality_summary(report) + "\n")
-    print(json.dumps(run_summary(report, cfg, output_dir)))
-    return 0
+    return run_and_save(loaded, cfg, args, calibration, output_dir, timer)
 
 
 if __name__ == "__main__":
