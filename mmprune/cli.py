@@ -21,7 +21,7 @@ from mmprune.ecoflap import ECoFLaPConfig
 from mmprune.owl import OWLConfig
 from mmprune.errors import UserInputError
 from mmprune.interrupt import EXIT_STATUS as INTERRUPTED_EXIT, Interrupted, signals_raise
-from mmprune.offload import metering
+from mmprune.offload import folder_bytes, metering
 from mmprune.output import atomic_output_dir
 from mmprune.placement import (
     Placement, add_placement_arguments, parse_device_map, parse_max_memory, parse_size, placement_report,
@@ -225,7 +225,8 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
                  output_dir: str, timer: PhaseTimer) -> dict:
     """Capture, prune, evaluate, and write the output folder atomically. Returns the report."""
     # weights in memory per device and offload traffic, from the loaded model to the saved files
-    with metering(loaded.model) as meter:
+    offload_dir = loaded.placement.offload_dir if loaded.placement is not None else None
+    with metering(loaded.model, written_before=folder_bytes(offload_dir)) as meter:
         if cfg.layerwise == "file":
             file_plan(loaded.blocks, loaded.prefix, cfg)  # a dict that does not fit fails before any sweep
         evaluation = {}

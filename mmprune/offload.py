@@ -226,13 +226,22 @@ def track_copy(tensor: torch.Tensor) -> None:
         _meter.track(tensor)
 
 
+def folder_bytes(folder) -> int:
+    """Bytes of the files under `folder` (0 for None): what loading wrote into an offload folder."""
+    if not folder:
+        return 0
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
 @contextmanager
-def metering(model: nn.Module) -> Iterator[WeightMeter]:
+def metering(model: nn.Module, written_before: int = 0) -> Iterator[WeightMeter]:
     """Measure `model`'s weights in memory and its offload traffic for the duration of the context;
-    the offload stores' disk reads are counted from here on."""
+    the offload stores' disk reads are counted from here on, writes from `written_before` (what
+    loading already wrote into the offload folder)."""
     global _meter
     previous = _meter
     _meter = WeightMeter(model)
+    _meter.written_bytes = written_before
     _meter_stores(model, _meter)
     _meter.sample()
     try:

@@ -213,6 +213,8 @@ def plan_placement(args, model_path, *, method: str, nsamples: int, seqlen: int,
     check_offload_folder(args.offload_folder, needed=uses_disk)
     if args.offload_folder:
         check_output_location(args.offload_folder, [p for p in protected if p], "--offload_folder")
+        if not uses_disk:
+            sys.stderr.write("warning: the placement puts nothing on disk; --offload_folder is not used\n")
     requested = {"device_map": args.device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
     return Placement(plan, args.offload_folder if uses_disk else None, requested)
 

@@ -130,6 +130,24 @@ def _uncovered(model: nn.Module, device_map: dict) -> list[str]:
     return missing
 
 
+def disjoint_map(model: nn.Module, device_map: dict) -> dict:
+    """The same placement with no entry inside another (accelerate's hooks need that): a module
+    listed together with some of its parts (e.g. "" for the rest) is replaced by its other parts."""
+    out = dict(device_map)
+    while True:
+        nested = sorted((k for k in out if any(o != k and (k == "" or o.startswith(k + ".")) for o in out)),
+                        key=lambda k: k.count(".") + bool(k))
+        if not nested:
+            return out
+        name = nested[0]
+        device = out.pop(name)
+        module = model.get_submodule(name)
+        parts = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)] \
+            + [n for n, _ in module.named_buffers(recurse=False)]
+        for part in parts:
+            out.setdefault(f"{name}.{part}" if name else part, device)
+
+
 def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", method="tamp",
               nsamples: int = 128, seqlen: int = 2048, offload_activations: bool = False,
               shard_bytes: int = 5 * GiB, compute_device=None, longest: int | None = None) -> MemoryPlan:
@@ -168,7 +186,8 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
     budget = {k: max(v - reserve.get(k, 0), 0) if k != "disk" else v for k, v in limits.items()}
     if isinstance(device_map, dict):
         placement = dict(device_map)
-        known = dict(model.named_modules())
+        # modules, and weights held directly by a split module (LLaVA-NeXT's image_newline)
+        known = {*dict(model.named_modules()), *dict(model.named_parameters()), *dict(model.named_buffers())}
         unknown = [name for name in placement if name and name not in known]
         if unknown:
             raise UserInputError(f"--device_map names modules the model lacks: {', '.join(unknown[:5])}")
@@ -176,6 +195,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
         if missing:
             raise UserInputError(f"--device_map places no device for {len(missing)} weights of the model (e.g. "
                                  f"{', '.join(missing[:3])}); add their modules, or an entry \"\" for the rest")
+        placement = disjoint_map(model, placement)
     else:
         with _quiet_accelerate():
             if device_map in ("auto", "balanced") and len(gpus) > 1:

@@ -352,6 +352,9 @@ def _dispatch(model, device_map: dict, offload_dir, index: dict, main_device):
     GPU as main device) or "disk" are offloaded and read from their store for each forward."""
     from accelerate import dispatch_model
 
+    from mmprune.plan import disjoint_map
+
+    device_map = disjoint_map(model, device_map)
     devices = set(device_map.values())
     if len(devices) == 1 and "disk" not in devices:
         return model.to(_torch_device(devices.pop()))

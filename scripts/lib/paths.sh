@@ -3,13 +3,20 @@
 # root (the default paths are relative to it), so a relative path the caller gives would be read
 # from there. Call these first, while still in the caller's directory:
 #   absolutize_env VAR...   each set variable holding a relative path becomes absolute
-#                           (PYTHON only when it names a file, e.g. .venv/bin/python, not `python3`)
+#                           (PYTHON only when it names a file, e.g. .venv/bin/python, not `python3`;
+#                           DEVICE_MAP only when it is a file, not auto/balanced/sequential)
 #   absolutize_args ARG...  sets ABS_ARGS: ARG... with the value of every path flag made absolute
 #                           (`--flag value` and `--flag=value`)
 
 PATH_FLAGS=" --model_path --data_path --image_folder --task_split_path --save_model --sparsity_dict"
 PATH_FLAGS+=" --eval_data_path --eval_image_folder --data_folder --eval_data_folder --output --output_dir"
-PATH_FLAGS+=" --out --save --token_recipe --tamp_model "
+PATH_FLAGS+=" --out --save --token_recipe --tamp_model --offload_folder "
+# a device map is a mode name or a JSON file: only the file is a path
+DEVICE_MAP_MODES=" auto balanced sequential "
+
+map_path() {
+  case "$DEVICE_MAP_MODES" in *" $1 "*) printf '%s' "$1" ;; *) abs_path "$1" ;; esac
+}
 
 abs_path() {
   case "$1" in
@@ -24,6 +31,7 @@ absolutize_env() {
     value="${!name:-}"
     [ -n "$value" ] || continue
     if [ "$name" = PYTHON ] && [ "${value#*/}" = "$value" ]; then continue; fi  # a command name
+    if [ "$name" = DEVICE_MAP ]; then export "$name=$(map_path "$value")"; continue; fi
     export "$name=$(abs_path "$value")"
   done
 }
@@ -34,6 +42,11 @@ absolutize_args() {
   while [ $# -gt 0 ]; do
     arg="$1"; shift
     case "$arg" in
+      --device_map=*)
+        ABS_ARGS+=("--device_map=$(map_path "${arg#*=}")") ;;
+      --device_map)
+        ABS_ARGS+=("$arg")
+        if [ $# -gt 0 ]; then ABS_ARGS+=("$(map_path "$1")"); shift; fi ;;
       --*=*)
         flag="${arg%%=*}"
         case "$PATH_FLAGS" in *" $flag "*) arg="$flag=$(abs_path "${arg#*=}")" ;; esac

@@ -6,7 +6,8 @@
 # (scripts/lib/paths.sh), moves to the repository root and sets
 #   PY           the python to run (PYTHON, else .venv/bin/python, else python3)
 #   COMMON_ARGS  the flags every entry point takes, from the positionals and the environment
-#                (SEED, NSAMPLES, MODEL_PATH, DATA_PATH, OUTPUT_DIR, DEVICE, OVERWRITE=1)
+#                (SEED, NSAMPLES, MODEL_PATH, DATA_PATH, OUTPUT_DIR, DEVICE, OVERWRITE=1, and the
+#                placement: DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER; docs/memory-plan.md)
 #   REST_ARGS    the remaining arguments, passed on unchanged
 #   SPARSITY_ARG, TYPE_ARG
 set -euo pipefail
@@ -22,7 +23,7 @@ prune_setup() {
     *) echo "error: sparsity type '$TYPE_ARG' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;
   esac
   # relative paths are the caller's, not the repository root's
-  absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT DATA_FOLDER OUTPUT_DIR PYTHON
+  absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT DATA_FOLDER OUTPUT_DIR PYTHON OFFLOAD_FOLDER DEVICE_MAP
   absolutize_args "$@"
   REST_ARGS=("${ABS_ARGS[@]}")
   cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -37,4 +38,7 @@ prune_setup() {
   if [ -n "${OUTPUT_DIR:-}" ]; then COMMON_ARGS+=(--save_model "$OUTPUT_DIR"); fi
   if [ -n "${DEVICE:-}" ]; then COMMON_ARGS+=(--device "$DEVICE"); fi
   if [ "${OVERWRITE:-0}" = "1" ]; then COMMON_ARGS+=(--overwrite); fi
+  if [ -n "${DEVICE_MAP:-}" ]; then COMMON_ARGS+=(--device_map "$DEVICE_MAP"); fi
+  if [ -n "${MAX_MEMORY:-}" ]; then COMMON_ARGS+=(--max_memory "$MAX_MEMORY"); fi
+  if [ -n "${OFFLOAD_FOLDER:-}" ]; then COMMON_ARGS+=(--offload_folder "$OFFLOAD_FOLDER"); fi
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared by scripts/prune/<method>.sh: positional [SPARSITY=0.5] [unstructured|2:4|4:8], then any
 # extra flags for `python -m llava.pruners`. Environment overrides: MODEL_PATH, DATA_PATH,
-# IMAGE_FOLDER, TASK_SPLIT, TASK_NAME, OUTPUT_DIR, NSAMPLES, SEED, DEVICE, OVERWRITE=1, PYTHON.
+# IMAGE_FOLDER, TASK_SPLIT, TASK_NAME, OUTPUT_DIR, NSAMPLES, SEED, DEVICE, OVERWRITE=1, PYTHON, and
+# for models larger than one device DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER (docs/memory-plan.md).
 # The allocation cap defaults to SPARSITY + 0.1 as in the public scripts.
 # Unset paths fall back to the README's real paths, or to the embedded default when those are absent.
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/prune_common.sh"

@@ -3,7 +3,8 @@
 # then any extra flags for `python -m videollama2.pruners` (flags may also come first:
 # `tamp.sh --no_eval` keeps the default sparsity). Environment overrides: MODEL_PATH,
 # DATA_PATH, DATA_FOLDER, OUTPUT_DIR, NSAMPLES, SEED, DEVICE, VIT_SPARSITY, AUD_SPARSITY,
-# OVERWRITE=1, PYTHON. The allocation cap defaults to SPARSITY + 0.1 as in the public scripts.
+# OVERWRITE=1, PYTHON, and for models larger than one device DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER
+# (docs/memory-plan.md). The allocation cap defaults to SPARSITY + 0.1 as in the public scripts.
 # Unset paths fall back to the public scripts' real paths (checkpoints/VideoLLaMA2.1-7B-AV,
 # datasets/avinstruct_avqa_music.json, datasets/AVQA_music), or to the embedded default when
 # those are absent.
