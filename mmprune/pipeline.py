@@ -241,7 +241,7 @@ def prune_decoder(
     plan, das_result, details = plan_sparsity(blocks, prefix, store, cfg, modality_names, timer, head)
     if cfg.pruner == "magnitude":
         with timer.phase("prune"):
-            results = magnitude_prune(blocks, prefix, cfg.pattern, plan, cfg.magnitude_group)
+            results = magnitude_prune(blocks, prefix, cfg.pattern, plan, cfg.magnitude_group, cfg.device)
         return PruneOutcome(results, plan, das_result, None, details)
     if cfg.pruner == "sparsegpt":
         pruner = SparseGPTPruner(prefix, cfg.pattern, plan)

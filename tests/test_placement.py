@@ -132,6 +132,19 @@ def test_towers_on_disk_and_blocks_on_alternate_devices_from_a_json_map(plain_ru
     assert placed["device_map"]["model.vision_tower"] == "disk"
 
 
+@pytest.mark.parametrize("method", ["magnitude", "ecoflap"])
+def test_methods_with_their_own_block_access_on_offloaded_blocks(tmp_path, method):
+    """Magnitude prunes without the driver's sweep, ECoFLaP brings the whole decoder in at once:
+    both on blocks placed on disk give the plain run's weights."""
+    assert FAST[:2] == ["--method", "tamp"]
+    common = FAST[2:] + MODELS["llava"][1] + ["--method", method, "--nsamples", "4", "--max_shard_size", "1MB"]
+    assert llava_main(common + ["--save_model", str(tmp_path / "plain")]) == 0
+    assert llava_main(common + ["--max_memory", "cpu:6MiB", "--offload_folder", str(tmp_path / "off"),
+                                "--save_model", str(tmp_path / "placed")]) == 0
+    assert report_of(tmp_path / "placed")["placement"]["blocks_per_device"].get("disk", 0) >= 2
+    assert_same_checkpoint(tmp_path / "plain", tmp_path / "placed")
+
+
 # --------------------------------------------------------------------------------------------- saving
 
 

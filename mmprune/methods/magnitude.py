@@ -9,6 +9,7 @@ from mmprune.das import linear_name
 from mmprune.driver import block_linears
 from mmprune.masks import matrix_mask, nm_mask, unstructured_row_mask
 from mmprune.methods.wanda import LinearResult
+from mmprune.offload import materialized
 from mmprune.sparsity import SparsityPattern
 
 
@@ -25,12 +26,15 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: SparsityPatte
 
 @torch.no_grad()
 def magnitude_prune(blocks: nn.ModuleList, prefix: str, pattern: SparsityPattern, plan: dict[str, float],
-                    group: str = "matrix") -> list[LinearResult]:
+                    group: str = "matrix", device="cpu") -> list[LinearResult]:
+    """In place where each block is; a block accelerate offloaded is loaded onto `device`, pruned
+    and written back to its store."""
     results = []
     for index, block in enumerate(blocks):
-        for rel, linear in block_linears(block).items():
-            name = linear_name(prefix, index, rel)
-            target = pattern.ratio if pattern.is_nm else plan[name]
-            linear.weight.data.masked_fill_(magnitude_mask(linear.weight, target, pattern, group), 0)
-            results.append(LinearResult(name, tuple(linear.weight.shape), target, int((linear.weight == 0).sum())))
+        with materialized(block, device):
+            for rel, linear in block_linears(block).items():
+                name = linear_name(prefix, index, rel)
+                target = pattern.ratio if pattern.is_nm else plan[name]
+                linear.weight.data.masked_fill_(magnitude_mask(linear.weight, target, pattern, group), 0)
+                results.append(LinearResult(name, tuple(linear.weight.shape), target, int((linear.weight == 0).sum())))
     return results
