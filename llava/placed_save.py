@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
 from mmprune.offload import offloaded_value, track_copy

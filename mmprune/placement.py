@@ -170,10 +170,6 @@ class Placement:
     def device_map(self) -> dict:
         return self.plan.device_map
 
-    @property
-    def uses_disk(self) -> bool:
-        return "disk" in self.plan.device_map.values()
-
 
 def plan_placement(args, model_path, *, method: str, nsamples: int, seqlen: int, longest: int, device: str,
                    protected=(), shard_bytes: int | None = None) -> Placement | None:

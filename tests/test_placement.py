@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from llava.embedded import paths as llava_embedded
 from mmprune.cli import run_main
 from mmprune.offload import metering
 from script_runs import ROOT, load_tensors
