@@ -113,21 +113,30 @@ def test_blocks_on_disk_prune_and_save_like_the_plain_run_with_fewer_weights_in_
     assert 0 < placed["save_copies_peak_bytes"] <= 10 ** 6 + placed["plan"]["block_bytes"]
 
 
-def test_towers_on_disk_and_blocks_on_alternate_devices_from_a_json_map(plain_runs, tmp_path):
+JSON_MAPS = {  # towers on disk, decoder blocks alternating between the CPU and disk
+    "llava": {"model.vision_tower": "disk", "model.multi_modal_projector": "disk", "model.image_newline": "cpu",
+              "model.language_model.embed_tokens": "cpu", "model.language_model.rotary_emb": "cpu",
+              "model.language_model.norm": "cpu", "lm_head": "disk",
+              **{f"model.language_model.layers.{i}": ("disk", "cpu")[i % 2] for i in range(4)}},
+    # "" for the rest, with entries inside it: the plan makes them disjoint for accelerate
+    "videollama2": {"": "cpu", "model.vision_tower": "disk", "model.audio_tower": "disk", "model.mm_projector": "disk",
+                    "model.mm_projector_a": "disk", **{f"model.layers.{i}": ("disk", "cpu")[i % 2] for i in range(4)}},
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_towers_on_disk_and_blocks_on_alternate_devices_from_a_json_map(plain_runs, tmp_path, model):
     """Calibration capture runs the towers where the map puts them (disk), apart from the decoder."""
-    device_map = {"model.vision_tower": "disk", "model.multi_modal_projector": "disk", "model.image_newline": "cpu",
-                  "model.language_model.embed_tokens": "cpu", "model.language_model.rotary_emb": "cpu",
-                  "model.language_model.norm": "cpu", "lm_head": "disk"}
-    device_map.update({f"model.language_model.layers.{i}": ("disk", "cpu")[i % 2] for i in range(4)})
-    (tmp_path / "map.json").write_text(json.dumps(device_map))
+    main, model_args, _ = MODELS[model]
+    (tmp_path / "map.json").write_text(json.dumps(JSON_MAPS[model]))
     out = tmp_path / "placed"
-    assert llava_main(FAST + MODELS["llava"][1] + ["--max_shard_size", "1MB", "--device_map", str(tmp_path / "map.json"),
-                                                   "--offload_folder", str(tmp_path / "off"), "--save_model",
-                                                   str(out)]) == 0
-    assert_same_checkpoint(plain_runs / "llava", out)
+    assert main(FAST + model_args + ["--max_shard_size", "1MB", "--device_map", str(tmp_path / "map.json"),
+                                     "--offload_folder", str(tmp_path / "off"), "--save_model", str(out)]) == 0
+    assert_same_checkpoint(plain_runs / model, out)
     placed = report_of(out)["placement"]
     assert placed["blocks_per_device"] == {"disk": 2, "cpu": 2}
-    assert placed["device_map"]["model.vision_tower"] == "disk"
+    towers = [name for name, device in placed["device_map"].items() if "tower" in name]
+    assert towers and all(placed["device_map"][name] == "disk" for name in towers)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "ecoflap"])
