@@ -171,7 +171,9 @@ def test_checkpoint_loads_in_the_project_tools(assembled):
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == ids.count(
         tokenizer.convert_tokens_to_ids(smol.IM_START))  # the BOS is the first turn's <|im_start|>, once
     assert tokenizer("what color is it?")["input_ids"][0] != tokenizer.bos_token_id  # the tokenizer adds none
-    rows, cols = (int(v) // smol.PATCH for v in encoded["image_sizes"][0])
-    assert ids.count(model.config.image_token_id) == 4 + rows * cols + rows  # base, unpadded grid, newlines
+    # a 64x48 image: base tile 2x2; best grid 64x64 -> 4x4 features, unpadding to 3 rows removes
+    # (4 - 3) // 2 = 0 rows per side (transformers' rule); one newline per row: 4 + 16 + 4
+    assert [int(v) for v in encoded["image_sizes"][0]] == [48, 64]
+    assert ids.count(model.config.image_token_id) == 4 + 4 * 4 + 4
     result = evaluate(model, processor, records, paths.EVAL_IMAGE_FOLDER, progress=False)
     assert result["n"] == 4 and result["answer_perplexity"] > 0
