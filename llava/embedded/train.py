@@ -145,8 +145,10 @@ def token_coverage(scene, tile: int = tiny.TILE, patch: int = tiny.PATCH) -> np.
     return np.concatenate([_block_means(masks, per_side, per_side), crops], axis=1)
 
 
-def token_targets(scene, tile: int = tiny.TILE, patch: int = tiny.PATCH) -> torch.Tensor:
-    """(image tokens, CHANNELS) float32 probe targets of one scene."""
+def token_targets(scene, tile: int = tiny.TILE, patch: int = tiny.PATCH, base_coverage: float = COVERAGE) -> torch.Tensor:
+    """(image tokens, CHANNELS) float32 probe targets of one scene. `base_coverage` is the
+    threshold of the base-view tokens (a base cell spans (canvas / tile)^2 crop patches, so an
+    object covers a smaller fraction of it)."""
     coverage = token_coverage(scene, tile, patch)
     tokens = coverage.shape[1]
     base = (tile // patch) ** 2
@@ -155,11 +157,13 @@ def token_targets(scene, tile: int = tiny.TILE, patch: int = tiny.PATCH) -> torc
     # Side is unknowable on crops and meaningless off objects: "no side" (0.5) there, so crop
     # tokens carry no side signal that contradicts the base view's.
     targets[:, BASE_CHANNEL + 1:] = 0.5
-    over = torch.from_numpy(coverage >= COVERAGE)
+    threshold = np.full(tokens, COVERAGE)
+    threshold[:base] = base_coverage
+    over = torch.from_numpy(coverage >= threshold)
     for i, obj in enumerate(scene.objects):
         targets[over[i], PAIRS.index((obj.shape, obj.color))] = 1.0
     dominant = coverage[:, :base].argmax(axis=0)
-    for token in np.flatnonzero(coverage[:, :base].max(axis=0) >= COVERAGE):
+    for token in np.flatnonzero(coverage[:, :base].max(axis=0) >= base_coverage):
         obj = scene.objects[dominant[token]]
         cx, cy = obj.center
         sides = ("left" if cx < (scene.width - 1) / 2 else "right",
