@@ -247,15 +247,14 @@ def offload_workspace(placement: Placement | None):
 def measured_peaks(meter) -> dict[str, dict[str, int]]:
     """Per device: the weights held in memory at their high-water mark (the meter) and what the
     process or device measured (CPU: resident set size high-water; GPUs: torch's allocations)."""
-    import resource
-
     import torch
+
+    from mmprune.pipeline import peak_rss_bytes
 
     peaks: dict[str, dict[str, int]] = {}
     for device, nbytes in (meter.peak if meter is not None else {}).items():
         peaks.setdefault(device, {})["weights_peak_bytes"] = nbytes
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    peaks.setdefault("cpu", {})["max_rss_bytes"] = rss
+    peaks.setdefault("cpu", {})["max_rss_bytes"] = peak_rss_bytes()
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             allocated = torch.cuda.max_memory_allocated(index)
