@@ -192,13 +192,13 @@ IMAGE_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # (height, width), as in 
 VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4}
 
 
-def default_parts_config() -> dict:
+def default_parts_config(tile: int = TILE, patch: int = PATCH, pinpoints: list | None = None) -> dict:
     """parts.json of a fresh model: everything the trained parts need besides the decoder."""
     return {
         "format": 1,
-        "vision_config": {**VISION, "image_size": TILE, "patch_size": PATCH, "hidden_act": "quick_gelu",
+        "vision_config": {**VISION, "image_size": tile, "patch_size": patch, "hidden_act": "quick_gelu",
                           "projection_dim": VISION["hidden_size"]},
-        "image_grid_pinpoints": IMAGE_GRID_PINPOINTS,
+        "image_grid_pinpoints": pinpoints or IMAGE_GRID_PINPOINTS,
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default",
         "projector_hidden_act": "gelu",

