@@ -78,6 +78,18 @@ class ClipSpec:
     background: int
     seed: int
 
+    def frame_shape(self, t: int) -> tuple[int, int]:
+        """(index of the shape on screen at frame t, frames since it appeared)."""
+        half = FRAMES // 2
+        return (0 if t < half else 1), t % half
+
+    def events(self) -> list[tuple[str, float, float, float, float]]:
+        """(sound, start s, length s, frequency Hz, loudness) of each sound event."""
+        return [(self.sound, self.sound_start, self.sound_length, self.frequency, self.loudness)]
+
+    def questions(self, kind: str) -> list[tuple[str, str]]:
+        return [(text, self.answer(attribute, which)) for text, attribute, which in QUESTIONS[kind]]
+
     def answer(self, attribute: str, which) -> str:
         if attribute == "sound":
             return self.sound
@@ -119,17 +131,17 @@ def _position(shape: ShapeSpec, step: int) -> tuple[float, float]:
     return coords[0], coords[1]
 
 
-def render_frames(spec: ClipSpec) -> np.ndarray:
-    """(16, 64, 64, 3) uint8 frames: shape 0 in frames 0-7, shape 1 in frames 8-15."""
+def render_frames(spec) -> np.ndarray:
+    """(16, 64, 64, 3) uint8 frames; basic task: shape 0 in frames 0-7, shape 1 in frames 8-15."""
     noise_rng = np.random.default_rng(spec.seed)
     frames = np.empty((FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
-    half = FRAMES // 2
     for t in range(FRAMES):
-        shape = spec.shapes[0 if t < half else 1]
+        index, step = spec.frame_shape(t)
+        shape = spec.shapes[index]
         base = noise_rng.normal(spec.background, 6.0, size=(SIZE, SIZE, 1)).repeat(3, axis=2)
         image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(image)
-        x, y = _position(shape, t % half)
+        x, y = _position(shape, step)
         s = shape.size
         if shape.shape == "ring":
             draw.ellipse([x, y, x + s, y + s], outline=shape.rgb, width=5)
@@ -141,22 +153,23 @@ def render_frames(spec: ClipSpec) -> np.ndarray:
     return frames
 
 
-def render_audio(spec: ClipSpec) -> np.ndarray:
+def render_audio(spec) -> np.ndarray:
     """(32000,) float32 in [-1, 1]."""
     rng = np.random.default_rng(spec.seed + 1)
     n = int(SECONDS * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
     audio = rng.normal(0.0, 0.01, n)
-    begin, end = int(spec.sound_start * SAMPLE_RATE), int((spec.sound_start + spec.sound_length) * SAMPLE_RATE)
-    local = t[begin:end] - t[begin]
-    if spec.sound == "hiss":
-        event = rng.normal(0.0, 0.5, end - begin)
-    elif spec.sound == "hum":
-        event = np.sin(2 * np.pi * spec.frequency * local) + 0.4 * np.sin(4 * np.pi * spec.frequency * local)
-    else:
-        event = np.sin(2 * np.pi * spec.frequency * local)
-    ramp = np.minimum(1.0, np.minimum(local, local[-1] - local) / 0.01)  # 10 ms fades
-    audio[begin:end] += spec.loudness * event * ramp
+    for sound, start, length, frequency, loudness in spec.events():
+        begin, end = int(start * SAMPLE_RATE), int((start + length) * SAMPLE_RATE)
+        local = t[begin:end] - t[begin]
+        if sound == "hiss":
+            event = rng.normal(0.0, 0.5, end - begin)
+        elif sound == "hum":
+            event = np.sin(2 * np.pi * frequency * local) + 0.4 * np.sin(4 * np.pi * frequency * local)
+        else:
+            event = np.sin(2 * np.pi * frequency * local)
+        ramp = np.minimum(1.0, np.minimum(local, local[-1] - local) / 0.01)  # 10 ms fades
+        audio[begin:end] += loudness * event * ramp
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
@@ -203,11 +216,12 @@ def encode_wav(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     return buffer.getvalue()
 
 
-def questions_for(spec: ClipSpec, kind: str) -> list[tuple[str, str]]:
-    return [(text, spec.answer(attribute, which)) for text, attribute, which in QUESTIONS[kind]]
+def questions_for(spec, kind: str) -> list[tuple[str, str]]:
+    """Every (question, answer) of `kind` that the clip answers (either variant)."""
+    return spec.questions(kind)
 
 
-def draw_question(rng: random.Random, spec: ClipSpec, kind: str) -> tuple[str, str]:
+def draw_question(rng: random.Random, spec, kind: str) -> tuple[str, str]:
     return rng.choice(questions_for(spec, kind))
 
 
@@ -217,14 +231,126 @@ def raw_annotation(video_id: str, question: str, answer: str, kind: str) -> dict
         {"from": "human", "value": f"<video>\n<Q>{question}"}, {"from": "gpt", "value": answer}]}
 
 
-def vocabulary() -> list[str]:
-    """Every word a question or answer of the task can hold."""
+def vocabulary(variant: str = "basic") -> list[str]:
+    """Every word a question or answer of the variant's task can hold."""
     words = set()
+    if variant == "hard":
+        for templates in HARD_QUESTIONS.values():
+            for text in templates:
+                words.update(text.format(sound=SOUNDS[0], color=sorted(COLORS)[0], ordinal=ORDINALS[0]).split())
+        words.update(SHAPES, COLORS, SOUNDS, SLOTS, ORDINALS, SOUNDS, ("yes", "no", NOTHING))
+        return sorted(words)
     for templates in QUESTIONS.values():
         for text, _, _ in templates:
             words.update(text.split())
     words.update(SHAPES, COLORS, SOUNDS, TIMINGS)
     return sorted(words)
+
+
+# --------------------------------------------------------------------------------------------- hard variant
+#
+# Three shapes (one of each kind, three of the four colours) in three time slots (early, middle,
+# late thirds: frames 0-5, 6-10, 11-15) and two different sounds, each inside one slot; both may
+# fall in the same slot and then overlap. Questions still come as video / audio / both, but the
+# audio ones need both sounds (which one is missing, whether they overlap, when a named one is
+# heard) and the "both" ones need a named sound located in time, or the sound heard while a named
+# shape is on screen ("nothing" when none; not asked when two overlap there).
+
+VARIANTS = ("basic", "hard")
+SLOTS = ("early", "middle", "late")
+ORDINALS = ("first", "second", "third")
+NOTHING = "nothing"
+SLOT_SECONDS = SECONDS / len(SLOTS)
+SLOT_MARGIN = 0.05  # a sound stays this far inside its slot: "during" never straddles two shapes
+HARD_QUESTIONS = {
+    "video": ("what color is the {ordinal} shape ?", "what is the {ordinal} shape ?"),
+    "audio": ("when do you hear the {sound} ?", "which sound is missing ?", "do the sounds overlap ?"),
+    "both": ("what color is the shape during the {sound} ?", "what shape is on screen during the {sound} ?",
+             "what do you hear during the {color} shape ?"),
+}
+
+
+@dataclass
+class SoundSpec:
+    sound: str
+    slot: int
+    start: float
+    length: float
+    frequency: float
+    loudness: float
+
+
+@dataclass
+class HardClipSpec:
+    shapes: tuple[ShapeSpec, ShapeSpec, ShapeSpec]
+    sounds: tuple[SoundSpec, SoundSpec]
+    background: int
+    seed: int
+
+    @staticmethod
+    def slot_of_frame(t: int) -> int:
+        return min(len(SLOTS) - 1, t * len(SLOTS) // FRAMES)
+
+    def frame_shape(self, t: int) -> tuple[int, int]:
+        slot = self.slot_of_frame(t)
+        first = min(f for f in range(FRAMES) if self.slot_of_frame(f) == slot)
+        return slot, t - first
+
+    def events(self) -> list[tuple[str, float, float, float, float]]:
+        return [(s.sound, s.start, s.length, s.frequency, s.loudness) for s in self.sounds]
+
+    @property
+    def overlap(self) -> bool:
+        # two sounds of at least 0.38 s in one slot's usable 0.57 s always overlap
+        return self.sounds[0].slot == self.sounds[1].slot
+
+    def questions(self, kind: str) -> list[tuple[str, str]]:
+        out = []
+        if kind == "video":
+            for ordinal, shape in zip(ORDINALS, self.shapes):
+                out += [(HARD_QUESTIONS["video"][0].format(ordinal=ordinal), shape.color),
+                        (HARD_QUESTIONS["video"][1].format(ordinal=ordinal), shape.shape)]
+        elif kind == "audio":
+            when, missing, overlap = HARD_QUESTIONS["audio"]
+            out += [(when.format(sound=s.sound), SLOTS[s.slot]) for s in self.sounds]
+            absent = [s for s in SOUNDS if s not in {e.sound for e in self.sounds}]
+            out += [(missing, absent[0]), (overlap, "yes" if self.overlap else "no")]
+        elif kind == "both":
+            color, shape, heard = HARD_QUESTIONS["both"]
+            for s in self.sounds:
+                out += [(color.format(sound=s.sound), self.shapes[s.slot].color),
+                        (shape.format(sound=s.sound), self.shapes[s.slot].shape)]
+            for slot, on_screen in enumerate(self.shapes):
+                playing = [s.sound for s in self.sounds if s.slot == slot]
+                if len(playing) < 2:
+                    out.append((heard.format(color=on_screen.color), playing[0] if playing else NOTHING))
+        else:
+            raise ValueError(f"unknown question kind {kind!r}")
+        return out
+
+
+def draw_hard_clip_spec(rng: random.Random, seed: int) -> HardClipSpec:
+    colors = rng.sample(sorted(COLORS), 3)
+    kinds = rng.sample(SHAPES, 3)
+    shapes = []
+    for color, kind in zip(colors, kinds):
+        size = rng.randint(20, 28)
+        x0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
+        y0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
+        speed = rng.uniform(1.0, 3.0)
+        angle = rng.uniform(0, 2 * math.pi)
+        rgb = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLORS[color])
+        shapes.append(ShapeSpec(kind, color, size, (x0, y0), (speed * math.cos(angle), speed * math.sin(angle)), rgb))
+    sounds = []
+    for sound in rng.sample(SOUNDS, 2):
+        slot = rng.randrange(len(SLOTS))
+        # at least 0.36 s: some whole 0.125 s audio clip of the model's 8 (spaced 0.23 s) lies inside
+        length = rng.uniform(0.38, 0.5)
+        low = slot * SLOT_SECONDS + SLOT_MARGIN
+        start = rng.uniform(low, (slot + 1) * SLOT_SECONDS - SLOT_MARGIN - length)
+        frequency = rng.uniform(200, 300) if sound == "hum" else rng.uniform(1300, 1900)
+        sounds.append(SoundSpec(sound, slot, start, length, frequency, rng.uniform(0.25, 0.5)))
+    return HardClipSpec(tuple(shapes), tuple(sounds), rng.randint(0, 50), seed)
 
 
 # --------------------------------------------------------------------------------------------- data set
@@ -235,13 +361,21 @@ WAV_EVERY = 16  # every 16th calibration clip: silent mp4 + separate wav file as
 TRAIN_SEED_OFFSET = 1_000_000  # training clips draw from seeds no data file uses
 
 
-def make_clip(seed: int) -> tuple[ClipSpec, np.ndarray, np.ndarray]:
-    spec = draw_clip_spec(random.Random(seed), seed)
+def draw_spec(seed: int, variant: str = "basic"):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown task variant {variant!r}; expected one of {VARIANTS}")
+    draw = draw_hard_clip_spec if variant == "hard" else draw_clip_spec
+    return draw(random.Random(seed), seed)
+
+
+def make_clip(seed: int, variant: str = "basic") -> tuple:
+    """(spec, frames, audio) of one clip of the variant's task."""
+    spec = draw_spec(seed, variant)
     return spec, render_frames(spec), render_audio(spec)
 
 
 def write_embedded_data(out, seed: int = 0, eval_seed: int | None = None, n_calib: int = CALIB_CLIPS,
-                        n_eval: int = EVAL_CLIPS) -> dict:
+                        n_eval: int = EVAL_CLIPS, variant: str = "basic") -> dict:
     """Write the embedded AVInstruct data under `out`:
 
     - AVQA_music/calib_NNNN.mp4 (+ .wav for every WAV_EVERY-th clip, whose mp4 is silent) and
@@ -252,6 +386,8 @@ def write_embedded_data(out, seed: int = 0, eval_seed: int | None = None, n_cali
       wav clips pointing their "audio" at the wav file;
     - avinstruct_avqa_music_eval.json: held-out clips (another seed), one question of each kind
       per clip.
+
+    `variant` "hard" writes the harder task (default: the basic one of the tiny model).
     """
     from pathlib import Path
 
@@ -266,7 +402,7 @@ def write_embedded_data(out, seed: int = 0, eval_seed: int | None = None, n_cali
     annotations, wav_ids = [], set()
     for i in range(n_calib):
         video_id = f"calib_{i:04d}"
-        spec, frames, audio = make_clip(seed * 100_000 + i)
+        spec, frames, audio = make_clip(seed * 100_000 + i, variant)
         separate = i % WAV_EVERY == WAV_EVERY - 1
         (media / f"{video_id}.mp4").write_bytes(encode_mp4(frames, None if separate else audio))
         if separate:
@@ -291,7 +427,7 @@ def write_embedded_data(out, seed: int = 0, eval_seed: int | None = None, n_cali
     eval_annotations = []
     for i in range(n_eval):
         video_id = f"eval_{i:04d}"
-        spec, frames, audio = make_clip(eval_seed * 100_000 + i)
+        spec, frames, audio = make_clip(eval_seed * 100_000 + i, variant)
         (media / f"{video_id}.mp4").write_bytes(encode_mp4(frames, audio))
         for kind in KINDS:
             question, answer = draw_question(eval_rng, spec, kind)
@@ -314,11 +450,14 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-seed", type=int, default=None, help="seed of the held-out split (default: seed + 1)")
     parser.add_argument("--n-calib", type=int, default=CALIB_CLIPS)
     parser.add_argument("--n-eval", type=int, default=EVAL_CLIPS)
+    parser.add_argument("--variant", choices=VARIANTS, default="basic",
+                        help="task: basic (the tiny model's, default) or hard (three shapes, two sounds; write it "
+                             "to playground/embedded/AVInstruct-hard)")
     args = parser.parse_args(argv)
     if args.n_calib < 1 or args.n_eval < 1:
         print("error: --n-calib and --n-eval must be at least 1", flush=True)
         return 2
-    written = write_embedded_data(args.out, args.seed, args.eval_seed, args.n_calib, args.n_eval)
+    written = write_embedded_data(args.out, args.seed, args.eval_seed, args.n_calib, args.n_eval, args.variant)
     for name, value in written.items():
         print(f"{name}: {value}")
     return 0
