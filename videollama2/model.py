@@ -282,12 +282,19 @@ class VideoLLaMA2ForCausalLM(nn.Module):
         return VideoLLaMA2Output(logits, loss, out.past_key_values if use_cache else None, modality, labels)
 
     def lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                video_tokens: torch.Tensor | None = None, audio_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token cross-entropy on the labelled positions, from already encoded media (training)."""
+                video_tokens: torch.Tensor | None = None, audio_tokens: torch.Tensor | None = None,
+                labelled_only: bool = False) -> torch.Tensor:
+        """Next-token cross-entropy on the labelled positions, from already encoded media (training).
+        `labelled_only` runs the head only where a label is (the same mean; cheaper with a large
+        vocabulary)."""
         spliced = self.embed_inputs(input_ids.to(self.device), attention_mask, labels.to(self.device),
                                     video_tokens=video_tokens, audio_tokens=audio_tokens)
         mask = None if bool(spliced.attention_mask.all()) else spliced.attention_mask
         hidden = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        if labelled_only:
+            targets = spliced.labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            return F.cross_entropy(self.lm_head(hidden[:, :-1][keep]).float(), targets[keep])
         logits = self.lm_head(hidden)
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), spliced.labels[:, 1:].reshape(-1),
                                ignore_index=IGNORE_INDEX)

@@ -60,15 +60,16 @@ AUDIO = dict(embed_dim=32, encoder_embed_dim=64, encoder_layers=3, encoder_atten
              encoder_ffn_embed_dim=128, conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=128)
 
 
-def vocabulary() -> list[str]:
-    words = set(synthetic_av.vocabulary())
+def vocabulary(variant: str = "basic") -> list[str]:
+    words = set(synthetic_av.vocabulary(variant))
     words.update(w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(SYSTEM_MESSAGE.lower()))
     words.update(("system", "user", "assistant"))
     return sorted(words)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    words = vocabulary()
+def build_tokenizer(variant: str = "basic") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer of the task variant's words (basic: the tiny model's)."""
+    words = vocabulary(variant)
     vocab = {token: i for i, token in enumerate(words + list(SPECIAL_TOKENS))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.normalizer = normalizers.Lowercase()

@@ -41,7 +41,7 @@ from videollama2.embedded import paths, synthetic_av as av, tiny
 from videollama2.eval import evaluate
 from mmprune.cli import run_main
 from mmprune.output import atomic_output_dir, check_output_dir
-from videollama2.media import MediaLoader, audio_features, clip_concat, fit_length, normalize_frames, \
+from videollama2.media import MediaLoader, audio_features, clip_concat, fit_length, frame_indices, normalize_frames, \
     read_video_audio, read_video_frames, resize_frames
 
 VAL_SEED = 777_000
@@ -76,15 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 class ClipPool(SamplePool):
     """Decoded training clips: resized uint8 frames and fbank features, with their ClipSpec."""
 
-    def __init__(self, model, folder: Path, seed: int):
+    def __init__(self, model, folder: Path, seed: int, variant: str = "basic"):
         super().__init__(self.make_clip)
         self.config = model.config
         self.image_size = model.image_size
         self.folder = folder
+        self.variant = variant
         self.next_seed = av.TRAIN_SEED_OFFSET + seed * 100_000
 
     def make_clip(self):
-        spec, frames, audio = av.make_clip(self.next_seed)
+        spec, frames, audio = av.make_clip(self.next_seed, self.variant)
         self.next_seed += 1
         path = self.folder / "clip.mp4"
         path.write_bytes(av.encode_mp4(frames, audio))
@@ -164,11 +165,60 @@ class AuxiliaryHeads(nn.Module):
         return torch.stack(losses).mean()
 
 
-def write_validation(folder: Path, clips: int) -> list:
+class HardAuxiliaryHeads(nn.Module):
+    """AuxiliaryHeads for the "hard" task: each video time step whose frames all lie in one slot ->
+    shape and colour of that slot's shape; the audio tokens' per-time means -> which sound is
+    heard in which slot (9 independent yes/no labels: presence, timing and overlap at once)."""
+
+    def __init__(self, width: int, video_steps: int, audio_steps: int, num_frames: int):
+        super().__init__()
+        self.video_steps, self.audio_steps = video_steps, audio_steps
+        frames = frame_indices(av.FRAMES, num_frames)
+        per_step = max(1, len(frames) // video_steps)  # the STC sampler's temporal stride
+        self.step_slots = []  # (video step, slot) for the steps that show one shape only
+        for step in range(video_steps):
+            slots = {av.HardClipSpec.slot_of_frame(f) for f in frames[step * per_step:(step + 1) * per_step]}
+            if len(slots) == 1:
+                self.step_slots.append((step, slots.pop()))
+        self.shape = nn.Linear(width, len(av.SHAPES))
+        self.color = nn.Linear(width, len(av.COLORS))
+        self.heard = nn.Linear(width * audio_steps, len(av.SOUNDS) * len(av.SLOTS))
+
+    def loss(self, video_tokens: torch.Tensor, audio_tokens: torch.Tensor, specs: list) -> torch.Tensor:
+        batch, width = video_tokens.shape[0], video_tokens.shape[-1]
+        steps = video_tokens.reshape(batch, self.video_steps, -1, width).mean(2)
+        colors = sorted(av.COLORS)
+        losses = []
+        for step, slot in self.step_slots:
+            shape = torch.tensor([av.SHAPES.index(s.shapes[slot].shape) for s in specs])
+            color = torch.tensor([colors.index(s.shapes[slot].color) for s in specs])
+            losses += [F.cross_entropy(self.shape(steps[:, step]), shape),
+                       F.cross_entropy(self.color(steps[:, step]), color)]
+        heard = torch.zeros(batch, len(av.SOUNDS), len(av.SLOTS))
+        for b, spec in enumerate(specs):
+            for sound in spec.sounds:
+                heard[b, av.SOUNDS.index(sound.sound), sound.slot] = 1.0
+        times = audio_tokens.reshape(batch, self.audio_steps, -1, width).mean(2)
+        losses.append(F.binary_cross_entropy_with_logits(self.heard(times.flatten(1)), heard.flatten(1)))
+        return torch.stack(losses).mean()
+
+
+def auxiliary_heads(model, variant: str = "basic") -> nn.Module:
+    """The training-only probes of the task variant, sized for `model`'s token grids."""
+    video_steps = model.model.mm_projector.output_grid(
+        model.config.num_frames, model.image_size // model.vision_tower.config.patch_size)[0]
+    audio_steps = model.audio_frame_count() // model.audio_tower.cfg.input_patch_size
+    width = model.config.text_config().hidden_size
+    if variant == "hard":
+        return HardAuxiliaryHeads(width, video_steps, audio_steps, model.config.num_frames)
+    return AuxiliaryHeads(width, video_steps, audio_steps)
+
+
+def write_validation(folder: Path, clips: int, variant: str = "basic") -> list:
     records = []
     rng = random.Random(VAL_SEED)
     for i in range(clips):
-        spec, frames, audio = av.make_clip(VAL_SEED + i)
+        spec, frames, audio = av.make_clip(VAL_SEED + i, variant)
         name = f"val_{i:04d}.mp4"
         (folder / name).write_bytes(av.encode_mp4(frames, audio))
         for kind in av.KINDS:
@@ -217,6 +267,47 @@ def learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def answer_steps(model, aux, optimizer, params: list, pool: ClipPool, prompts: Prompts, rng: random.Random, args,
+                 pad_id: int, stop_at: float, validate, history: list, start: float, desc: str = "train",
+                 labelled_only: bool = False) -> int:
+    """Steps on the answer loss (plus aux_weight x the probes) until args.steps or the clock
+    reaches `stop_at`; learning rate learning_rate() of each group's "peak" (default args.lr),
+    gradients of `params` clipped at 1, `validate()` every args.eval_every steps into `history`.
+    Returns the steps done."""
+    bar = tqdm(range(args.steps), desc=desc, file=sys.stderr)
+    step = 0
+    for step in bar:
+        if time.monotonic() > stop_at:
+            bar.write(f"time cap of {args.minutes} min reached at step {step}")
+            break
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.warmup, group.get("peak", args.lr))
+        batch, specs = training_batch(pool, prompts, rng, args.batch_size, pad_id)
+        video_tokens, audio_tokens = model.encode_video(batch["video"]), model.encode_audio(batch["audio"])
+        loss = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens,
+                             audio_tokens, labelled_only=labelled_only)
+        total = loss + args.aux_weight * aux.loss(video_tokens, audio_tokens, specs) if args.aux_weight else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        pool.refresh(args.refresh, rng)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            val = validate()
+            history.append({"stage": desc, "step": step + 1, "loss": round(loss.item(), 4),
+                            "val_accuracy": val["accuracy"],
+                            "per_kind": {k: v["accuracy"] for k, v in val["per_kind"].items()},
+                            "minutes": round((time.monotonic() - start) / 60, 2)})
+            bar.write(f"step {step + 1}: loss {loss.item():.3f} val accuracy {val['accuracy']:.3f} "
+                      + " ".join(f"{k}={v['accuracy']:.2f}" for k, v in val["per_kind"].items()))
+    else:
+        step = args.steps
+    bar.close()
+    return step
+
+
 def save_checkpoint(model, tokenizer, out: Path, info: dict) -> None:
     """Write the checkpoint next to `out`, then replace `out` in one rename."""
     with atomic_output_dir(str(out), overwrite=True) as folder:
@@ -234,10 +325,7 @@ def train(args) -> dict:
     deadline = start + args.minutes * 60
     model, tokenizer = tiny.build(args.seed)
     rng = random.Random(args.seed)
-    video_steps = model.model.mm_projector.output_grid(
-        model.config.num_frames, model.image_size // model.vision_tower.config.patch_size)[0]
-    aux = AuxiliaryHeads(model.config.text_config().hidden_size, video_steps,
-                         model.audio_frame_count() // model.audio_tower.cfg.input_patch_size)
+    aux = auxiliary_heads(model)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()), lr=args.lr,
                                   weight_decay=args.weight_decay)
     prompts = Prompts(tokenizer)
@@ -255,35 +343,9 @@ def train(args) -> dict:
         reserve = eval_seconds * (len(val_records) + 400) * 1.5 + 20
         pool_minutes = (time.monotonic() - start) / 60
         encoder_stage = train_encoders(model, aux, pool, rng, args)
-        bar = tqdm(range(args.steps), desc="train", file=sys.stderr)
-        step = 0
-        for step in bar:
-            if time.monotonic() > deadline - reserve:
-                bar.write(f"time cap of {args.minutes} min reached at step {step}")
-                break
-            model.train()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args.steps, args.warmup, args.lr)
-            batch, specs = training_batch(pool, prompts, rng, args.batch_size, tokenizer.pad_token_id)
-            video_tokens, audio_tokens = model.encode_video(batch["video"]), model.encode_audio(batch["audio"])
-            loss = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens,
-                                 audio_tokens)
-            total = loss + args.aux_weight * aux.loss(video_tokens, audio_tokens, specs) if args.aux_weight else loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
-            optimizer.step()
-            pool.refresh(args.refresh, rng)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if (step + 1) % args.eval_every == 0:
-                val = evaluate(model, tokenizer, val_records, tmp, media, progress=False)
-                history.append({"step": step + 1, "loss": round(loss.item(), 4), "val_accuracy": val["accuracy"],
-                                "per_kind": {k: v["accuracy"] for k, v in val["per_kind"].items()},
-                                "minutes": round((time.monotonic() - start) / 60, 2)})
-                bar.write(f"step {step + 1}: loss {loss.item():.3f} val accuracy {val['accuracy']:.3f} "
-                          + " ".join(f"{k}={v['accuracy']:.2f}" for k, v in val["per_kind"].items()))
-        else:
-            step = args.steps
+        step = answer_steps(model, aux, optimizer, list(model.parameters()) + list(aux.parameters()), pool, prompts,
+                            rng, args, tokenizer.pad_token_id, deadline - reserve,
+                            lambda: evaluate(model, tokenizer, val_records, tmp, media, progress=False), history, start)
         train_minutes = (time.monotonic() - start) / 60
         final_val = evaluate(model, tokenizer, val_records, tmp, media, progress=False)
     heldout = None

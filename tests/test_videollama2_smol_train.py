@@ -1,0 +1,131 @@
+"""The SmolLM2 VideoLLaMA2-AV trainer (videollama2/embedded/train_smol.py) on a toy decoder (seconds):
+what it writes assembles into the model it scored, the probes of the hard task, LoRA options."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mmprune import smollm2
+from mmprune.errors import UserInputError
+from videollama2.embedded import smol, synthetic_av as av, tiny, train, train_smol
+from videollama2.eval import evaluate
+from videollama2.media import MediaLoader
+
+
+def toy_decoder(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    return LlamaForCausalLM(config).eval()
+
+
+def quick_args(out, *extra):
+    return train_smol.parse_args(["--out", str(out), "--minutes", "5", "--pool", "3", "--val-clips", "2",
+                                  "--encoder-steps", "2", "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                                  "--no-heldout", "--threads", "1", "--seed", "5", *extra])
+
+
+def test_hard_probes_use_the_steps_that_show_one_shape():
+    model, _ = tiny.build(0)
+    aux = train.auxiliary_heads(model, "hard")
+    # 8 sampled frames 1,3,5,7,8,10,12,14 in pairs; slots of frames 0-5, 6-10, 11-15
+    assert aux.step_slots == [(0, 0), (2, 1), (3, 2)]
+    specs = [av.draw_spec(s, "hard") for s in range(3)]
+    width = model.config.text_config().hidden_size
+    video = torch.randn(3, model.video_token_count(), width, requires_grad=True)
+    audio = torch.randn(3, model.audio_token_count(), width)
+    loss = aux.loss(video, audio, specs)
+    loss.backward()
+    assert loss.item() > 0 and video.grad[:, 16:32].abs().sum() == 0  # the mixed step 1 is not probed
+    assert isinstance(train.auxiliary_heads(model), train.AuxiliaryHeads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run with LoRA; its validation clips are kept (x264 does not rewrite them byte for byte)."""
+    tokenizer = tiny.build_tokenizer("hard")
+    decoder = toy_decoder(len(tokenizer))
+    out = tmp_path_factory.mktemp("run") / "parts"
+    kept_folder, kept = tmp_path_factory.mktemp("val"), []
+
+    def keep(folder, clips, variant):
+        records = write_validation(folder, clips, variant)
+        for record in records:
+            shutil.copyfile(folder / record["video"], kept_folder / record["video"])
+        kept.extend(records)
+        return records
+
+    write_validation = train_smol.write_validation
+    args = quick_args(out, "--lora-rank", "2", "--lora-layers", "1", "--lora-targets", "q_proj,down_proj")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_smol, "write_validation", keep)
+        info = train_smol.train(args, copy.deepcopy(decoder), copy.deepcopy(tokenizer))
+    return out, info, decoder, tokenizer, (kept, kept_folder)
+
+
+def test_trainer_writes_a_parts_folder_that_assembles_into_the_scored_model(trained):
+    out, info, decoder, tokenizer, (records, folder) = trained
+    names = {p.name for p in out.iterdir()}
+    assert {smol.PARTS_CONFIG, smol.PARTS_TENSORS, smol.TRAINING_INFO, smollm2.ADAPTER_CONFIG,
+            smollm2.ADAPTER_TENSORS} <= names
+    assert not any(n.startswith(".") and n != ".mmprune-output" for n in names)
+    parts, tensors, deltas = smol.read_parts(out)
+    assert parts["trained"] is True and parts["task"] == "hard"
+    assert sorted(deltas) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    recorded = json.loads((out / smol.TRAINING_INFO).read_text())
+    assert recorded["stage1_probes"]["steps"] == 2 and recorded["stage2_frozen_decoder"]["steps"] == 2
+    assert recorded["stage3_lora"]["steps"] == 2 and recorded["lora"]["layers"] == [1]
+    assert {h["stage"] for h in recorded["history"]} == {"stage 2 (frozen decoder)", "stage 3 (LoRA)"}
+    # the parts moved away from their initialisation
+    fresh = smol.fresh_parts(smol.default_parts_config("hard"), 48, 5)
+    assert any(not torch.equal(tensors[k], smol.stored_parts(fresh)[k]) for k in fresh)
+    # what assembly builds from the folder scores exactly what the trainer recorded
+    model = smol.build_model(decoder, smol.build_tokenizer(copy.deepcopy(tokenizer)), parts, tensors, deltas)
+    result = evaluate(model, smol.build_tokenizer(copy.deepcopy(tokenizer)), records, folder,
+                      MediaLoader.for_config(model.config, model.image_size), progress=False)
+    assert result == info["validation"]
+    assert set(result["per_kind"]) == set(av.KINDS)
+    # the decoder itself was not trained: every non-LoRA decoder weight is the input's
+    state = model.state_dict()
+    for name, tensor in decoder.state_dict().items():
+        if name != "lm_head.weight" and name not in deltas:
+            assert torch.equal(state[name], tensor), name
+
+
+def test_trainer_without_lora_writes_no_adapter(tmp_path):
+    tokenizer = tiny.build_tokenizer("hard")
+    out = tmp_path / "parts"
+    info = train_smol.train(quick_args(out, "--encoder-steps", "0", "--variant", "basic"), toy_decoder(len(tokenizer)),
+                            tokenizer)
+    assert not (out / smollm2.ADAPTER_CONFIG).exists()
+    assert info["stage3_lora"] is None and info["data"]["variant"] == "basic"
+    assert smol.read_parts(out)[0]["task"] == "basic"
+
+
+def test_lora_options_are_checked():
+    tokenizer = tiny.build_tokenizer("hard")
+    model = smol.build_model(toy_decoder(len(tokenizer)), smol.build_tokenizer(tokenizer),
+                             smol.default_parts_config(), smol.fresh_parts(smol.default_parts_config(), 48))
+    args = quick_args("unused", "--lora-rank", "2", "--lora-layers", "0-5")
+    with pytest.raises(UserInputError, match="layers run from 0 to 1"):
+        train_smol.lora_config(model, args)
+    args = quick_args("unused", "--lora-rank", "2", "--lora-layers", "1", "--lora-targets", "q_proj,wq")
+    with pytest.raises(UserInputError, match="unknown"):
+        train_smol.lora_config(model, args)
+    config = train_smol.lora_config(model, quick_args("unused", "--lora-rank", "2", "--lora-layers", "1"))
+    assert len(config["target_modules"]) == 7 and config["lora_alpha"] == 4
+
+
+def test_foreign_out_folder_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "parts"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert train_smol.main(["--out", str(out), "--minutes", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and (out / "notes.txt").exists()

