@@ -129,3 +129,34 @@ def test_foreign_out_folder_is_refused_before_training(tmp_path, capsys):
     assert train_smol.main(["--out", str(out), "--minutes", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and (out / "notes.txt").exists()
+
+
+def test_training_script_settings_parse_and_keep_the_55_minute_budget():
+    import shlex
+
+    from videollama2.embedded import paths
+
+    script = (paths.REPO_ROOT / "scripts_videollama2" / "embedded" / "train_videollama2_av_smol.sh").read_text()
+    joined = script.replace("\\\n", " ")
+    command = shlex.split(joined.split('"$python" -m videollama2.embedded.train_smol', 1)[1].split("\n")[0])
+    assert command[-1] == "$@"
+    args = train_smol.parse_args(command[:-1])
+    assert args.minutes == 55 and args.variant == "hard" and args.out == smol.PARTS_DIR.relative_to(paths.REPO_ROOT)
+
+
+def test_multi_turn_conversations_label_every_answer_and_never_repeat_a_question():
+    import random
+
+    from videollama2.model import IGNORE_INDEX
+
+    tokenizer = smol.build_tokenizer(tiny.build_tokenizer("hard"))
+    prompts = train.Prompts(tokenizer)
+    rng = random.Random(0)
+    for seed in range(30):
+        spec = av.draw_spec(seed, "hard")
+        turns = train.draw_turns(rng, spec, 4)
+        assert 1 <= len(turns) <= 4 and len({q for q, _ in turns}) == len(turns)
+        ids, labels = prompts.encode_turns(turns)
+        assert ids.count(-201) == 1  # one <video> placeholder, in the first question
+        labelled = tokenizer.decode([t for t in labels if t != IGNORE_INDEX]).split()
+        assert labelled == [w for _, answer in turns for w in (answer, "<|im_end|>")]  # each answer and its end

@@ -107,9 +107,16 @@ class Prompts:
         self.cache: dict = {}
 
     def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        key = (question, answer)
+        return self.encode_turns(((question, answer),))
+
+    def encode_turns(self, turns: tuple) -> tuple[list[int], list[int]]:
+        """One conversation of (question, answer) turns about the clip (labels on every answer)."""
+        key = turns[0] if len(turns) == 1 else tuple(turns)
         if key not in self.cache:
-            messages = [{"role": "user", "content": f"<video>\n{question}"}, {"role": "assistant", "content": answer}]
+            messages = []
+            for i, (question, answer) in enumerate(turns):
+                messages += [{"role": "user", "content": f"<video>\n{question}" if i == 0 else question},
+                             {"role": "assistant", "content": answer}]
             self.cache[key] = tokenize_segments(self.tokenizer, conversation_segments(self.tokenizer, messages, True))
         return self.cache[key]
 
@@ -118,14 +125,30 @@ class Prompts:
 KIND_WEIGHTS = {"video": 0.4, "audio": 0.2, "both": 0.4}
 
 
+def draw_turns(rng: random.Random, spec, turns: int) -> tuple:
+    """Up to `turns` different questions about one clip, kinds drawn by KIND_WEIGHTS (a question
+    never comes twice: a later turn could read its answer from an earlier one)."""
+    chosen: dict = {}
+    for _ in range(3 * turns):
+        if len(chosen) == turns:
+            break
+        kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+        question, answer = av.draw_question(rng, spec, kind)
+        chosen.setdefault(question, answer)
+    return tuple(chosen.items())
+
+
 def training_batch(pool: ClipPool, prompts: Prompts, rng: random.Random, batch_size: int,
-                   pad_id: int) -> tuple[dict, list]:
+                   pad_id: int, turns: int = 1) -> tuple[dict, list]:
+    """`batch_size` clips, each with one question (or a conversation of `turns` questions)."""
     encoded, specs = [], []
     kinds = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()), k=batch_size)
     for kind in kinds:
         spec, video, fbank = pool.items[rng.randrange(len(pool.items))]
-        question, answer = av.draw_question(rng, spec, kind)
-        ids, labels = prompts.encode(question, answer)
+        if turns > 1:
+            ids, labels = prompts.encode_turns(draw_turns(rng, spec, turns))
+        else:
+            ids, labels = prompts.encode(*av.draw_question(rng, spec, kind))
         encoded.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                         "video": normalize_frames(video).unsqueeze(0), "audio": fbank.unsqueeze(0)})
         specs.append(spec)
@@ -273,6 +296,7 @@ def answer_steps(model, aux, optimizer, params: list, pool: ClipPool, prompts: P
     """Steps on the answer loss (plus aux_weight x the probes) until args.steps or the clock
     reaches `stop_at`; learning rate learning_rate() of each group's "peak" (default args.lr),
     gradients of `params` clipped at 1, `validate()` every args.eval_every steps into `history`.
+    Optional args: `turns` (questions per clip, default 1), `bf16` (bfloat16 autocast).
     Returns the steps done."""
     bar = tqdm(range(args.steps), desc=desc, file=sys.stderr)
     step = 0
@@ -283,11 +307,13 @@ def answer_steps(model, aux, optimizer, params: list, pool: ClipPool, prompts: P
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.warmup, group.get("peak", args.lr))
-        batch, specs = training_batch(pool, prompts, rng, args.batch_size, pad_id)
-        video_tokens, audio_tokens = model.encode_video(batch["video"]), model.encode_audio(batch["audio"])
-        loss = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens,
-                             audio_tokens, labelled_only=labelled_only)
-        total = loss + args.aux_weight * aux.loss(video_tokens, audio_tokens, specs) if args.aux_weight else loss
+        batch, specs = training_batch(pool, prompts, rng, args.batch_size, pad_id, getattr(args, "turns", 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=getattr(args, "bf16", False)):
+            video_tokens, audio_tokens = model.encode_video(batch["video"]), model.encode_audio(batch["audio"])
+            loss = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens,
+                                 audio_tokens, labelled_only=labelled_only)
+            aux_loss = aux.loss(video_tokens.float(), audio_tokens.float(), specs) if args.aux_weight else 0.0
+        total = loss + args.aux_weight * aux_loss if args.aux_weight else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

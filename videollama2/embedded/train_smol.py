@@ -10,7 +10,8 @@ ClipPool, Prompts, train_encoders, answer_steps, the task variant's auxiliary pr
 
   stage 1: towers and projectors on the probes only (no decoder pass: cheap);
   stage 2: towers and projectors on the answer tokens through the 30 frozen layers (plus the
-           probes), the head run only at the answer positions;
+           probes), --turns questions per clip in one conversation, the head run only at the
+           answer positions (--bf16: bfloat16 autocast);
   stage 3 (--lora-rank > 0): a peft LoRA on the decoder linears of --lora-layers, trained with
            the parts (the LoRA's delta is merged into the decoder at assembly).
 
@@ -71,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-clips", type=int, default=40, help="validation clips (x3 question kinds)")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation runs (0: never)")
     parser.add_argument("--no-heldout", action="store_true", help="skip the final held-out scoring (trials)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per step")
+    parser.add_argument("--turns", type=int, default=4,
+                        help="questions per training clip, as one conversation (the media tokens are paid once)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in the training steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="towers and projectors")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -87,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
     lora.add_argument("--stage3-share", type=float, default=0.5, help="share of stages 2+3's time for stage 3")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.pool < 1 or args.val_clips < 1 or args.minutes <= 0:
-        parser.error("--batch-size, --pool and --val-clips must be at least 1 and --minutes positive")
+    if min(args.batch_size, args.pool, args.val_clips, args.turns) < 1 or args.minutes <= 0:
+        parser.error("--batch-size, --turns, --pool and --val-clips must be at least 1 and --minutes positive")
     if not 0 < args.stage3_share < 1:
         parser.error("--stage3-share must lie strictly between 0 and 1")
     return args

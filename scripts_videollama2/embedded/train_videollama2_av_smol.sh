@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train the parts of the embedded VideoLLaMA2-AV on the pretrained SmolLM2-135M-Instruct decoder
+# (towers and projectors, decoder frozen) on the hard synthetic AV task, then assemble the
+# checkpoint and score it on the task's held-out split. CPU only: the trainer's whole run
+# (loading, pool, all stages, its own scoring) is capped at 55 minutes on 2 cores (--minutes 55);
+# writing the hard data (first run only, about a minute), assembly and the final eval add a few.
+#   stage 1  towers and projectors on the task's probe labels (no decoder pass),
+#   stage 2  the same on the answers through the 30 frozen layers, 4 questions per clip, bf16 autocast.
+# Extra arguments go to the trainer and override these settings (python -m videollama2.embedded.train_smol -h),
+# e.g. --lora-rank 8 --lora-layers 20-29 for a LoRA on the upper layers (its delta is merged at assembly).
+#
+#   bash scripts_videollama2/embedded/train_videollama2_av_smol.sh [--seed 1234] [--minutes 55] [...]
+set -euo pipefail
+source "$(dirname "$0")/../../scripts/lib/paths.sh"
+absolutize_env PYTHON  # the caller's relative paths (--out ...), not the repository root's
+absolutize_args "$@"
+set -- "${ABS_ARGS[@]}"
+cd "$(dirname "$0")/../.."
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
+data=playground/embedded/AVInstruct-hard
+
+if [ ! -f "$data/avinstruct_avqa_music_eval.json" ]; then
+  "$python" -m videollama2.embedded.synthetic_av --variant hard --seed 0 --out "$data"
+fi
+"$python" -m videollama2.embedded.train_smol --out checkpoints/embedded/videollama2-av-smol-parts \
+    --variant hard --minutes 55 --threads 2 --bf16 \
+    --encoder-steps 600 --pool 600 --refresh 2 --batch-size 8 --turns 4 --lr 1e-3 --aux-weight 0.5 \
+    --val-clips 40 --eval-every 100 "$@"
+"$python" -m videollama2.embedded.smol assemble --force
+"$python" -m videollama2.eval --model_path checkpoints/embedded/videollama2-av-smol \
+    --data_path "$data/avinstruct_avqa_music_eval.json" --data_folder "$data/AVQA_music"
