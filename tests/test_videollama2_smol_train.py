@@ -160,3 +160,9 @@ def test_multi_turn_conversations_label_every_answer_and_never_repeat_a_question
         assert ids.count(-201) == 1  # one <video> placeholder, in the first question
         labelled = tokenizer.decode([t for t in labels if t != IGNORE_INDEX]).split()
         assert labelled == [w for _, answer in turns for w in (answer, "<|im_end|>")]  # each answer and its end
+
+
+def test_lora_layer_spec_that_is_not_a_number_is_a_user_error():
+    with pytest.raises(UserInputError, match="lora-layers"):
+        train_smol.layer_indices("top", 30)
+    assert train_smol.layer_indices("all", 3) == [0, 1, 2]

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import transformers
 
+# model-agnostic LoRA helpers of the LLaVA-NeXT SmolLM2 trainer
+from llava.embedded.train_smol import LORA_TARGETS, layer_indices as _layer_indices, merge_lora_in_place
 from mmprune import smollm2
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
@@ -50,7 +52,6 @@ from videollama2.embedded.train import (VAL_SEED, ClipPool, Prompts, answer_step
 from videollama2.eval import evaluate
 from videollama2.media import MediaLoader
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--lora-rank", type=int, default=0, help="0: no LoRA, no stage 3")
     lora.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
     lora.add_argument("--lora-lr", type=float, default=1e-3)
-    lora.add_argument("--lora-layers", default="20-29", help="decoder layer indices like 20-29 or 0-4,28")
+    lora.add_argument("--lora-layers", default="20-29", help="'all', or decoder layer indices like 20-29 or 0-4,28")
     lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
     lora.add_argument("--stage3-share", type=float, default=0.5, help="share of stages 2+3's time for stage 3")
     args = parser.parse_args(argv)
@@ -102,16 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def layer_indices(spec: str, count: int) -> list[int]:
-    chosen = set()
     try:
-        for part in spec.split(","):
-            first, _, last = part.strip().partition("-")
-            chosen.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise UserInputError(f"--lora-layers {spec!r}: expected indices like 20-29 or 0-4,28") from None
-    if not chosen or min(chosen) < 0 or max(chosen) >= count:
-        raise UserInputError(f"--lora-layers {spec!r}: layers run from 0 to {count - 1}")
-    return sorted(chosen)
+        return _layer_indices(spec, count)
+    except ValueError:  # a part that is not a number
+        raise UserInputError(f"--lora-layers {spec!r}: expected 'all' or indices like 20-29 or 0-4,28") from None
 
 
 def lora_config(model, args) -> dict:
@@ -156,13 +151,7 @@ def as_assembled(model, peft_model, staging: Path):
     """The plain model holding exactly what `smol assemble` builds from the files in `staging`:
     parts rounded to float16, LoRA delta merged in float64."""
     if peft_model is not None:
-        deltas = smollm2.lora_deltas(staging)
-        model = peft_model.unload()  # LoRA layers out, base weights untouched
-        weights = dict(model.named_parameters())
-        tensors = {name: weights[name].data for name in deltas}
-        smollm2.merge_deltas(tensors, deltas)
-        for name, tensor in tensors.items():
-            weights[name].data = tensor
+        model = merge_lora_in_place(peft_model, staging)
     from videollama2.checkpoint import _vision_level, to_runtime_key
 
     keeps_level = _vision_level(model)
