@@ -166,3 +166,44 @@ def test_lora_layer_spec_that_is_not_a_number_is_a_user_error():
     with pytest.raises(UserInputError, match="lora-layers"):
         train_smol.layer_indices("top", 30)
     assert train_smol.layer_indices("all", 3) == [0, 1, 2]
+
+
+def test_cached_top_layers_give_the_full_answer_loss():
+    import random
+
+    tokenizer = smol.build_tokenizer(tiny.build_tokenizer("hard"))
+    parts = smol.default_parts_config()
+    model = smol.build_model(toy_decoder(len(tokenizer)), tokenizer, parts, smol.fresh_parts(parts, 48, 1))
+    prompts = train.Prompts(tokenizer)
+    rng = random.Random(0)
+    conversations = []
+    for seed in range(3):  # different lengths: the padded batch must not change the loss
+        spec, frames, audio = av.make_clip(seed, "hard")
+        ids, labels = prompts.encode_turns(train.draw_turns(rng, spec, 1 + seed))
+        conversations.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                              "video": frames[::2], "audio": torch.randn(model.audio_frame_count(), 128)})
+    from videollama2.data import collate
+    from videollama2.media import normalize_frames
+
+    encoded = [{"input_ids": c["input_ids"], "labels": c["labels"], "video": normalize_frames(c["video"]).unsqueeze(0),
+                "audio": c["audio"].unsqueeze(0)} for c in conversations]
+    batch = collate(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                              model.encode_video(batch["video"]), model.encode_audio(batch["audio"]), labelled_only=True)
+        items = train_smol.hidden_entering(model, 1, batch, bf16=False)
+        top = train_smol.top_answer_loss(model, 1, items)
+    assert [len(h) for h, _ in items] == [int(n) for n in model.embed_inputs(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["video"], batch["audio"]).attention_mask.sum(1)]
+    torch.testing.assert_close(top, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_lora_run_writes_an_adapter(tmp_path):
+    tokenizer = tiny.build_tokenizer("hard")
+    out = tmp_path / "parts"
+    info = train_smol.train(quick_args(out, "--lora-rank", "2", "--lora-layers", "1", "--cached", "--cached-pool", "2",
+                                       "--turns", "2"), toy_decoder(len(tokenizer)), tokenizer)
+    assert info["stage3_lora"]["cached_from_layer"] == 1 and info["stage3_lora"]["steps"] == 2
+    assert info["stage3_lora"]["conversations_cached"] >= 2
+    assert (out / smollm2.ADAPTER_TENSORS).is_file()
+    assert any(h["stage"] == "stage 3 (LoRA, cached)" for h in info["history"])

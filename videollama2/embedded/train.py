@@ -290,14 +290,25 @@ def learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def answer_steps(model, aux, optimizer, params: list, pool: ClipPool, prompts: Prompts, rng: random.Random, args,
+def answer_steps(model, aux, optimizer, params: list, pool: SamplePool, prompts: Prompts, rng: random.Random, args,
                  pad_id: int, stop_at: float, validate, history: list, start: float, desc: str = "train",
-                 labelled_only: bool = False) -> int:
+                 labelled_only: bool = False, step_loss=None) -> int:
     """Steps on the answer loss (plus aux_weight x the probes) until args.steps or the clock
     reaches `stop_at`; learning rate learning_rate() of each group's "peak" (default args.lr),
-    gradients of `params` clipped at 1, `validate()` every args.eval_every steps into `history`.
-    Optional args: `turns` (questions per clip, default 1), `bf16` (bfloat16 autocast).
-    Returns the steps done."""
+    gradients of `params` clipped at 1, `pool` refreshed, `validate()` every args.eval_every steps
+    into `history`. Optional args: `turns` (questions per clip, default 1), `bf16` (bfloat16
+    autocast). `step_loss()` -> (answer loss, total loss) replaces the clip batch's (then `aux`,
+    `prompts` and `pad_id` are unused). Returns the steps done."""
+    def clip_loss():
+        batch, specs = training_batch(pool, prompts, rng, args.batch_size, pad_id, getattr(args, "turns", 1))
+        video_tokens, audio_tokens = model.encode_video(batch["video"]), model.encode_audio(batch["audio"])
+        loss = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens,
+                             audio_tokens, labelled_only=labelled_only)
+        if not args.aux_weight:
+            return loss, loss
+        return loss, loss + args.aux_weight * aux.loss(video_tokens.float(), audio_tokens.float(), specs)
+
+    step_loss = step_loss or clip_loss
     bar = tqdm(range(args.steps), desc=desc, file=sys.stderr)
     step = 0
     for step in bar:
@@ -307,13 +318,8 @@ def answer_steps(model, aux, optimizer, params: list, pool: ClipPool, prompts: P
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.warmup, group.get("peak", args.lr))
-        batch, specs = training_batch(pool, prompts, rng, args.batch_size, pad_id, getattr(args, "turns", 1))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=getattr(args, "bf16", False)):
-            video_tokens, audio_tokens = model.encode_video(batch["video"]), model.encode_audio(batch["audio"])
-            loss = model.lm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens,
-                                 audio_tokens, labelled_only=labelled_only)
-            aux_loss = aux.loss(video_tokens.float(), audio_tokens.float(), specs) if args.aux_weight else 0.0
-        total = loss + args.aux_weight * aux_loss if args.aux_weight else loss
+            loss, total = step_loss()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

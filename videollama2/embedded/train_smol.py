@@ -13,7 +13,9 @@ ClipPool, Prompts, train_encoders, answer_steps, the task variant's auxiliary pr
            probes), --turns questions per clip in one conversation, the head run only at the
            answer positions (--bf16: bfloat16 autocast);
   stage 3 (--lora-rank > 0): a peft LoRA on the decoder linears of --lora-layers, trained with
-           the parts (the LoRA's delta is merged into the decoder at assembly).
+           the parts (the LoRA's delta is merged into the decoder at assembly); with --cached the
+           parts are frozen and the hidden states entering the lowest LoRA layer are cached per
+           conversation, so a step runs only the layers above (as llava.embedded.train_smol).
 
 Stages 2 and 3 share what is left of --minutes (the whole run, loading and final scoring
 included) after stage 1; --stage3-share sets stage 3's part. At the end the parts are rounded to
@@ -47,10 +49,12 @@ from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
 from videollama2.data import load_records
 from videollama2.embedded import paths, smol, synthetic_av as av
-from videollama2.embedded.train import (VAL_SEED, ClipPool, Prompts, answer_steps, auxiliary_heads, train_encoders,
-                                        write_validation)
+from mmprune.training import SamplePool
+from videollama2.embedded.train import (VAL_SEED, ClipPool, Prompts, answer_steps, auxiliary_heads, draw_turns,
+                                        train_encoders, write_validation)
 from videollama2.eval import evaluate
-from videollama2.media import MediaLoader
+from videollama2.media import MediaLoader, normalize_frames
+from videollama2.model import IGNORE_INDEX
 
 
 
@@ -91,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--lora-layers", default="20-29", help="'all', or decoder layer indices like 20-29 or 0-4,28")
     lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
     lora.add_argument("--stage3-share", type=float, default=0.5, help="share of stages 2+3's time for stage 3")
+    lora.add_argument("--cached", action="store_true",
+                      help="stage 3 with towers and projectors frozen: the hidden states entering the lowest LoRA "
+                           "layer are computed once per pool conversation and each step runs only the layers above")
+    lora.add_argument("--cached-pool", type=int, default=400, help="cached conversations (refreshed like the pool)")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.pool, args.val_clips, args.turns) < 1 or args.minutes <= 0:
         parser.error("--batch-size, --turns, --pool and --val-clips must be at least 1 and --minutes positive")
@@ -142,6 +150,73 @@ def save_adapter(peft_model, config: dict, folder: Path) -> None:
     save_file(state, str(folder / smollm2.ADAPTER_TENSORS), metadata={"format": "pt"})
     fields = {k: v for k, v in config.items() if k != "layers"}
     (folder / smollm2.ADAPTER_CONFIG).write_text(json.dumps(fields, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------ cached stage 3
+#
+# With the media path frozen and the LoRA only in layers >= S, what enters layer S depends on
+# nothing trained: it is computed once per conversation, and each step runs layers S.. alone.
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def hidden_entering(model, layer: int, batch: dict, bf16: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(hidden (n, d) entering decoder layer `layer`, labels (n,))] per conversation of `batch`
+    (media spliced in; the forward stops at that layer)."""
+    spliced = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("video"),
+                                 batch.get("audio"))
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = model.model.layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    mask = None if bool(spliced.attention_mask.all()) else spliced.attention_mask
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.model(inputs_embeds=spliced.inputs_embeds, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    lengths = spliced.attention_mask.sum(1).tolist()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return [(captured["hidden"][b, :n].to(dtype), spliced.labels[b, :n]) for b, n in enumerate(lengths)]
+
+
+def cached_pool(model, layer: int, pool: ClipPool, prompts: Prompts, rng: random.Random, args) -> SamplePool:
+    """New clips from `pool`'s maker, each as a conversation of --turns questions with the hidden
+    states entering `layer`."""
+    def make():
+        spec, video, fbank = pool.make()
+        ids, labels = prompts.encode_turns(draw_turns(rng, spec, args.turns))
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                 "labels": torch.tensor([labels]), "video": normalize_frames(video).unsqueeze(0),
+                 "audio": fbank.unsqueeze(0)}
+        return hidden_entering(model, layer, batch, args.bf16)[0]
+    return SamplePool(make)
+
+
+def top_answer_loss(model, layer: int, items: list) -> torch.Tensor:
+    """Answer loss of cached conversations: only decoder layers `layer`.. run (right-padded)."""
+    length = max(len(h) for h, _ in items)
+    hidden = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, length - len(h))) for h, _ in items])
+    labels = torch.stack([torch.nn.functional.pad(y, (0, length - len(y)), value=IGNORE_INDEX) for _, y in items])
+    mask = torch.stack([torch.arange(length) < len(h) for h, _ in items]).long()
+    decoder = model.model
+    layers = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(layers)[layer:])
+    try:
+        out = decoder(inputs_embeds=hidden, attention_mask=None if bool(mask.all()) else mask, use_cache=False)
+    finally:
+        decoder.layers = layers
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(model.lm_head(out.last_hidden_state[:, :-1][keep]).float(), targets[keep])
 
 
 # ------------------------------------------------------------------------------ driver
@@ -226,13 +301,34 @@ def train(args, decoder=None, tokenizer=None) -> dict:
             lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
             for p in trainable:  # get_peft_model froze everything but the adapter
                 p.requires_grad_(True)
-            groups = [{"params": trainable + list(aux.parameters()), "lr": args.lr, "peak": args.lr},
-                      {"params": lora_params, "lr": args.lora_lr, "peak": args.lora_lr}]
-            optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-            stage3 = {"steps": answer_steps(model, aux, optimizer, trainable + lora_params, pool, prompts, rng, args,
-                                            tokenizer.pad_token_id, stop, validate, history, start,
-                                            desc="stage 3 (LoRA)", labelled_only=True),
-                      "lora_parameters": sum(p.numel() for p in lora_params)}
+            if args.cached:
+                first = lora["layers"][0]
+                for p in trainable:
+                    p.requires_grad_(False)
+                model.eval()
+                top_pool = cached_pool(model, first, pool, prompts, rng, args)
+                top_pool.fill(args.cached_pool, desc=f"hidden states entering layer {first}")
+                optimizer = torch.optim.AdamW(lora_params, lr=args.lora_lr, weight_decay=args.weight_decay)
+                for group in optimizer.param_groups:
+                    group["peak"] = args.lora_lr
+
+                def cached_loss():
+                    loss = top_answer_loss(model, first, top_pool.draw(args.batch_size, rng))
+                    return loss, loss
+
+                steps = answer_steps(model, None, optimizer, lora_params, top_pool, prompts, rng, args,
+                                     tokenizer.pad_token_id, stop, validate, history, start,
+                                     desc="stage 3 (LoRA, cached)", step_loss=cached_loss)
+                stage3 = {"steps": steps, "cached_from_layer": first, "cached_pool": args.cached_pool,
+                          "conversations_cached": top_pool.made}
+            else:
+                groups = [{"params": trainable + list(aux.parameters()), "lr": args.lr, "peak": args.lr},
+                          {"params": lora_params, "lr": args.lora_lr, "peak": args.lora_lr}]
+                optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+                stage3 = {"steps": answer_steps(model, aux, optimizer, trainable + lora_params, pool, prompts, rng,
+                                                args, tokenizer.pad_token_id, stop, validate, history, start,
+                                                desc="stage 3 (LoRA)", labelled_only=True)}
+            stage3["lora_parameters"] = sum(p.numel() for p in lora_params)
         train_minutes = (time.monotonic() - start) / 60
         parts = dict(parts, trained=True)
         with atomic_output_dir(str(args.out), overwrite=True) as staging:
