@@ -27,7 +27,7 @@ def toy_decoder(vocab_size, seed=0):
 
 def quick_args(out, *extra):
     return train_smol.parse_args(["--out", str(out), "--minutes", "5", "--pool", "3", "--val-clips", "2",
-                                  "--encoder-steps", "2", "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                                  "--encoder-steps", "2", "--align-steps", "2", "--steps", "2", "--batch-size", "2", "--eval-every", "2",
                                   "--no-heldout", "--threads", "1", "--seed", "5", *extra])
 
 
@@ -80,6 +80,7 @@ def test_trainer_writes_a_parts_folder_that_assembles_into_the_scored_model(trai
     assert sorted(deltas) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
     recorded = json.loads((out / smol.TRAINING_INFO).read_text())
     assert recorded["stage1_probes"]["steps"] == 2 and recorded["stage2_frozen_decoder"]["steps"] == 2
+    assert recorded["stage1b_soft_words"]["steps"] == 2
     assert recorded["stage3_lora"]["steps"] == 2 and recorded["lora"]["layers"] == [1]
     assert {h["stage"] for h in recorded["history"]} == {"stage 2 (frozen decoder)", "stage 3 (LoRA)"}
     # the parts moved away from their initialisation
@@ -207,3 +208,44 @@ def test_cached_lora_run_writes_an_adapter(tmp_path):
     assert info["stage3_lora"]["conversations_cached"] >= 2
     assert (out / smollm2.ADAPTER_TENSORS).is_file()
     assert any(h["stage"] == "stage 3 (LoRA, cached)" for h in info["history"])
+
+
+def test_soft_word_targets_name_what_each_media_token_carries(tmp_path):
+    import random
+
+    from llava.embedded.train_smol import word_vector
+
+    tokenizer = smol.build_tokenizer(tiny.build_tokenizer("hard"))
+    parts = smol.default_parts_config()
+    model = smol.build_model(toy_decoder(len(tokenizer)), tokenizer, parts, smol.fresh_parts(parts, 48, 1))
+    soft = train_smol.SoftWords(model, tokenizer)
+    embeddings = model.model.embed_tokens.weight.detach()
+
+    def word(w):
+        return word_vector(embeddings, tokenizer, w)
+
+    spec = av.draw_spec(3, "hard")
+    video = soft.video_targets([spec])[0]
+    assert video.shape == (model.video_token_count(), 48)
+    first, second = spec.shapes[0], spec.shapes[1]
+    torch.testing.assert_close(video[0], word(first.color) + word(first.shape))
+    torch.testing.assert_close(video[15], video[0])  # every token of the step
+    # step 1 holds sampled frames 5 (first shape) and 7 (second shape)
+    torch.testing.assert_close(video[16], (word(first.color) + word(first.shape) + word(second.color)
+                                           + word(second.shape)) / 2)
+    audio = soft.audio_targets([spec])[0]
+    assert audio.shape == (model.audio_token_count(), 48)
+    heard = soft.audio_times  # (time patches, frames) in original seconds, increasing
+    assert bool((heard[1:, 0] > heard[:-1, 0]).all()) and float(heard.max()) < av.SECONDS
+    for p in range(len(heard)):
+        playing = [s for s in spec.sounds if ((heard[p] >= s.start) & (heard[p] < s.start + s.length)).any()]
+        assert bool(audio[p * soft.bins].any()) == bool(playing), p
+
+    # a few steps of stage 1b bring the projected tokens closer to their soft words
+    out = tmp_path / "clips"
+    out.mkdir()
+    pool = train.ClipPool(model, out, 0, "hard")
+    pool.fill(3)
+    args = quick_args("unused", "--align-steps", "12", "--align-lr", "3e-3")
+    result = train_smol.align_projectors(model, soft, pool, random.Random(0), args, deadline=float("inf"))
+    assert result["steps"] == 12 and result["final_mse"] < result["first_mse"]

@@ -5,9 +5,10 @@
 # (loading, pool, all stages, its own scoring) is capped at 55 minutes on 2 cores (--minutes 55);
 # writing the hard data (first run only, about a minute), assembly and the final eval add a few.
 #   stage 1  towers and projectors on the task's probe labels (no decoder pass),
-#   stage 2  the same on the answers through the 30 frozen layers, 4 questions per clip, bf16 autocast.
+#   stage 1b projectors onto the decoder's word embeddings of what each media token carries (no decoder pass),
+#   stage 2  towers and projectors on the answers through the 30 frozen layers, 4 questions per clip, bf16.
 # Extra arguments go to the trainer and override these settings (python -m videollama2.embedded.train_smol -h),
-# e.g. --lora-rank 8 --lora-layers 20-29 for a LoRA on the upper layers (its delta is merged at assembly).
+# e.g. --lora-rank 8 --lora-layers 20-29 [--cached] for a LoRA on the upper layers (merged at assembly).
 #
 #   bash scripts_videollama2/embedded/train_videollama2_av_smol.sh [--seed 1234] [--minutes 55] [...]
 set -euo pipefail
@@ -27,7 +28,7 @@ if [ ! -f "$data/avinstruct_avqa_music_eval.json" ]; then
 fi
 "$python" -m videollama2.embedded.train_smol --out checkpoints/embedded/videollama2-av-smol-parts \
     --variant hard --minutes 55 --threads 2 --bf16 \
-    --encoder-steps 600 --pool 600 --refresh 2 --batch-size 8 --turns 4 --lr 1e-3 --aux-weight 0.5 \
+    --encoder-steps 600 --align-steps 300 --align-lr 3e-3 --pool 600 --refresh 2 --batch-size 8 --turns 4 --lr 1e-3 --aux-weight 0.5 \
     --val-clips 40 --eval-every 100 "$@"
 "$python" -m videollama2.embedded.smol assemble --force
 "$python" -m videollama2.eval --model_path checkpoints/embedded/videollama2-av-smol \

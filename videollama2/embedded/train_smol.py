@@ -9,6 +9,8 @@ ClipPool, Prompts, train_encoders, answer_steps, the task variant's auxiliary pr
 --variant task (default "hard"):
 
   stage 1: towers and projectors on the probes only (no decoder pass: cheap);
+  stage 1b: the projectors onto the decoder's own input embeddings of the words naming what each
+           media token carries (colour + shape on screen, sounds playing; no decoder pass);
   stage 2: towers and projectors on the answer tokens through the 30 frozen layers (plus the
            probes), --turns questions per clip in one conversation, the head run only at the
            answer positions (--bf16: bfloat16 autocast);
@@ -41,9 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from tqdm import tqdm
 
 # model-agnostic LoRA helpers of the LLaVA-NeXT SmolLM2 trainer
-from llava.embedded.train_smol import LORA_TARGETS, layer_indices as _layer_indices, merge_lora_in_place
+from llava.embedded.train_smol import LORA_TARGETS, layer_indices as _layer_indices, merge_lora_in_place, word_vector
 from mmprune import smollm2
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
@@ -51,9 +54,9 @@ from videollama2.data import load_records
 from videollama2.embedded import paths, smol, synthetic_av as av
 from mmprune.training import SamplePool
 from videollama2.embedded.train import (VAL_SEED, ClipPool, Prompts, answer_steps, auxiliary_heads, draw_turns,
-                                        train_encoders, write_validation)
+                                        media_batch, train_encoders, write_validation)
 from videollama2.eval import evaluate
-from videollama2.media import MediaLoader, normalize_frames
+from videollama2.media import MediaLoader, clip_starts, frame_indices, normalize_frames
 from videollama2.model import IGNORE_INDEX
 
 
@@ -86,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of the probes in stages 2 and 3")
     parser.add_argument("--encoder-steps", type=int, default=600, help="stage 1 steps (0 skips it)")
+    parser.add_argument("--align-steps", type=int, default=300,
+                        help="stage 1b steps: projectors onto the decoder's word embeddings (0 skips it)")
+    parser.add_argument("--align-lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=1500,
                         help="schedule length of stages 2 and 3 each (they usually stop at their time share)")
     lora = parser.add_argument_group("stage 3: LoRA on the decoder")
@@ -150,6 +156,95 @@ def save_adapter(peft_model, config: dict, folder: Path) -> None:
     save_file(state, str(folder / smollm2.ADAPTER_TENSORS), metadata={"format": "pt"})
     fields = {k: v for k, v in config.items() if k != "layers"}
     (folder / smollm2.ADAPTER_CONFIG).write_text(json.dumps(fields, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------ stage 1b: soft words
+#
+# Before answers are back-propagated through 30 frozen layers, the projectors learn (cheaply: no
+# decoder pass) to put each media token on the decoder's own input embeddings of the words that
+# name what it carries: a video token, colour + shape of the shape on screen in its time step; an
+# audio token, the sounds playing during its stretch of audio (silence: the zero vector).
+
+
+class SoftWords:
+    """Soft-word targets of the video and audio tokens of `model`'s token grids."""
+
+    def __init__(self, model, tokenizer):
+        embeddings = model.model.embed_tokens.weight.detach().float()
+        self.words = {w: word_vector(embeddings, tokenizer, w) for w in (*av.SHAPES, *av.COLORS, *av.SOUNDS)}
+        config = model.config
+        frames = frame_indices(av.FRAMES, config.num_frames)
+        steps, height, width = model.model.mm_projector.output_grid(
+            config.num_frames, model.image_size // model.vision_tower.config.patch_size)
+        per_step = len(frames) // steps
+        self.step_frames = [frames[i * per_step:(i + 1) * per_step] for i in range(steps)]
+        self.tokens_per_step = height * width
+        # audio: the original times (s) of each fbank frame centre (25 ms window, 10 ms hop) of a
+        # time patch, through the clip concatenation the loader makes
+        patch = model.audio_tower.cfg.input_patch_size
+        clip = config.audio_clip_seconds
+        starts = clip_starts(int(av.SECONDS * av.SAMPLE_RATE), config.audio_clips, clip,
+                             spacing=config.audio_clip_spacing)
+        times = []
+        for p in range(model.audio_frame_count() // patch):
+            row = []
+            for f in range(p * patch, (p + 1) * patch):
+                u = (f * 160 + 200) / av.SAMPLE_RATE
+                k = min(int(u // clip), len(starts) - 1)
+                row.append(float(starts[k]) + u - k * clip)
+            times.append(row)
+        self.audio_times = torch.tensor(times)
+        self.bins = 128 // patch
+
+    def video_targets(self, specs: list) -> torch.Tensor:
+        """(B, video tokens, d): per time step, the mean over its frames of colour + shape on screen."""
+        rows = []
+        for spec in specs:
+            steps = []
+            for frames in self.step_frames:
+                shapes = [spec.shapes[spec.frame_shape(f)[0]] for f in frames]
+                steps.append(torch.stack([self.words[s.color] + self.words[s.shape] for s in shapes]).mean(0))
+            rows.append(torch.stack(steps).repeat_interleave(self.tokens_per_step, dim=0))
+        return torch.stack(rows)
+
+    def audio_targets(self, specs: list) -> torch.Tensor:
+        """(B, audio tokens, d): per time patch, each sound's word weighted by the share of the
+        patch it plays in (the patch's tokens over all frequency bands get the same target)."""
+        rows = []
+        for spec in specs:
+            target = torch.zeros(len(self.audio_times), next(iter(self.words.values())).shape[0])
+            for sound, start, length, _, _ in spec.events():
+                share = ((self.audio_times >= start) & (self.audio_times < start + length)).float().mean(1)
+                target += share[:, None] * self.words[sound]
+            rows.append(target.repeat_interleave(self.bins, dim=0))
+        return torch.stack(rows)
+
+
+def align_projectors(model, soft: SoftWords, pool: ClipPool, rng: random.Random, args, deadline: float) -> dict:
+    """Stage 1b: mean squared error of the projected media tokens against their soft words
+    (towers frozen, no decoder pass)."""
+    projectors = list(model.model.mm_projector.parameters()) + list(model.model.mm_projector_a.parameters())
+    optimizer = torch.optim.AdamW(projectors, lr=args.align_lr, weight_decay=args.weight_decay)
+    model.train()
+    losses = []
+    for _ in tqdm(range(args.align_steps), desc="stage 1b (soft words)", file=sys.stderr):
+        if time.monotonic() > deadline:
+            break
+        video, audio, specs = media_batch(pool, rng, args.batch_size)
+        with torch.no_grad():
+            features = model.vision_tower(video.flatten(0, 1))
+            features = features.reshape(video.shape[0], video.shape[1], *features.shape[1:])
+            heard = model.audio_tower(audio.to(model.audio_tower.patch_embedding.weight.dtype))
+        loss = (torch.nn.functional.mse_loss(model.model.mm_projector(features), soft.video_targets(specs))
+                + torch.nn.functional.mse_loss(model.model.mm_projector_a(heard), soft.audio_targets(specs)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        pool.refresh(args.refresh, rng)
+        losses.append(loss.item())
+    window = max(1, min(20, len(losses) // 2))
+    return {"steps": len(losses), "first_mse": round(float(np.mean(losses[:window])), 5) if losses else None,
+            "final_mse": round(float(np.mean(losses[-window:])), 5) if losses else None}
 
 
 # ------------------------------------------------------------------------------ cached stage 3
@@ -289,6 +384,8 @@ def train(args, decoder=None, tokenizer=None) -> dict:
         reserve = (time.monotonic() - tick) / 6 * (len(val_records) + len(heldout_records)) * 1.3 + 10
         stage1 = train_encoders(model, aux, pool, rng, args)
         stop = deadline - reserve
+        stage1b = align_projectors(model, SoftWords(model, tokenizer), pool, rng, args, stop) \
+            if args.align_steps else None
         split = time.monotonic() + (stop - time.monotonic()) * (1 - args.stage3_share) if args.lora_rank else stop
         optimizer = torch.optim.AdamW(trainable + list(aux.parameters()), lr=args.lr, weight_decay=args.weight_decay)
         stage2 = {"steps": answer_steps(model, aux, optimizer, trainable + list(aux.parameters()), pool, prompts, rng,
@@ -349,7 +446,7 @@ def train(args, decoder=None, tokenizer=None) -> dict:
                              if k not in ("out", "cache_dir", "wheel")},
                 "minutes": round((time.monotonic() - start) / 60, 2), "train_minutes": round(train_minutes, 2),
                 "load_minutes": round(load_minutes, 2), "clips_generated": pool.made,
-                "stage1_probes": stage1, "stage2_frozen_decoder": stage2, "stage3_lora": stage3,
+                "stage1_probes": stage1, "stage1b_soft_words": stage1b, "stage2_frozen_decoder": stage2, "stage3_lora": stage3,
                 "lora": lora, "validation": final_val, "heldout_eval": heldout,
                 "heldout_eval_path": paths.shown(heldout_path) if heldout_records else None,
                 "history": history, "parts": parts,
