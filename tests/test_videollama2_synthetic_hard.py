@@ -119,3 +119,18 @@ def test_hard_data_set_is_written_in_the_loader_format(tmp_path):
     assert tuple(loader.video(written["media"] / records[0]["video"]).shape) == (8, 3, 64, 64)
     with pytest.raises(ValueError, match="variant"):
         av.make_clip(0, "harder")
+
+
+def test_hard_variant_defaults_to_its_own_folder(monkeypatch):
+    written = {}
+
+    def record(out, *rest):  # stands in for the writer: only the folder matters here
+        written["out"] = out
+        return {}
+
+    monkeypatch.setattr(av, "write_embedded_data", record)
+    assert av.main(["--variant", "hard", "--n-calib", "1", "--n-eval", "1"]) == 0
+    assert written["out"] == paths.HARD_DATA_ROOT
+    written.clear()
+    assert av.main(["--n-calib", "1", "--n-eval", "1"]) == 0
+    assert written["out"] == paths.DATA_ROOT

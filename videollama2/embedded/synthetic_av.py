@@ -445,19 +445,21 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m videollama2.embedded.synthetic_av",
                                      description="Write the synthetic audio-visual QA data of the embedded default.")
-    parser.add_argument("--out", default=str(paths.DATA_ROOT), help="output root (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help=f"output root (default: {paths.DATA_ROOT} for basic, {paths.HARD_DATA_ROOT} for hard)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seed", type=int, default=None, help="seed of the held-out split (default: seed + 1)")
     parser.add_argument("--n-calib", type=int, default=CALIB_CLIPS)
     parser.add_argument("--n-eval", type=int, default=EVAL_CLIPS)
     parser.add_argument("--variant", choices=VARIANTS, default="basic",
-                        help="task: basic (the tiny model's, default) or hard (three shapes, two sounds; write it "
-                             "to playground/embedded/AVInstruct-hard)")
+                        help="task: basic (the tiny model's, default) or hard (three shapes, two sounds)")
     args = parser.parse_args(argv)
     if args.n_calib < 1 or args.n_eval < 1:
         print("error: --n-calib and --n-eval must be at least 1", flush=True)
         return 2
-    written = write_embedded_data(args.out, args.seed, args.eval_seed, args.n_calib, args.n_eval, args.variant)
+    # each variant has its own default folder: the hard task never overwrites the basic data
+    out = args.out or (paths.HARD_DATA_ROOT if args.variant == "hard" else paths.DATA_ROOT)
+    written = write_embedded_data(out, args.seed, args.eval_seed, args.n_calib, args.n_eval, args.variant)
     for name, value in written.items():
         print(f"{name}: {value}")
     return 0
