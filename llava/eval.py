@@ -198,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Greedy exact-match accuracy and answer perplexity of a LLaVA-NeXT checkpoint.")
     parser.add_argument("--model_path", type=Path, required=True,
                         help="llava-hf LLaVA-NeXT checkpoint directory, e.g. the embedded "
-                             "checkpoints/embedded/llava-next-tiny")
+                             "checkpoints/embedded/llava-next-smol (after `make setup`)")
     parser.add_argument("--data_path", type=Path, default=None,
                         help="LLaVA-NeXT raw-format JSON (default: the embedded synthetic eval split)")
     parser.add_argument("--image_folder", type=Path, default=None,

@@ -1,7 +1,10 @@
 """`python -m llava.quality`: the quality table. Prunes the embedded LLaVA-NeXT (or any checkpoint)
-with every method at every sparsity setting and calibration seed, evaluates each pruned model, and
-writes `docs/results.md` (table with the dense row, date, commit), `docs/results.json` (raw runs)
-and `docs/results_accuracy.png` (accuracy against sparsity per method).
+with every method at every sparsity setting and calibration seed, evaluates each pruned model
+(held-out accuracy, answer perplexity, real-text perplexity of the decoder), and writes a section of
+`docs/results.md` (tables with the dense row, date, commit), the raw runs as JSON and a plot. The
+default model is the SmolLM2 one (files `results.json`, `results_accuracy.png`); the tiny model
+(EMBEDDED_MODEL=tiny or its --model_path) writes `results_tiny.json` / `results_accuracy_tiny.png`
+and its own section.
 
 Each run starts from the same dense weights (restored in memory) and the same captured
 calibration inputs for its seed, so differences between methods come from the methods alone.
@@ -26,6 +29,7 @@ from llava.eval import evaluate
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from mmprune.cli import run_main
 from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
+from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.output import atomic_output_file, check_output_location, write_json_file
 from mmprune.report import toolkit_commit, update_markdown_section, versions
 from mmprune.sparsity import SparsityPattern
@@ -38,7 +42,8 @@ RESULTS_TITLE = "# Results on the embedded LLaVA-NeXT\n\nEach section is written
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m llava.quality", description=__doc__)
-    parser.add_argument("--model_path", default=str(embedded.CHECKPOINT_DIR))
+    parser.add_argument("--model_path", default=None,
+                        help="default: the embedded model EMBEDDED_MODEL names (smol unless set to tiny)")
     parser.add_argument("--data_path", default=str(embedded.DATA_PATH))
     parser.add_argument("--image_folder", default=str(embedded.IMAGE_FOLDER))
     parser.add_argument("--task_split_path", default=str(embedded.TASK_SPLIT_PATH))
@@ -57,7 +62,18 @@ def parse_args(argv):
                         help="seeds run in this many worker processes at once, one CPU thread each")
     parser.add_argument("--only_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker: one seed
     parser.add_argument("--partial", default=None, help=argparse.SUPPRESS)  # worker: raw results JSON
-    return parser.parse_args(argv)
+    add_realtext_argument(parser)
+    args = parser.parse_args(argv)
+    if args.model_path is None:
+        args.model_path = str(embedded.default_checkpoint())
+    return args
+
+
+def output_names(args) -> dict:
+    """Section, JSON and plot names: the tiny model's results live beside the default's."""
+    suffix = embedded.results_suffix(args.model_path)
+    return {"section": "weight-pruning" + suffix.replace("_", "-"), "json": f"results{suffix}.json",
+            "plot": f"results_accuracy{suffix}.png"}
 
 
 def settings(args) -> list[tuple[float, SparsityPattern]]:
@@ -81,7 +97,10 @@ def run_all(args) -> dict:
     records = load_records(args.data_path)
 
     def run_eval():
-        return evaluate(model, processor, eval_records, args.eval_image_folder, progress=False)
+        result = evaluate(model, processor, eval_records, args.eval_image_folder, progress=False)
+        if args.realtext_tokens:
+            result["realtext"] = realtext_perplexity(model, processor.tokenizer, args.realtext_tokens).as_dict()
+        return result
 
     started = time.perf_counter()
     dense = run_eval()
@@ -109,36 +128,83 @@ def run_all(args) -> dict:
                 runs.append({"method": method, "setting": setting_label(sparsity, pattern), "seed": seed,
                              "achieved_sparsity": outcome.achieved, "accuracy": result["accuracy"],
                              "answer_perplexity": result["answer_perplexity"], "per_kind": result["per_kind"],
-                             "prune_seconds": sum(timer.seconds.values())})
+                             "realtext": result.get("realtext"), "prune_seconds": sum(timer.seconds.values())})
                 print(f"{method:10s} {setting_label(sparsity, pattern):5s} seed {seed}: accuracy "
-                      f"{result['accuracy']:.4f} ppl {result['answer_perplexity']:.3f} "
-                      f"({sum(timer.seconds.values()):.1f}s)", file=sys.stderr)
+                      f"{result['accuracy']:.4f} ppl {result['answer_perplexity']:.3f} real-text ppl "
+                      f"{_realtext(result)} ({sum(timer.seconds.values()):.1f}s)", file=sys.stderr)
     model.load_state_dict(dense_state)
     return {"dense": dense, "runs": runs, "minutes": (time.perf_counter() - started) / 60}
 
 
+def _realtext_value(run: dict):
+    """Real-text perplexity of a run, or None (not measured, or diverged)."""
+    return (run.get("realtext") or {}).get("perplexity")
+
+
+def _realtext(run: dict) -> str:
+    value = _realtext_value(run)
+    return "—" if value is None else f"{value:.1f}"
+
+
 def _cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "—"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     spread = (max(values) - min(values)) / 2
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
+def _table(title: str, labels: list, dense_value: str, methods: list, by_key: dict, value, digits: int) -> list:
+    """Markdown table: a dense row, then one row per method of mean ± half-range cells of value(run)."""
+    lines = ["", f"### {title}", "", "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
+             "| dense | " + " | ".join([dense_value] * len(labels)) + " |"]
+    for method in methods:
+        cells = []
+        for label in labels:
+            runs = by_key.get((method, label))
+            values = [v for v in map(value, runs or []) if v is not None]
+            cells.append("—" if runs is None else _cell(values, digits) if len(values) == len(runs)
+                         else f"{_cell(values, digits)} ({len(runs) - len(values)} diverged)" if values else "diverged")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def realism_check(results: dict, by_key: dict) -> list:
+    """The literature's ordering on real LLMs: at 0.5 unstructured, Wanda's real-text perplexity is
+    below magnitude's. Stated from the measured numbers, whichever way they fall."""
+    dense = _realtext_value(results["dense"])
+    mag = [v for v in map(_realtext_value, by_key.get(("magnitude", "0.5"), [])) if v is not None]
+    wanda = [v for v in map(_realtext_value, by_key.get(("wanda", "0.5"), [])) if v is not None]
+    if dense is None or not mag or not wanda:
+        return []
+    holds = statistics.mean(wanda) < statistics.mean(mag)
+    verdict = ("holds: Wanda's is below magnitude's, as on real LLMs" if holds else
+               "does NOT hold: Wanda's is not below magnitude's, unlike real LLMs")
+    return ["", "### Realism check", "",
+            f"Real-text perplexity at 0.5 unstructured: dense {dense:.1f}, magnitude {statistics.mean(mag):.1f}, "
+            f"Wanda {statistics.mean(wanda):.1f} (mean over seeds). The ordering {verdict}."]
+
+
 def write_outputs(args, results: dict) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
+    names = output_names(args)
     labels = [setting_label(s, p) for s, p in settings(args)]
     meta = {"date": _dt.date.today().isoformat(), "commit": toolkit_commit(), "versions": versions(),
             "model_path": embedded.shown(args.model_path), "data_path": embedded.shown(args.data_path),
             "task_name": args.task_name,
             "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
             "eval_data_path": embedded.shown(args.eval_data_path),
-            "eval_samples": results["dense"]["n"], "minutes": round(results["minutes"], 1)}
-    write_json_file(os.path.join(args.out_dir, "results.json"), {"meta": meta, **results})
+            "eval_samples": results["dense"]["n"], "realtext_tokens": args.realtext_tokens,
+            "minutes": round(results["minutes"], 1)}
+    write_json_file(os.path.join(args.out_dir, names["json"]), {"meta": meta, **results})
     by_key: dict[tuple[str, str], list[dict]] = {}
     for run in results["runs"]:
         by_key.setdefault((run["method"], run["setting"]), []).append(run)
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    realtext = results["dense"].get("realtext") or {}
     lines = [
-        "## Weight pruning: the embedded LLaVA-NeXT",
+        f"## Weight pruning: {embedded.model_title(args.model_path)}",
         "",
         f"Produced by `make quality` (`python -m llava.quality`) on {meta['date']}, commit `{meta['commit']}`, "
         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
@@ -147,31 +213,26 @@ def write_outputs(args, results: dict) -> None:
         f"Model `{meta['model_path']}`; calibration: task `{args.task_name}`, {args.nsamples} samples, seeds "
         f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run); "
         f"evaluation: {results['dense']['n']} held-out samples of `{meta['eval_data_path']}`, greedy exact match.",
-        "",
-        "### Accuracy (%)",
-        "",
-        "| method | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
-        "| dense | " + " | ".join([f"{100 * results['dense']['accuracy']:.1f}"] * len(labels)) + " |",
     ]
-    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
-    for method in methods:
-        cells = [_cell([100 * r["accuracy"] for r in by_key.get((method, l), [])], 1) if (method, l) in by_key
-                 else "—" for l in labels]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "### Answer-token perplexity", "",
-              "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
-              "| dense | " + " | ".join([f"{results['dense']['answer_perplexity']:.3f}"] * len(labels)) + " |"]
-    for method in methods:
-        cells = [_cell([r["answer_perplexity"] for r in by_key[(method, l)]], 3) if (method, l) in by_key
-                 else "—" for l in labels]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy against sparsity](results_accuracy.png)", "",
-              "Regenerate with `make quality`; raw runs (per seed, per question kind, achieved sparsity, "
-              "pruning time) are in `docs/results.json`.", ""]
-    update_markdown_section(os.path.join(args.out_dir, "results.md"), "weight-pruning", "\n".join(lines),
+    if realtext.get("tokens"):
+        lines += ["", f"Real-text perplexity: the language decoder alone on {realtext['tokens']:,} tokens of English "
+                      f"text from Python's standard library (`mmprune/realtext.py`, sha256 `{realtext['sha256'][:12]}…`, "
+                      f"windows of {realtext['window']}); \"diverged\" marks runs whose loss overflowed."]
+    lines += _table("Accuracy (%)", labels, f"{100 * results['dense']['accuracy']:.1f}", methods, by_key,
+                    lambda r: 100 * r["accuracy"], 1)
+    lines += _table("Answer-token perplexity", labels, f"{results['dense']['answer_perplexity']:.3f}", methods,
+                    by_key, lambda r: r["answer_perplexity"], 3)
+    if realtext.get("tokens"):
+        lines += _table("Real-text perplexity", labels, _realtext(results["dense"]), methods, by_key,
+                        _realtext_value, 1)
+        lines += realism_check(results, by_key)
+    command = "EMBEDDED_MODEL=tiny make quality" if embedded.is_tiny(args.model_path) else "make quality"
+    lines += ["", f"![accuracy and real-text perplexity against sparsity]({names['plot']})", "",
+              f"Regenerate with `{command}`; raw runs (per seed, per question kind, achieved sparsity, "
+              f"pruning time) are in `docs/{names['json']}`.", ""]
+    update_markdown_section(os.path.join(args.out_dir, "results.md"), names["section"], "\n".join(lines),
                             title=RESULTS_TITLE)
-    plot(args, results, by_key, methods, os.path.join(args.out_dir, "results_accuracy.png"))
+    plot(args, results, by_key, methods, os.path.join(args.out_dir, names["plot"]))
 
 
 def plot(args, results, by_key, methods, path) -> None:
@@ -180,19 +241,29 @@ def plot(args, results, by_key, methods, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    with_realtext = _realtext_value(results["dense"]) is not None
+    fig, axes = plt.subplots(1, 2 if with_realtext else 1, figsize=(12 if with_realtext else 7.5, 4.5), squeeze=False)
     xs = [float(s) for s in args.sparsities]
-    for method in methods:
-        means = [statistics.mean(100 * r["accuracy"] for r in by_key[(method, f"{s:g}")]) for s in xs
-                 if (method, f"{s:g}") in by_key]
-        if means:
-            ax.plot(xs[: len(means)], means, marker="o", label=method)
-    ax.axhline(100 * results["dense"]["accuracy"], color="black", linestyle="--", label="dense")
-    ax.set_xlabel("unstructured sparsity of the decoder linears")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("embedded LLaVA-NeXT: accuracy against sparsity (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(ncol=3, fontsize=8)
+    panels = [(axes[0][0], lambda r: 100 * r["accuracy"], 100 * results["dense"]["accuracy"], "held-out accuracy (%)")]
+    if with_realtext:
+        panels.append((axes[0][1], _realtext_value, _realtext_value(results["dense"]), "real-text perplexity (log)"))
+    for ax, value, dense, ylabel in panels:
+        for method in methods:
+            points = []
+            for x in xs:
+                values = [value(r) for r in by_key.get((method, f"{x:g}"), [])]
+                if values and None not in values:
+                    points.append((x, statistics.mean(values)))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.axhline(dense, color="black", linestyle="--", label="dense")
+        ax.set_xlabel("unstructured sparsity of the decoder linears")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax is not axes[0][0]:
+            ax.set_yscale("log")
+    axes[0][0].legend(ncol=3, fontsize=8)
+    fig.suptitle(f"{embedded.model_title(args.model_path).replace('`', '')}: mean over seeds")
     fig.tight_layout()
     with atomic_output_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -243,7 +314,7 @@ def main(argv=None) -> int:
     # before the runs: the outputs neither overwrite nor land inside an input, and can be created
     inputs = [args.model_path, args.data_path, args.image_folder, args.task_split_path, args.eval_data_path,
               args.eval_image_folder]
-    for name in ("results.md", "results.json", "results_accuracy.png"):
+    for name in ("results.md", *list(output_names(args).values())[1:]):
         check_output_location(args.partial or os.path.join(args.out_dir, name), inputs, "--out_dir")
     if args.partial:
         torch.set_num_threads(1)

@@ -1,7 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Scripts and entry points run without a model path fall back to the embedded default; the suite
+# uses the tiny one (fast). Tests of the smol default set EMBEDDED_MODEL=smol themselves.
+os.environ["EMBEDDED_MODEL"] = "tiny"
 
 # tests import their shared fixture builders (fixtures_llava) as plain modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))

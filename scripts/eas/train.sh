@@ -4,7 +4,7 @@
 # Searches the skip set, trains the PIA adapters, saves the EAS model to OUTPUT_DIR.
 # Environment overrides: MODEL_PATH, DATA_PATH, IMAGE_FOLDER, TASK_SPLIT, TASK_NAME, OUTPUT_DIR,
 # SEED, DEVICE, OVERWRITE=1, PYTHON. Unset paths fall back to the README's real paths, or to the
-# embedded default (tiny model, synthetic VQA) when those are absent (a banner says so).
+# embedded default (EMBEDDED_MODEL: smol or tiny; synthetic VQA) when those are absent (a banner says so).
 # An existing OUTPUT_DIR is refused unless OVERWRITE=1.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/paths.sh"
@@ -24,7 +24,7 @@ if [ -z "$py" ]; then
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
 model_name="$(basename "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}")"
-[ -d "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}" ] || model_name=llava-next-tiny
+[ -d "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}" ] || model_name="llava-next-${EMBEDDED_MODEL:-smol}"
 args=("${k_args[@]}" --seed "${SEED:-0}" --output_dir "${OUTPUT_DIR:-checkpoints/${model_name}_eas_k${k}}")
 if [ -n "${MODEL_PATH:-}" ]; then args+=(--model_path "$MODEL_PATH"); fi
 if [ -n "${DATA_PATH:-}" ]; then args+=(--data_path "$DATA_PATH"); fi

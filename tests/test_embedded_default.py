@@ -1,0 +1,64 @@
+"""Which embedded model a run without paths uses, and how the results tables name and read it."""
+
+import pytest
+
+from llava import quality
+from llava.embedded import paths
+from mmprune.errors import UserInputError
+
+
+def test_embedded_model_choice(monkeypatch):
+    monkeypatch.setenv("EMBEDDED_MODEL", "tiny")
+    assert paths.default_checkpoint() == paths.CHECKPOINT_DIR
+    monkeypatch.delenv("EMBEDDED_MODEL")
+    assert paths.embedded_choice() == "smol"  # the default without the variable
+    monkeypatch.setenv("EMBEDDED_MODEL", "large")
+    with pytest.raises(UserInputError, match="EMBEDDED_MODEL='large' is not one of smol, tiny"):
+        paths.default_checkpoint()
+
+
+def test_banner_names_the_embedded_model(monkeypatch):
+    monkeypatch.setenv("EMBEDDED_MODEL", "tiny")
+    monkeypatch.setattr(paths, "REAL_MODEL", "/nonexistent/model")
+
+    class Args:
+        model_path = None
+
+    notes = []
+    assert paths.resolve_model(Args, notes) is True
+    assert Args.model_path == str(paths.CHECKPOINT_DIR)
+    assert "EMBEDDED tiny LLaVA-NeXT" in notes[0]
+
+
+def test_results_of_the_tiny_model_are_kept_apart():
+    class Args:
+        model_path = str(paths.CHECKPOINT_DIR)
+
+    assert quality.output_names(Args) == {"section": "weight-pruning-tiny", "json": "results_tiny.json",
+                                          "plot": "results_accuracy_tiny.png"}
+    Args.model_path = str(paths.SMOL_CHECKPOINT_DIR)
+    assert quality.output_names(Args) == {"section": "weight-pruning", "json": "results.json",
+                                          "plot": "results_accuracy.png"}
+    assert "SmolLM2" in paths.model_title(Args.model_path)
+
+
+def run(method, setting, ppl):
+    return {"method": method, "setting": setting, "realtext": {"perplexity": ppl}}
+
+
+def test_realism_check_states_the_measured_ordering_either_way():
+    dense = {"realtext": {"perplexity": 20.0}}
+    by_key = {("magnitude", "0.5"): [run("magnitude", "0.5", 700.0)],
+              ("wanda", "0.5"): [run("wanda", "0.5", 50.0), run("wanda", "0.5", 60.0)]}
+    text = " ".join(quality.realism_check({"dense": dense}, by_key))
+    assert "magnitude 700.0, Wanda 55.0" in text and "holds: Wanda's is below" in text
+    by_key[("wanda", "0.5")] = [run("wanda", "0.5", 900.0)]
+    assert "does NOT hold" in " ".join(quality.realism_check({"dense": dense}, by_key))
+    assert quality.realism_check({"dense": {}}, by_key) == []  # not measured: no claim
+
+
+def test_table_cells_mark_diverged_runs():
+    by_key = {("wanda", "0.8"): [run("wanda", "0.8", 10.0), run("wanda", "0.8", None)],
+              ("wanda", "0.5"): [run("wanda", "0.5", None)]}
+    lines = quality._table("t", ["0.5", "0.8", "2:4"], "5.0", ["wanda"], by_key, quality._realtext_value, 1)
+    assert lines[-1] == "| wanda | diverged | 10.0 (1 diverged) | — |"
