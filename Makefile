@@ -76,7 +76,7 @@ bench: setup
 # lmms-eval's llava_hf on MODEL_DIR, in its own venv .venv-lmms-eval (locks/lmms-eval.txt). Without
 # TASKS: a local task on the embedded held-out split, scored like llava.eval (prints the accuracy);
 # with TASKS (e.g. TASKS=mme,gqa): those lmms-eval tasks, for real checkpoints.
-MODEL_DIR ?= checkpoints/embedded/llava-next-tiny
+MODEL_DIR ?= checkpoints/embedded/llava-next-smol
 TASKS ?=
 .PHONY: lmms-eval test-lmms-eval
 lmms-eval:

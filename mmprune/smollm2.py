@@ -131,6 +131,21 @@ def load_pretrained(cache_dir: Path | None = None, wheel: Path | None = None) ->
 # ------------------------------------------------------------------------------ LoRA merge
 
 
+def add_assemble_command(parser, out: Path, parts: Path, help_text: str):
+    """The `assemble` subcommand both embedded SmolLM2 models share; returns it for extra flags."""
+    from mmprune.cli import OneLineErrorParser
+
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    cmd = sub.add_parser("assemble", help=help_text)
+    cmd.add_argument("--out", type=Path, default=out)
+    cmd.add_argument("--parts", type=Path, default=parts)
+    cmd.add_argument("--cache-dir", type=Path, default=None,
+                     help="where the wheel is kept (default $MMPRUNE_CACHE or ~/.cache/mmprune)")
+    cmd.add_argument("--wheel", type=Path, default=None, help=f"a downloaded {WHEEL_FILE} (still hash-checked)")
+    cmd.add_argument("--force", action="store_true", help="rewrite even when the output is up to date")
+    return cmd
+
+
 def lora_deltas(adapter_dir: Path) -> dict:
     """{runtime weight name: float64 delta} of a peft LoRA adapter (scaling alpha / r, or
     alpha / sqrt(r) with rslora), each B @ A summed as explicit rank-one terms (no threaded matmul,

@@ -44,6 +44,23 @@ def load_tensors(folder) -> dict:
     return tensors
 
 
+def pruned_fraction_rest_untouched(before: dict, after: dict, is_pruned) -> float:
+    """Zero fraction over the tensors `is_pruned(key)` names; every other tensor must equal its
+    input bit for bit, dtype included (towers, projectors, embeddings, norms, biases)."""
+    import torch
+
+    assert before.keys() == after.keys()
+    zeros = total = 0
+    for key, tensor in after.items():
+        if is_pruned(key):
+            zeros += int((tensor == 0).sum())
+            total += tensor.numel()
+        else:
+            assert torch.equal(tensor, before[key]) and tensor.dtype == before[key].dtype, f"{key} changed"
+    assert total > 0
+    return zeros / total
+
+
 def assert_clean_failure(proc, out: Path, needle: str) -> None:
     """Exit 2, a last stderr line `error: ...` naming the problem, and nothing left behind."""
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mmprune.masks import nm_pattern_holds
 from mmprune.pipeline import PRESETS
-from script_runs import ROOT, assert_clean_failure, load_tensors, run_bash
+from script_runs import ROOT, assert_clean_failure, load_tensors, pruned_fraction_rest_untouched, run_bash
 from videollama2.embedded import paths as embedded
 
 SCRIPTS = ROOT / "scripts_videollama2" / "prune"
@@ -45,15 +44,8 @@ def test_tamp_default_run_sparsity_untouched_parts_report_and_reload(tamp_output
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["method"] == "tamp" and abs(summary["achieved_sparsity"] - 0.5) <= 1e-3
     before, after = load_tensors(embedded.CHECKPOINT_DIR), load_tensors(out)
-    assert before.keys() == after.keys()
-    zeros = total = 0
-    for key, tensor in after.items():
-        if is_decoder_linear(key):
-            zeros += int((tensor == 0).sum())
-            total += tensor.numel()
-        else:  # SigLIP, STC, BEATs, audio MLP, embeddings, lm_head, norms, biases
-            assert torch.equal(tensor, before[key]) and tensor.dtype == before[key].dtype, f"{key} changed"
-    assert total > 0 and abs(zeros / total - 0.5) <= 1e-3
+    fraction = pruned_fraction_rest_untouched(before, after, is_decoder_linear)
+    assert abs(fraction - 0.5) <= 1e-3
     report = json.loads((out / "pruning_report.json").read_text())
     counts = report["calibration"]["tokens_per_modality"]
     assert set(counts) == {"text", "video", "audio"}

