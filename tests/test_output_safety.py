@@ -423,7 +423,7 @@ def test_result_generators_check_their_outputs_before_measuring(tmp_path, capsys
 
 
 def test_sigterm_to_the_quality_sweep_stops_its_workers(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "llava.quality", "--methods", "magnitude", "--sparsities", "0.5",
+    proc = subprocess.Popen([sys.executable, "-m", "llava.quality", "--methods", "magnitude", "wanda", "--sparsities", "0.5",
                              "--patterns", "2:4", "--seeds", "1", "2", "--jobs", "2", "--out_dir", str(tmp_path / "docs")],
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
