@@ -25,7 +25,7 @@ import torch
 from llava.convert import load_llava_next
 from llava.data import encode_record, load_records, select_task
 from llava.embedded import paths as embedded
-from llava.eval import evaluate
+from llava.eval import DEFAULT_MAX_NEW_TOKENS, evaluate
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from mmprune.cli import run_main
 from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
@@ -51,6 +51,9 @@ def parse_args(argv):
     parser.add_argument("--eval_data_path", default=str(embedded.EVAL_DATA_PATH))
     parser.add_argument("--eval_image_folder", default=str(embedded.EVAL_IMAGE_FOLDER))
     parser.add_argument("--eval_samples", type=int, default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help="greedy answer length (default %(default)s, as llava.eval); the embedded answers are "
+                             "at most 2 tokens, so 4 scores them the same and saves the decode steps of broken models")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(PRESETS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--patterns", nargs="+", default=["2:4", "4:8"])
@@ -98,7 +101,7 @@ def run_all(args) -> dict:
     records = load_records(args.data_path)
 
     def run_eval():
-        result = evaluate(model, processor, eval_records, args.eval_image_folder, progress=False)
+        result = evaluate(model, processor, eval_records, args.eval_image_folder, args.max_new_tokens, progress=False)
         if args.realtext_tokens:
             result["realtext"] = realtext_perplexity(model, processor.tokenizer, args.realtext_tokens).as_dict()
         return result
@@ -197,7 +200,8 @@ def write_outputs(args, results: dict) -> None:
             "task_name": args.task_name,
             "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
             "eval_data_path": embedded.shown(args.eval_data_path),
-            "eval_samples": results["dense"]["n"], "realtext_tokens": args.realtext_tokens,
+            "eval_samples": results["dense"]["n"], "max_new_tokens": args.max_new_tokens,
+            "realtext_tokens": args.realtext_tokens,
             "minutes": round(results["minutes"], 1)}
     write_json_file(os.path.join(args.out_dir, names["json"]), {"meta": meta, **results})
     by_key: dict[tuple[str, str], list[dict]] = {}
@@ -213,8 +217,11 @@ def write_outputs(args, results: dict) -> None:
         f"{results['minutes']:.0f} minutes on this machine's CPU.",
         "",
         f"Model `{meta['model_path']}`; calibration: task `{args.task_name}`, {args.nsamples} samples, seeds "
-        f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run); "
-        f"evaluation: {results['dense']['n']} held-out samples of `{meta['eval_data_path']}`, greedy exact match.",
+        f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run"
+        + (f"; ECoFLaP's zeroth-order scores from {args.ecoflap_samples} of the samples" if args.ecoflap_samples else "")
+        + "); "
+        f"evaluation: {results['dense']['n']} held-out samples of `{meta['eval_data_path']}`, greedy exact match "
+        f"(at most {args.max_new_tokens} new tokens).",
     ]
     if realtext.get("tokens"):
         lines += ["", f"Real-text perplexity: the language decoder alone on {realtext['tokens']:,} tokens of English "
