@@ -12,6 +12,7 @@ time of dense vs recipe, timed in one process, alternating, median over repeats.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -115,10 +116,37 @@ def measure_model(label, model_path, args, calibration, eval_records, timing_rec
 
 
 @torch.no_grad()
+def time_decoder_prefill(decoder, recipe, dims, n_visual: int, n_text: int, repeats: int, start: int = 8) -> dict:
+    """Prefill CPU time (1 thread, median, dense and recipe alternating) of a Llama decoder stack on
+    `start` text + n_visual visual + n_text text positions of random embeddings (time does not depend
+    on the values), with the analytic FLOPs cut of the recipe."""
+    from mmprune import fitprune as core
+
+    torch.manual_seed(0)
+    embeds = torch.randn(1, start + n_visual + n_text, decoder.config.hidden_size)
+    visual = torch.zeros(1, embeds.shape[1], dtype=torch.bool)
+    visual[0, start:start + n_visual] = True
+    times = {"dense": [], "recipe": []}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name in times:
+            handle = core.apply_token_recipe(decoder, decoder.layers, recipe, lambda a, k: visual) \
+                if name == "recipe" else None
+            cpu = time.thread_time()
+            decoder(inputs_embeds=embeds, use_cache=True)
+            times[name].append(1000 * (time.thread_time() - cpu))
+            if handle:
+                handle.remove()
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"keep_fraction": list(recipe.keep_fraction), "n_visual": n_visual, "n_text": n_text + start,
+            "flops_reduction_visual": core.flops_reduction(n_visual, recipe.drops(n_visual), dims),
+            "flops_reduction_all": core.flops_reduction(n_visual, recipe.drops(n_visual), dims, n_text + start),
+            "dense_ms": med["dense"], "recipe_ms": med["recipe"]}
+
+
 def scaled_timing(recipe, repeats: int, n_visual: int = 576, n_text: int = 64) -> dict:
-    """Prefill CPU time of a random-weight Llama decoder of a less tiny width (d 512, MLP 1408,
-    8 layers, 8 query / 2 KV heads) on n_visual + n_text tokens, dense vs `recipe` stretched to 8
-    layers (each fraction used for two layers): where matmuls, not per-op overhead, dominate."""
+    """Width check for the tiny model: a random-weight Llama decoder of a less tiny width (d 512,
+    MLP 1408, 8 layers, 8 query / 2 KV heads), `recipe` stretched to 8 layers (each fraction used
+    for two layers): where matmuls, not per-op overhead, dominate."""
     from transformers import LlamaConfig, LlamaModel
 
     from mmprune import fitprune as core
@@ -126,28 +154,23 @@ def scaled_timing(recipe, repeats: int, n_visual: int = 576, n_text: int = 64) -
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=2, head_dim=64, vocab_size=32, max_position_embeddings=4096)
-    model = LlamaModel(config).eval()
-    start = 8
-    embeds = torch.randn(1, start + n_visual + n_text, 512)
-    visual = torch.zeros(1, embeds.shape[1], dtype=torch.bool)
-    visual[0, start:start + n_visual] = True
     stretched = core.TokenRecipe([f for f in recipe.keep_fraction for _ in range(2)])
-    dims = core.DecoderDims.from_config(config)
-    times = {"dense": [], "recipe": []}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name in times:
-            handle = core.apply_token_recipe(model, model.layers, stretched, lambda a, k: visual) \
-                if name == "recipe" else None
-            cpu = time.thread_time()
-            model(inputs_embeds=embeds, use_cache=True)
-            times[name].append(1000 * (time.thread_time() - cpu))
-            if handle:
-                handle.remove()
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    return {"keep_fraction": stretched.keep_fraction, "n_visual": n_visual, "n_text": n_text,
-            "flops_reduction_visual": core.flops_reduction(n_visual, stretched.drops(n_visual), dims),
-            "flops_reduction_all": core.flops_reduction(n_visual, stretched.drops(n_visual), dims, n_text + start),
-            "dense_ms": med["dense"], "recipe_ms": med["recipe"]}
+    return time_decoder_prefill(LlamaModel(config).eval(), stretched, core.DecoderDims.from_config(config),
+                                n_visual, n_text, repeats)
+
+
+def length_check(model_path, recipe, prompts_records, repeats: int, n_visual: int = 576, n_text: int = 64) -> dict:
+    """The model's own decoder and recipe on a prompt as long as a real LLaVA-NeXT's base view (576
+    visual tokens): whether the FLOPs cut becomes time once the prompt is long enough."""
+    from mmprune import fitprune as core
+
+    model, processor = load_model(model_path, "cpu")
+    lengths = [encode_record(processor, r, paths.EVAL_IMAGE_FOLDER, with_answer=False,
+                             add_generation_prompt=True)["input_ids"].shape[1] for r in prompts_records]
+    decoder = model.model.language_model
+    out = time_decoder_prefill(decoder.eval(), recipe, core.DecoderDims.from_config(decoder.config),
+                               n_visual, n_text, repeats)
+    return {**out, "embedded_prompt_tokens": statistics.mean(lengths)}
 
 
 def _pct(x):
@@ -199,7 +222,20 @@ def markdown(results: list, args, elapsed: float, scaled: dict | None = None, lo
     lines += ["", "Wall-clock medians (ms per prompt, same runs): " + "; ".join(
         f"{res['model']} {name} {tm['wall']:.2f} (decoder {tm['decoder_wall']:.2f})"
         for res in results for name, tm in res["timing_ms_per_prompt"].items()) + ".", ""]
-    if scaled:
+    if scaled and scaled.get("kind") == "length":
+        lines += [
+            f"Length check (the embedded prompts are short, {scaled['embedded_prompt_tokens']:.0f} tokens on average: "
+            f"the dense decoder's prefill takes {results[0]['timing_ms_per_prompt']['dense']['decoder_cpu']:.0f} ms "
+            f"for them and {scaled['dense_ms']:.0f} ms for {scaled['n_visual'] + scaled['n_text']} positions, so much "
+            "of a short prompt's time (reading every weight matrix once, per-operation overhead) does not scale with "
+            "the token count and dropping tokens saves less time than FLOPs): the same dense decoder and its own "
+            "0.5 recipe on "
+            f"{scaled['n_visual']} visual + {scaled['n_text']} text positions (LLaVA-NeXT's base view is 576 "
+            f"visual tokens; FLOPs cut {_pct(scaled['flops_reduction_visual'])} % visual / "
+            f"{_pct(scaled['flops_reduction_all'])} % all): decoder prefill {scaled['dense_ms']:.0f} ms dense -> "
+            f"{scaled['recipe_ms']:.0f} ms ({100 * (scaled['recipe_ms'] / scaled['dense_ms'] - 1):+.1f} %), CPU "
+            f"time, 1 thread, median of {args.repeats}, alternating.", ""]
+    elif scaled:
         lines += [
             "Width check (the embedded decoder is d = 128: its matmuls cost about the same for all or a third "
             "of its visual tokens, so per-op overhead, not FLOPs, sets its prefill time): a random-weight Llama decoder with d 512, "
@@ -229,26 +265,22 @@ def parse_args(argv):
     parser.add_argument("--markdown", default=str(paths.REPO_ROOT / "docs" / "results.md"))
     parser.add_argument("--json", default=None, help="default docs/fitprune_results.json (tiny: _tiny.json)")
     parser.add_argument("--width_check", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time a random-weight d 512 decoder (default: only for the tiny model)")
+                        help="also time the 0.5 recipe at real LLaVA-NeXT prompt length (576 visual tokens): the "
+                             "tiny model's on a random-weight d 512 decoder, another model's on its own decoder "
+                             "(default on)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the model measurements from --json (an earlier run) and only run the check")
     args = parser.parse_args(argv)
     args.model_path = paths.default_checkpoint()
     suffix = paths.results_suffix(args.model_path)
     args.json = args.json or str(paths.REPO_ROOT / "docs" / f"fitprune_results{suffix}.json")
     args.section = SECTION + suffix.replace("_", "-")
     if args.width_check is None:
-        args.width_check = paths.is_tiny(args.model_path)
+        args.width_check = True
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # before the measurements: neither output overwrites or lands inside an input, and both can be created
-    inputs = [args.model_path, paths.DATA_ROOT, args.tamp_model]
-    check_output_location(args.markdown, inputs, "--markdown")
-    check_output_location(args.json, inputs, "--json")
-    began = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    torch.set_num_threads(1)
+def measure_all(args) -> list:
     calibration = select_task(load_records(paths.DATA_PATH), paths.TASK_SPLIT_PATH, paths.CALIBRATION_TASK,
                               args.nsamples, 42)
     eval_records = load_records(paths.EVAL_DATA_PATH)[:args.eval_samples]
@@ -261,11 +293,37 @@ def main(argv=None) -> int:
             sys.stderr.write(f"building TAMP 0.5 with scripts/prune/tamp.sh into {tamp}\n")
             build_tamp(tamp, args.model_path)
         results.append(measure_model("TAMP 0.5", tamp, args, calibration, eval_records, timing_records))
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # before the measurements: neither output overwrites or lands inside an input, and both can be created
+    inputs = [args.model_path, paths.DATA_ROOT, args.tamp_model]
+    check_output_location(args.markdown, inputs, "--markdown")
+    check_output_location(args.json, inputs, "--json")
+    began = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    torch.set_num_threads(1)
+    if args.reuse:
+        with open(args.json, encoding="utf-8") as f:
+            saved = json.load(f)
+        results = saved["results"]
+    else:
+        results = measure_all(args)
     scaled = None
     if args.width_check and 0.5 in args.budgets:
-        scaled = scaled_timing(lfp.as_recipe(_recipe_of(results[0], 0.5)), args.repeats)
+        recipe = lfp.as_recipe(_recipe_of(results[0], 0.5))
+        if paths.is_tiny(args.model_path):
+            scaled = {"kind": "width", **scaled_timing(recipe, args.repeats)}
+        else:
+            timing_records = load_records(paths.EVAL_DATA_PATH)[:args.timing_prompts]
+            scaled = {"kind": "length", **length_check(args.model_path, recipe, timing_records, args.repeats)}
     elapsed = time.perf_counter() - began
     load = (load_start, os.getloadavg()[0])
+    if args.reuse:  # the models were measured by the earlier run: its time and load stand
+        elapsed += 60 * saved["minutes"]
+        load = (saved["load_average_1min"]["start"], saved["load_average_1min"]["end"])
     body = markdown(results, args, elapsed, scaled, load)
     update_markdown_section(args.markdown, args.section, body)
     write_json_file(args.json, {"results": results, "width_check": scaled, "minutes": round(elapsed / 60, 2),
