@@ -30,6 +30,7 @@ from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from mmprune.cli import run_main
 from mmprune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
+from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_file, check_output_location, write_json_file
 from mmprune.report import toolkit_commit, update_markdown_section, versions
 from mmprune.sparsity import SparsityPattern
@@ -65,6 +66,9 @@ def parse_args(argv):
                         help="worker processes at once, one CPU thread each, one (seed, method) per worker")
     parser.add_argument("--only_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker: one seed
     parser.add_argument("--skip_dense", action="store_true", help=argparse.SUPPRESS)  # worker: another has it
+    parser.add_argument("--from_partials", nargs="+", default=None, metavar="JSON",
+                        help="write the outputs from saved worker results (each one (seed, method) unit, run with "
+                             "--only_seed/--methods/--partial) instead of measuring; minutes are summed over them")
     parser.add_argument("--partial", default=None, help=argparse.SUPPRESS)  # worker: raw results JSON
     add_realtext_argument(parser)
     args = parser.parse_args(argv)
@@ -212,9 +216,10 @@ def write_outputs(args, results: dict) -> None:
     lines = [
         f"## Weight pruning: {embedded.model_title(args.model_path)}",
         "",
-        f"Produced by `make quality` (`python -m llava.quality`) on {meta['date']}, commit `{meta['commit']}`, "
+        f"Produced by `python -m llava.quality` on {meta['date']}, commit `{meta['commit']}`, "
         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
-        f"{results['minutes']:.0f} minutes on this machine's CPU.",
+        + (f"{results['minutes']:.0f} worker-minutes (one process per method, one thread each) on this machine's CPU."
+         if results.get("merged") else f"{results['minutes']:.0f} minutes on this machine's CPU."),
         "",
         f"Model `{meta['model_path']}`; calibration: task `{args.task_name}`, {args.nsamples} samples, seeds "
         f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run"
@@ -235,9 +240,13 @@ def write_outputs(args, results: dict) -> None:
         lines += _table("Real-text perplexity", labels, _realtext(results["dense"]), methods, by_key,
                         _realtext_value, 1)
         lines += realism_check(results, by_key)
-    command = "EMBEDDED_MODEL=tiny make quality" if embedded.is_tiny(args.model_path) else "make quality"
+    flags = (f"--seeds {' '.join(map(str, args.seeds))} --nsamples {args.nsamples} --eval_samples {results['dense']['n']} "
+             f"--max_new_tokens {args.max_new_tokens} --realtext_tokens {args.realtext_tokens}"
+             + (f" --ecoflap_samples {args.ecoflap_samples}" if args.ecoflap_samples else ""))
+    command = ("EMBEDDED_MODEL=tiny " if embedded.is_tiny(args.model_path) else "") + f"python -m llava.quality {flags}"
     lines += ["", f"![accuracy and real-text perplexity against sparsity]({names['plot']})", "",
-              f"Regenerate with `{command}`; raw runs (per seed, per question kind, achieved sparsity, "
+              f"Regenerate with `{command}` (`make quality` runs the defaults: seeds 42 43 44, 128 samples, "
+              "every held-out question, 4,096 real-text tokens); raw runs (per seed, per question kind, achieved sparsity, "
               f"pruning time) are in `docs/{names['json']}`.", ""]
     update_markdown_section(os.path.join(args.out_dir, "results.md"), names["section"], "\n".join(lines),
                             title=RESULTS_TITLE)
@@ -326,6 +335,22 @@ def run_in_workers(args, argv: list[str]) -> dict:
     return {"dense": loaded[0]["dense"], "runs": runs, "minutes": (time.perf_counter() - started) / 60}
 
 
+def merge_partials(args, files: list) -> dict:
+    """{dense, runs, minutes} from worker results saved by separate runs: runs in table order (seed,
+    then --methods order), the dense result from the worker that has it, minutes summed."""
+    loaded = []
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            loaded.append(json.load(handle))
+    dense = [part["dense"] for part in loaded if part.get("dense")]
+    if not dense:
+        raise UserInputError("none of --from_partials holds the dense result (run one worker without --skip_dense)")
+    order = {(seed, method): i for i, (seed, method) in enumerate(work_units(args))}
+    runs = sorted((run for part in loaded for run in part["runs"]),
+                  key=lambda run: order.get((run["seed"], run["method"]), len(order)))
+    return {"dense": dense[0], "runs": runs, "minutes": sum(part["minutes"] for part in loaded), "merged": True}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -339,7 +364,9 @@ def main(argv=None) -> int:
         with open(args.partial, "w") as handle:
             json.dump(run_all(args), handle)
         return 0
-    if args.jobs > 1 and len(work_units(args)) > 1:
+    if args.from_partials:
+        results = merge_partials(args, args.from_partials)
+    elif args.jobs > 1 and len(work_units(args)) > 1:
         results = run_in_workers(args, argv)
     else:
         results = run_all(args)

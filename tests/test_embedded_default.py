@@ -1,5 +1,7 @@
 """Which embedded model a run without paths uses, and how the results tables name and read it."""
 
+import json
+
 import pytest
 
 from llava import quality
@@ -62,3 +64,24 @@ def test_table_cells_mark_diverged_runs():
               ("wanda", "0.5"): [run("wanda", "0.5", None)]}
     lines = quality._table("t", ["0.5", "0.8", "2:4"], "5.0", ["wanda"], by_key, quality._realtext_value, 1)
     assert lines[-1] == "| wanda | diverged | 10.0 (1 diverged) | — |"
+
+
+def test_partials_merge_in_table_order_with_the_one_dense_result(tmp_path):
+    class Args:
+        seeds = [42, 43]
+        methods = ["magnitude", "wanda", "tamp"]
+
+    def unit(path, method, seed, dense=None):
+        runs = [{"method": method, "seed": seed, "setting": s} for s in ("0.5", "2:4")]
+        path.write_text(json.dumps({"dense": dense, "runs": runs, "minutes": 2.0}))
+        return str(path)
+
+    files = [unit(tmp_path / "a.json", "tamp", 42), unit(tmp_path / "b.json", "wanda", 43),
+             unit(tmp_path / "c.json", "magnitude", 42, dense={"accuracy": 0.9}), unit(tmp_path / "d.json", "wanda", 42)]
+    merged = quality.merge_partials(Args, files)
+    assert merged["dense"] == {"accuracy": 0.9} and merged["minutes"] == 8.0 and merged["merged"]
+    assert [(r["method"], r["seed"], r["setting"]) for r in merged["runs"]] == [
+        ("magnitude", 42, "0.5"), ("magnitude", 42, "2:4"), ("wanda", 42, "0.5"), ("wanda", 42, "2:4"),
+        ("tamp", 42, "0.5"), ("tamp", 42, "2:4"), ("wanda", 43, "0.5"), ("wanda", 43, "2:4")]
+    with pytest.raises(UserInputError, match="dense"):
+        quality.merge_partials(Args, files[:2])
