@@ -228,6 +228,9 @@ def write_outputs(args, results: dict) -> None:
         f"evaluation: {results['dense']['n']} held-out samples of `{meta['eval_data_path']}`, greedy exact match "
         f"(at most {args.max_new_tokens} new tokens).",
     ]
+    missing = [m for m in args.methods if m not in methods]
+    if missing:
+        lines += ["", f"Not in this table (no runs): {', '.join(missing)}."]
     if realtext.get("tokens"):
         lines += ["", f"Real-text perplexity: the language decoder alone on {realtext['tokens']:,} tokens of English "
                       f"text from Python's standard library (`mmprune/realtext.py`, sha256 `{realtext['sha256'][:12]}…`, "
