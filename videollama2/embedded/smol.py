@@ -366,15 +366,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _assemble_command(argv) -> int:
     args = parse_args(argv)
-    try:
-        result = assemble(args.out, args.parts, args.cache_dir, args.wheel, args.force, args.init_random_parts)
-    except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
+    print(json.dumps(assemble(args.out, args.parts, args.cache_dir, args.wheel, args.force, args.init_random_parts)))
     return 0
+
+
+def main(argv=None) -> int:
+    """User errors become one `error:` line and exit status 2 (mmprune.cli.run_main)."""
+    from mmprune.cli import run_main
+
+    return run_main(_assemble_command, argv)
 
 
 if __name__ == "__main__":

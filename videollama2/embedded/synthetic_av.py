@@ -100,18 +100,24 @@ class ClipSpec:
         return shape.color if attribute == "color" else shape.shape
 
 
-def draw_clip_spec(rng: random.Random, seed: int) -> ClipSpec:
-    colors = rng.sample(sorted(COLORS), 2)
-    kinds = rng.sample(SHAPES, 2)
+def random_shapes(rng: random.Random, n: int, min_size: int) -> list:
+    """`n` shapes of distinct colours and kinds, each with a size, start, velocity and jittered colour."""
+    colors = rng.sample(sorted(COLORS), n)
+    kinds = rng.sample(SHAPES, n)
     shapes = []
     for color, kind in zip(colors, kinds):
-        size = rng.randint(22, 28)
+        size = rng.randint(min_size, 28)
         x0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
         y0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
         speed = rng.uniform(1.0, 3.0)
         angle = rng.uniform(0, 2 * math.pi)
         rgb = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLORS[color])
         shapes.append(ShapeSpec(kind, color, size, (x0, y0), (speed * math.cos(angle), speed * math.sin(angle)), rgb))
+    return shapes
+
+
+def draw_clip_spec(rng: random.Random, seed: int) -> ClipSpec:
+    shapes = random_shapes(rng, 2, min_size=22)
     sound = rng.choice(SOUNDS)
     timing = rng.choice(TIMINGS)
     length = rng.uniform(0.45, 0.65)
@@ -330,17 +336,7 @@ class HardClipSpec:
 
 
 def draw_hard_clip_spec(rng: random.Random, seed: int) -> HardClipSpec:
-    colors = rng.sample(sorted(COLORS), 3)
-    kinds = rng.sample(SHAPES, 3)
-    shapes = []
-    for color, kind in zip(colors, kinds):
-        size = rng.randint(20, 28)
-        x0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
-        y0 = rng.uniform(SAFE_LOW, SAFE_HIGH - size)
-        speed = rng.uniform(1.0, 3.0)
-        angle = rng.uniform(0, 2 * math.pi)
-        rgb = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLORS[color])
-        shapes.append(ShapeSpec(kind, color, size, (x0, y0), (speed * math.cos(angle), speed * math.sin(angle)), rgb))
+    shapes = random_shapes(rng, 3, min_size=20)
     sounds = []
     for sound in rng.sample(SOUNDS, 2):
         slot = rng.randrange(len(SLOTS))
