@@ -55,8 +55,9 @@ test-peer:
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Every method x sparsity x seed on the embedded LLaVA-NeXT -> docs/results.md (SmolLM2 default: up to
-# 2 hours on 2 CPU cores; EMBEDDED_MODEL=tiny make quality: the tiny model's section, ~16 min).
+# Every method x sparsity x seed on the embedded LLaVA-NeXT -> docs/results.md. On the SmolLM2 default a
+# run costs 2-4 min on one core, so the default 132-run grid takes several hours on 2 CPU cores (docs/results.md
+# names the smaller settings of its table); EMBEDDED_MODEL=tiny make quality: the tiny model's section, ~16 min.
 quality: setup
 	$(PY) -m llava.quality
 
