@@ -148,6 +148,17 @@ def update_markdown_section(path: str, section: str, body: str, title: str = "# 
         handle.write(text)
 
 
+def block_term_means(group_terms: dict) -> dict[str, dict[str, float]]:
+    """{block index (a string, as JSON keeps it): {term: mean over the block's groups}} of DAS's
+    per-group diversity terms (groups are linears or blocks; both names carry the block index)."""
+    blocks: dict[int, dict[str, list[float]]] = {}
+    for group, values in group_terms.items():
+        index = int(re.search(r"\.(\d+)(?:\.|$)", group).group(1))  # block groups end at the index
+        for term, value in values.items():
+            blocks.setdefault(index, {}).setdefault(term, []).append(value)
+    return {str(i): {t: sum(v) / len(v) for t, v in sorted(terms.items())} for i, terms in sorted(blocks.items())}
+
+
 def modality_summary(report: dict) -> str:
     """Calibration token counts and the per-block mean of each DAS term, as printable lines."""
     lines = []
@@ -156,16 +167,11 @@ def modality_summary(report: dict) -> str:
         lines.append("calibration tokens: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     terms = report.get("das", {}).get("group_terms")
     if terms:
-        blocks: dict[int, dict[str, list[float]]] = {}
-        for group, values in terms.items():
-            index = int(re.search(r"\.(\d+)(?:\.|$)", group).group(1))  # block groups end at the index
-            for term, value in values.items():
-                blocks.setdefault(index, {}).setdefault(term, []).append(value)
+        blocks = block_term_means(terms)
         names = sorted({t for b in blocks.values() for t in b})
         lines.append(f"DAS diversity terms (mean over each block's linears): {len(names)} terms")
         lines.append("  block " + " ".join(f"{n:>13}" for n in names))
-        for index in sorted(blocks):
-            cells = [sum(blocks[index][n]) / len(blocks[index][n]) if n in blocks[index] else float("nan")
-                     for n in names]
-            lines.append(f"  {index:5d} " + " ".join(f"{c:13.4f}" for c in cells))
+        for index in sorted(blocks, key=int):
+            cells = [blocks[index].get(n, float("nan")) for n in names]
+            lines.append(f"  {int(index):5d} " + " ".join(f"{c:13.4f}" for c in cells))
     return "\n".join(lines)

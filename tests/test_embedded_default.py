@@ -6,6 +6,7 @@ import pytest
 
 from llava import quality
 from llava.embedded import paths
+from mmprune import quality as grid
 from mmprune.errors import UserInputError
 
 
@@ -52,17 +53,17 @@ def test_realism_check_states_the_measured_ordering_either_way():
     dense = {"realtext": {"perplexity": 20.0}}
     by_key = {("magnitude", "0.5"): [run("magnitude", "0.5", 700.0)],
               ("wanda", "0.5"): [run("wanda", "0.5", 50.0), run("wanda", "0.5", 60.0)]}
-    text = " ".join(quality.realism_check({"dense": dense}, by_key))
+    text = " ".join(grid.realism_check({"dense": dense}, by_key))
     assert "magnitude 700.0, Wanda 55.0" in text and "holds: Wanda's is below" in text
     by_key[("wanda", "0.5")] = [run("wanda", "0.5", 900.0)]
-    assert "does NOT hold" in " ".join(quality.realism_check({"dense": dense}, by_key))
-    assert quality.realism_check({"dense": {}}, by_key) == []  # not measured: no claim
+    assert "does NOT hold" in " ".join(grid.realism_check({"dense": dense}, by_key))
+    assert grid.realism_check({"dense": {}}, by_key) == []  # not measured: no claim
 
 
 def test_table_cells_mark_diverged_runs():
     by_key = {("wanda", "0.8"): [run("wanda", "0.8", 10.0), run("wanda", "0.8", None)],
               ("wanda", "0.5"): [run("wanda", "0.5", None)]}
-    lines = quality._table("t", ["0.5", "0.8", "2:4"], "5.0", ["wanda"], by_key, quality._realtext_value, 1)
+    lines = grid.table("t", ["0.5", "0.8", "2:4"], "5.0", ["wanda"], by_key, grid.realtext_value, 1)
     assert lines[-1] == "| wanda | diverged | 10.0 (1 diverged) | — |"
 
 
@@ -78,10 +79,10 @@ def test_partials_merge_in_table_order_with_the_one_dense_result(tmp_path):
 
     files = [unit(tmp_path / "a.json", "tamp", 42), unit(tmp_path / "b.json", "wanda", 43),
              unit(tmp_path / "c.json", "magnitude", 42, dense={"accuracy": 0.9}), unit(tmp_path / "d.json", "wanda", 42)]
-    merged = quality.merge_partials(Args, files)
+    merged = grid.merge_partials(Args, files)
     assert merged["dense"] == {"accuracy": 0.9} and merged["minutes"] == 8.0 and merged["merged"]
     assert [(r["method"], r["seed"], r["setting"]) for r in merged["runs"]] == [
         ("magnitude", 42, "0.5"), ("magnitude", 42, "2:4"), ("wanda", 42, "0.5"), ("wanda", 42, "2:4"),
         ("tamp", 42, "0.5"), ("tamp", 42, "2:4"), ("wanda", 43, "0.5"), ("wanda", 43, "2:4")]
     with pytest.raises(UserInputError, match="dense"):
-        quality.merge_partials(Args, files[:2])
+        grid.merge_partials(Args, files[:2])
