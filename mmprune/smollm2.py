@@ -30,6 +30,28 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TENSORS = "adapter_model.safetensors"
 
 
+EMBEDDED_CHOICES = ("smol", "tiny")
+
+
+def embedded_choice() -> str:
+    """Which embedded model both trees default to: "smol" (the SmolLM2 decoder) or "tiny", from
+    $EMBEDDED_MODEL (default smol)."""
+    choice = os.environ.get("EMBEDDED_MODEL", "smol") or "smol"
+    if choice not in EMBEDDED_CHOICES:
+        raise UserInputError(f"EMBEDDED_MODEL={choice!r} is not one of {', '.join(EMBEDDED_CHOICES)}")
+    return choice
+
+
+def add_trainer_arguments(parser, parts_dir: Path) -> None:
+    """The flags both SmolLM2 parts trainers share (output, seed, time budget, threads, wheel)."""
+    parser.add_argument("--out", type=Path, default=parts_dir, help="parts folder to (over)write")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--minutes", type=float, default=55.0, help="budget of the whole run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (see smol assemble)")
+    parser.add_argument("--wheel", type=Path, default=None)
+
+
 def progress(message: str) -> None:
     print(f"[smol] {message}", file=sys.stderr, flush=True)
 

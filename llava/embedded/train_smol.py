@@ -48,6 +48,7 @@ from llava.embedded import paths, smol, synthetic_vqa as vqa
 from llava.embedded.train import (BASE_CHANNEL, CHANNELS, PAIRS, SIDES, TRAIN_TASK, VAL_TASK, FeatureTap, pixel_batch,
                                   pretrain_vision, probe_loss, token_targets)
 from llava.eval import evaluate
+from mmprune import smollm2
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir
 from mmprune.training import SamplePool, warmup_cosine
@@ -69,12 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = OneLineErrorParser(prog="python -m llava.embedded.train_smol",
                                 description="Train tower, projector (and a LoRA) of the SmolLM2 LLaVA-NeXT.")
-    parser.add_argument("--out", type=Path, default=smol.PARTS_DIR, help="parts folder to (over)write")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--minutes", type=float, default=55.0, help="budget of the whole run")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (see smol assemble)")
-    parser.add_argument("--wheel", type=Path, default=None)
+    smollm2.add_trainer_arguments(parser, smol.PARTS_DIR)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training steps")
     parser.add_argument("--tile", type=int, default=smol.TILE, help="CLIP image size (anyres tile)")
     parser.add_argument("--patch", type=int, default=smol.PATCH, help="CLIP patch size")

@@ -8,10 +8,9 @@
 # An existing OUTPUT_DIR is refused unless OVERWRITE=1.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/paths.sh"
-absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT OUTPUT_DIR PYTHON  # the caller's relative paths
-absolutize_args "$@"
+absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT OUTPUT_DIR  # the caller's relative paths
+enter_repo "$@"
 set -- "${ABS_ARGS[@]}"
-cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 k=0.5
 k_args=()  # K goes to python only when given: with --skip_layers it must agree with them
@@ -19,10 +18,6 @@ if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then k="$1"; k_args=(--k "$k"); shift; 
 case "$k" in
   ''|*[!0-9.]*) echo "error: K '$k' is not a number (a count of blocks or a fraction like 0.5)" >&2; exit 2 ;;
 esac
-py="${PYTHON:-}"
-if [ -z "$py" ]; then
-  if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
-fi
 model_name="$(basename "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}")"
 [ -d "${MODEL_PATH:-checkpoints/llama3-llava-next-8b}" ] || model_name="llava-next-${EMBEDDED_MODEL:-smol}"
 args=("${k_args[@]}" --seed "${SEED:-0}" --output_dir "${OUTPUT_DIR:-checkpoints/${model_name}_eas_k${k}}")
@@ -34,4 +29,4 @@ if [ -n "${TASK_NAME:-}" ]; then args+=(--task_name "$TASK_NAME"); fi
 if [ -n "${DEVICE:-}" ]; then args+=(--device "$DEVICE"); fi
 if [ "${OVERWRITE:-0}" = "1" ]; then args+=(--overwrite); fi
 echo "[eas] skip K=$k attention blocks" >&2
-exec "$py" -m llava.eas "${args[@]}" "$@"
+exec "$PY" -m llava.eas "${args[@]}" "$@"

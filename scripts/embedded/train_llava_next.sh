@@ -9,12 +9,10 @@
 #   bash scripts/embedded/train_llava_next.sh [--seed 1234] [--minutes 26.5] [...]
 set -euo pipefail
 source "$(dirname "$0")/../lib/paths.sh"
-absolutize_env PYTHON  # the caller's relative paths (--out ...), not the repository root's
-absolutize_args "$@"
+enter_repo "$@"  # the caller's relative paths (--out ...), not the repository root's
 set -- "${ABS_ARGS[@]}"
-cd "$(dirname "$0")/../.."
 
-python datasets/make_synthetic_llava_next.py --seed 0
-python -m llava.embedded.train --out checkpoints/embedded/llava-next-tiny \
+"$PY" datasets/make_synthetic_llava_next.py --seed 0
+"$PY" -m llava.embedded.train --out checkpoints/embedded/llava-next-tiny \
     --minutes 26.5 --threads 2 "$@"
-python -m llava.eval --model_path checkpoints/embedded/llava-next-tiny
+"$PY" -m llava.eval --model_path checkpoints/embedded/llava-next-tiny

@@ -11,8 +11,9 @@
 #
 #   bash scripts/embedded/train_llava_next_smol.sh [--seed 1234] [--minutes 52] [...]
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/../lib/paths.sh"
+enter_repo "$@"  # the caller's relative paths (--out ...), not the repository root's
+set -- "${ABS_ARGS[@]}"
 
 "$PY" -m llava.embedded.train_smol --out checkpoints/embedded/llava-next-smol-parts \
     --minutes 52 --threads 2 --bf16 \

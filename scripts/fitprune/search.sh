@@ -10,14 +10,9 @@ set -euo pipefail
 budget=0.5
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then budget="$1"; shift; fi
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/paths.sh"
-absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT OUTPUT PYTHON  # the caller's relative paths
-absolutize_args "$@"
+absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT OUTPUT  # the caller's relative paths
+enter_repo "$@"
 set -- "${ABS_ARGS[@]}"
-cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-py="${PYTHON:-}"
-if [ -z "$py" ]; then
-  if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
-fi
 args=(--budget "$budget" --seed "${SEED:-42}" --nsamples "${NSAMPLES:-66}" --task_name "${TASK_NAME:-sharegpt4v}")
 if [ -n "${MODEL_PATH:-}" ]; then args+=(--model_path "$MODEL_PATH"); fi
 if [ -n "${DATA_PATH:-}" ]; then args+=(--data_path "$DATA_PATH"); fi
@@ -27,4 +22,4 @@ if [ -n "${OUTPUT:-}" ]; then args+=(--output "$OUTPUT"); fi
 if [ -n "${DEVICE:-}" ]; then args+=(--device "$DEVICE"); fi
 if [ "${OVERWRITE:-0}" = "1" ]; then args+=(--overwrite); fi
 echo "[fitprune] FLOPs budget $budget" >&2
-exec "$py" -m llava.fitprune "${args[@]}" "$@"
+exec "$PY" -m llava.fitprune "${args[@]}" "$@"

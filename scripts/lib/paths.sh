@@ -7,6 +7,8 @@
 #                           DEVICE_MAP only when it is a file, not auto/balanced/sequential)
 #   absolutize_args ARG...  sets ABS_ARGS: ARG... with the value of every path flag made absolute
 #                           (`--flag value` and `--flag=value`)
+#   enter_repo ARG...       absolutize_env PYTHON, absolutize_args ARG..., then cd to the repository
+#                           root and set PY: $PYTHON, else .venv/bin/python, else python3
 
 PATH_FLAGS=" --model_path --data_path --image_folder --task_split_path --save_model --sparsity_dict"
 PATH_FLAGS+=" --eval_data_path --eval_image_folder --data_folder --eval_data_folder --output --output_dir"
@@ -59,4 +61,16 @@ absolutize_args() {
       *) ABS_ARGS+=("$arg") ;;
     esac
   done
+}
+
+REPO_ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+enter_repo() {
+  absolutize_env PYTHON
+  absolutize_args "$@"
+  cd "$REPO_ROOT_DIR"
+  PY="${PYTHON:-}"
+  if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  fi
 }

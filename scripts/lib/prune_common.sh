@@ -23,14 +23,9 @@ prune_setup() {
     *) echo "error: sparsity type '$TYPE_ARG' is not one of unstructured, 2:4, 4:8" >&2; exit 2 ;;
   esac
   # relative paths are the caller's, not the repository root's
-  absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT DATA_FOLDER OUTPUT_DIR PYTHON OFFLOAD_FOLDER DEVICE_MAP
-  absolutize_args "$@"
+  absolutize_env MODEL_PATH DATA_PATH IMAGE_FOLDER TASK_SPLIT DATA_FOLDER OUTPUT_DIR OFFLOAD_FOLDER DEVICE_MAP
+  enter_repo "$@"
   REST_ARGS=("${ABS_ARGS[@]}")
-  cd "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-  PY="${PYTHON:-}"
-  if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-  fi
   COMMON_ARGS=(--llm_sparsity_ratio "$SPARSITY_ARG" --sparsity_type "$TYPE_ARG"
                --seed "${SEED:-42}" --nsamples "${NSAMPLES:-128}")
   if [ -n "${MODEL_PATH:-}" ]; then COMMON_ARGS+=(--model_path "$MODEL_PATH"); fi

@@ -7,15 +7,9 @@
 #   bash scripts_videollama2/embedded/train_videollama2_av.sh [--seed 1234] [--threads 2] [...]
 set -euo pipefail
 source "$(dirname "$0")/../../scripts/lib/paths.sh"
-absolutize_env PYTHON  # the caller's relative paths (--out ...), not the repository root's
-absolutize_args "$@"
+enter_repo "$@"  # the caller's relative paths (--out ...), not the repository root's
 set -- "${ABS_ARGS[@]}"
-cd "$(dirname "$0")/../.."
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
-fi
 
-"$python" datasets/make_synthetic_avinstruct.py --seed 0
-"$python" -m videollama2.embedded.train --out checkpoints/embedded/videollama2-av-tiny "$@"
-"$python" -m videollama2.eval --model_path checkpoints/embedded/videollama2-av-tiny
+"$PY" datasets/make_synthetic_avinstruct.py --seed 0
+"$PY" -m videollama2.embedded.train --out checkpoints/embedded/videollama2-av-tiny "$@"
+"$PY" -m videollama2.eval --model_path checkpoints/embedded/videollama2-av-tiny

@@ -66,12 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = OneLineErrorParser(prog="python -m videollama2.embedded.train_smol",
                                 description="Train towers and projectors (and a LoRA) of the SmolLM2 VideoLLaMA2-AV.")
-    parser.add_argument("--out", type=Path, default=smol.PARTS_DIR, help="parts folder to (over)write")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--minutes", type=float, default=55.0, help="budget of the whole run")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="wheel cache (see smol assemble)")
-    parser.add_argument("--wheel", type=Path, default=None)
+    smollm2.add_trainer_arguments(parser, smol.PARTS_DIR)
     parser.add_argument("--variant", choices=av.VARIANTS, default="hard", help="synthetic task (default hard)")
     parser.add_argument("--init-parts", type=Path, default=None,
                         help="start from this parts folder instead of fresh parts (same layout)")
