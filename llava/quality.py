@@ -21,7 +21,6 @@ from llava.eval import DEFAULT_MAX_NEW_TOKENS, evaluate
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from mmprune import quality as grid
 from mmprune.cli import run_main
-from mmprune.output import check_output_location
 from mmprune.pipeline import LanguageHead
 from mmprune.realtext import realtext_perplexity
 
@@ -48,9 +47,7 @@ def parse_args(argv):
 
 def output_names(args) -> dict:
     """Section, JSON and plot names: the tiny model's results live beside the default's."""
-    suffix = embedded.results_suffix(args.model_path)
-    return {"section": "weight-pruning" + suffix.replace("_", "-"), "json": f"results{suffix}.json",
-            "plot": f"results_accuracy{suffix}.png"}
+    return grid.output_names("weight-pruning", "results", embedded.results_suffix(args.model_path))
 
 
 def load(args) -> grid.GridModel:
@@ -92,11 +89,8 @@ def write_outputs(args, results: dict) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    # before the runs: the outputs neither overwrite nor land inside an input, and can be created
-    inputs = [args.model_path, args.data_path, args.image_folder, args.task_split_path, args.eval_data_path,
-              args.eval_image_folder]
-    for name in ("results.md", *list(output_names(args).values())[1:]):
-        check_output_location(args.partial or f"{args.out_dir}/{name}", inputs, "--out_dir")
+    grid.check_outputs(args, output_names(args), [args.model_path, args.data_path, args.image_folder,
+                                                  args.task_split_path, args.eval_data_path, args.eval_image_folder])
     grid.run(args, argv, load, write_outputs)
     return 0
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from mmprune.errors import UserInputError
-from mmprune.output import atomic_output_file, write_json_file
+from mmprune.output import atomic_output_file, check_output_location, write_json_file
 from mmprune.pipeline import PRESETS, PhaseTimer, PruneConfig, prune_decoder
 from mmprune.realtext import add_realtext_argument
 from mmprune.report import block_term_means, toolkit_commit, update_markdown_section, versions
@@ -86,6 +86,19 @@ def add_grid_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, mod
     parser.add_argument("--partial", default=None, help=argparse.SUPPRESS)  # worker: raw results JSON
     add_realtext_argument(parser)
     parser.set_defaults(grid_module=module)
+
+
+def output_names(section: str, stem: str, suffix: str) -> dict:
+    """Section, JSON and plot names of a results family; a model's `suffix` ("_tiny") keeps its
+    results beside the default model's."""
+    return {"section": section + suffix.replace("_", "-"), "json": f"{stem}{suffix}.json",
+            "plot": f"{stem}_accuracy{suffix}.png"}
+
+
+def check_outputs(args, names: dict, inputs: list) -> None:
+    """Before any run: the outputs neither overwrite nor land inside an input, and can be created."""
+    for name in ("results.md", names["json"], names["plot"]):
+        check_output_location(args.partial or os.path.join(args.out_dir, name), inputs, "--out_dir")
 
 
 def settings(args) -> list[tuple[float, SparsityPattern]]:

@@ -414,6 +414,11 @@ def test_result_generators_check_their_outputs_before_measuring(tmp_path, capsys
 
     assert run_main(quality.main, ["--out_dir", str(embedded.IMAGE_FOLDER)]) == 2
     assert "overlaps the input" in last_error(capsys)
+    from videollama2 import quality as av_quality
+    from videollama2.embedded import paths as av_embedded
+
+    assert run_main(av_quality.main, ["--out_dir", str(av_embedded.MEDIA_FOLDER)]) == 2
+    assert "overlaps the input" in last_error(capsys)
     assert run_main(fitprune_results.main, ["--json", str(embedded.DATA_PATH)]) == 2
     assert "overlaps the input" in last_error(capsys)
     notes_folder(tmp_path / "work" / "dense")

@@ -1,0 +1,113 @@
+"""`python -m videollama2.quality`: the quality table of the embedded VideoLLaMA2-AV (or any
+checkpoint). Prunes the decoder with every method at every sparsity setting and calibration seed,
+evaluates each pruned model (held-out accuracy overall and per question kind: video, audio, both;
+answer perplexity; real-text perplexity of the decoder) and writes the section `av-weight-pruning`
+of `docs/results.md` with the DAS diversity terms of the 6 modality pairs of one TAMP run, the raw
+runs (`docs/results_av.json`) and plots (the grid itself: mmprune/quality.py). The default model
+is the SmolLM2 one on the hard task; the tiny model (EMBEDDED_MODEL=tiny) gets `_tiny` files and
+its own section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from mmprune import quality as grid
+from mmprune.cli import run_main
+from mmprune.pipeline import LanguageHead
+from mmprune.realtext import realtext_perplexity
+from videollama2.checkpoint import load_tokenizer
+from videollama2.data import check_media, encode_record, load_records, select_samples
+from videollama2.embedded import paths as embedded
+from videollama2.eval import evaluate
+from videollama2.media import MediaLoader
+from videollama2.model import MODALITY_NAMES, VideoLLaMA2ForCausalLM, decoder_layers
+from videollama2.pruning import capture_decoder_inputs
+
+RESULTS_TITLE = "# Results on the embedded models\n\nEach section is written by the command it names."
+KINDS = {"video": "video questions", "audio": "audio questions", "both": "questions on both streams"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m videollama2.quality", description=__doc__)
+    parser.add_argument("--model_path", default=None,
+                        help="default: the embedded model EMBEDDED_MODEL names (smol unless set to tiny)")
+    parser.add_argument("--data_path", default=None, help="calibration JSON (default: the embedded model's task)")
+    parser.add_argument("--data_folder", default=None, help="its media folder")
+    parser.add_argument("--eval_data_path", default=None, help="held-out JSON (default: the embedded model's task)")
+    parser.add_argument("--eval_data_folder", default=None, help="its media folder")
+    grid.add_grid_arguments(parser, 4, "videollama2.quality")
+    args = parser.parse_args(argv)
+    if args.model_path is None:
+        args.model_path = str(embedded.default_checkpoint())
+    task = embedded.embedded_data(args.model_path)
+    if args.data_path is None:
+        args.data_path, args.data_folder = str(task.data_path), args.data_folder or str(task.media_folder)
+    if args.eval_data_path is None:
+        args.eval_data_path = str(task.eval_data_path)
+        args.eval_data_folder = args.eval_data_folder or str(task.media_folder)
+    args.data_folder = args.data_folder or str(Path(args.data_path).parent)
+    args.eval_data_folder = args.eval_data_folder or str(Path(args.eval_data_path).parent)
+    return args
+
+
+def output_names(args) -> dict:
+    return grid.output_names("av-weight-pruning", "results_av", embedded.results_suffix(args.model_path))
+
+
+def load(args) -> grid.GridModel:
+    model = VideoLLaMA2ForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(args.model_path)
+    prefix, layers = decoder_layers(model)
+    media = MediaLoader.for_config(model.config, model.image_size)
+    eval_records = load_records(args.eval_data_path)[: args.eval_samples]
+    check_media(eval_records, args.eval_data_folder, media)
+    records = load_records(args.data_path)
+
+    def run_eval():
+        result = evaluate(model, tokenizer, eval_records, args.eval_data_folder, media, args.max_new_tokens,
+                          progress=False)
+        if args.realtext_tokens:
+            result["realtext"] = realtext_perplexity(model, tokenizer, args.realtext_tokens).as_dict()
+        return result
+
+    def calibrate(seed):
+        calib = select_samples(records, args.nsamples, seed)
+        check_media(calib, args.data_folder, media)
+        samples = (encode_record(tokenizer, r, args.data_folder, media, with_answer=True) for r in calib)
+        return capture_decoder_inputs(model, samples, "cpu", "cpu", len(calib))
+
+    return grid.GridModel(model, layers, prefix, LanguageHead(model.model.norm, model.lm_head), MODALITY_NAMES,
+                          calibrate, run_eval)
+
+
+def write_outputs(args, results: dict) -> None:
+    names = output_names(args)
+    section = grid.Section(
+        name=names["section"], json_name=names["json"], plot_name=names["plot"],
+        heading=f"## Weight pruning: {embedded.model_title(args.model_path)}", producer="python -m videollama2.quality",
+        command_prefix="EMBEDDED_MODEL=tiny " if embedded.is_tiny(args.model_path) else "",
+        calibration=f"`{embedded.shown(args.data_path)}` (full conversations with their video and audio)",
+        defaults="`make quality-av` runs the defaults: seeds 42 43 44, 128 samples, every held-out question, "
+                 "4,096 real-text tokens",
+        results_title=RESULTS_TITLE, kinds=KINDS, das_terms=True,
+        meta={"model_path": embedded.shown(args.model_path), "data_path": embedded.shown(args.data_path),
+              "eval_data_path": embedded.shown(args.eval_data_path)})
+    grid.write_section(args, results, section)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    grid.check_outputs(args, output_names(args), [args.model_path, args.data_path, args.data_folder,
+                                                  args.eval_data_path, args.eval_data_folder])
+    grid.run(args, argv, load, write_outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
