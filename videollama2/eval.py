@@ -10,7 +10,8 @@ tokens, token-weighted over the data set), overall and per question `kind` when 
 one. Beside them, `realtext`: the Qwen2 decoder's perplexity (text only) on --realtext_tokens
 (default 4096, 0 skips it) tokens of English text from the Python standard library, with the
 source, token count and sha256 of the text (mmprune/realtext.py). Prints one JSON line on stdout.
-Without --data_path the embedded synthetic eval split is used (a banner on stderr says so).
+Without --data_path the embedded eval split of the model's task is used (the tiny model's basic
+task, else the hard one; a banner on stderr says so).
 
 `evaluate(model, tokenizer, records, data_folder, media)` is the same computation in-process.
 """
@@ -135,9 +136,10 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     check_eval_limits(args)
     if args.data_path is None:
-        sys.stderr.write(f"=== videollama2.eval: no --data_path, using the EMBEDDED synthetic eval split "
-                         f"{paths.EVAL_DATA_PATH} ===\n")
-        data_path, folder = paths.EVAL_DATA_PATH, Path(args.data_folder or paths.MEDIA_FOLDER)
+        task = paths.embedded_data(args.model_path)
+        sys.stderr.write(f"=== videollama2.eval: no --data_path, using the EMBEDDED {task.title} eval split "
+                         f"{paths.shown(task.eval_data_path)} ===\n")
+        data_path, folder = task.eval_data_path, Path(args.data_folder or task.media_folder)
     else:
         data_path = Path(args.data_path)
         folder = Path(args.data_folder) if args.data_folder else data_path.parent

@@ -46,13 +46,10 @@ def shown(path) -> str:
 
 
 def embedded_choice() -> str:
-    """"smol" or "tiny", from $EMBEDDED_MODEL (default smol)."""
-    from mmprune.errors import UserInputError
+    """"smol" or "tiny", from $EMBEDDED_MODEL (default smol; one choice for both trees)."""
+    from mmprune.smollm2 import embedded_choice as choice
 
-    choice = os.environ.get("EMBEDDED_MODEL", "smol") or "smol"
-    if choice not in EMBEDDED_CHOICES:
-        raise UserInputError(f"EMBEDDED_MODEL={choice!r} is not one of {', '.join(EMBEDDED_CHOICES)}")
-    return choice
+    return choice()
 
 
 def default_checkpoint() -> Path:

@@ -1,10 +1,18 @@
 """Where the embedded VideoLLaMA2-AV default lives in the repository (absolute paths, so the
 defaults work from any working directory).
 
+Two embedded models, chosen like the LLaVA-NeXT ones by EMBEDDED_MODEL=smol|tiny (default smol):
+- "smol": the real pretrained SmolLM2-135M-Instruct decoder (Qwen2 form) with committed trained
+  towers and projectors, assembled on first use into checkpoints/embedded/videollama2-av-smol
+  (videollama2/embedded/smol.py), on the hard synthetic task (AVInstruct-hard);
+- "tiny": a small decoder trained from scratch, committed whole, on the basic task (AVInstruct);
+  fast, for the test suite, but saturated (dense accuracy 1.000) and not a real LLM.
 The layout mirrors the real defaults: an AVInstruct-transformed JSON and its media folder
 (datasets/avinstruct_avqa_music.json + datasets/AVQA_music for the real data).
 """
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +37,76 @@ HARD_EVAL_DATA_PATH = HARD_DATA_ROOT / "avinstruct_avqa_music_eval.json"
 REAL_MODEL = "checkpoints/VideoLLaMA2.1-7B-AV"
 REAL_DATA = "datasets/avinstruct_avqa_music.json"
 REAL_MEDIA = "datasets/AVQA_music"
+
+
+EMBEDDED_NAMES = {"smol": "SmolLM2-135M-Instruct VideoLLaMA2-AV (real pretrained decoder)",
+                  "tiny": "tiny VideoLLaMA2-AV (decoder trained from scratch)"}
+CHECKPOINTS = {"smol": SMOL_CHECKPOINT_DIR, "tiny": CHECKPOINT_DIR}
+
+
+@dataclass(frozen=True)
+class EmbeddedData:
+    """An embedded task: calibration JSON, held-out JSON and the media folder of both."""
+    data_path: Path
+    eval_data_path: Path
+    media_folder: Path
+    title: str
+
+
+DATA = {"smol": EmbeddedData(HARD_DATA_PATH, HARD_EVAL_DATA_PATH, HARD_MEDIA_FOLDER, "hard synthetic audio-visual QA"),
+        "tiny": EmbeddedData(DATA_PATH, EVAL_DATA_PATH, MEDIA_FOLDER, "synthetic audio-visual QA")}
+
+
+def embedded_choice() -> str:
+    """"smol" or "tiny", from $EMBEDDED_MODEL (default smol; one choice for both trees)."""
+    from mmprune.smollm2 import embedded_choice as choice
+
+    return choice()
+
+
+def default_checkpoint() -> Path:
+    """The embedded checkpoint $EMBEDDED_MODEL names; the smol one is assembled first if it is
+    missing or older than its committed parts (about half a minute, once)."""
+    choice = embedded_choice()
+    if choice == "smol":
+        from videollama2.embedded import smol
+
+        smol.assemble(SMOL_CHECKPOINT_DIR, SMOL_PARTS_DIR)
+    return CHECKPOINTS[choice]
+
+
+def _same(a, b) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def is_embedded(model_path) -> bool:
+    return any(_same(model_path, p) for p in CHECKPOINTS.values())
+
+
+def is_tiny(model_path) -> bool:
+    return _same(model_path, CHECKPOINT_DIR)
+
+
+def embedded_data(model_path=None) -> EmbeddedData:
+    """The task of an embedded model: the tiny model's basic one, the smol model's hard one; for
+    any other model, that of the model EMBEDDED_MODEL names."""
+    if model_path is not None and is_embedded(model_path):
+        return DATA["tiny" if is_tiny(model_path) else "smol"]
+    return DATA[embedded_choice()]
+
+
+def results_suffix(model_path) -> str:
+    """Results of the tiny model are kept beside the default's: "_tiny" in file and section names."""
+    return "_tiny" if is_tiny(model_path) else ""
+
+
+def model_title(model_path) -> str:
+    """How docs/results.md names the model of a section."""
+    if is_tiny(model_path):
+        return "the tiny embedded VideoLLaMA2-AV (decoder trained from scratch, basic task)"
+    if _same(model_path, SMOL_CHECKPOINT_DIR):
+        return "the embedded VideoLLaMA2-AV on SmolLM2-135M-Instruct (hard task)"
+    return f"`{shown(model_path)}`"
 
 
 def shown(path) -> str:

@@ -46,7 +46,8 @@ import transformers
 from tqdm import tqdm
 
 # model-agnostic LoRA helpers of the LLaVA-NeXT SmolLM2 trainer
-from llava.embedded.train_smol import LORA_TARGETS, layer_indices as _layer_indices, merge_lora_in_place, word_vector
+from llava.embedded.train_smol import (LORA_TARGETS, layer_indices as _layer_indices, load_adapter, merge_lora_in_place,
+                                       word_vector)
 from mmprune import smollm2
 from mmprune.errors import UserInputError
 from mmprune.output import atomic_output_dir, check_output_dir
@@ -95,7 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--lora-lr", type=float, default=1e-3)
     lora.add_argument("--lora-layers", default="20-29", help="'all', or decoder layer indices like 20-29 or 0-4,28")
     lora.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
-    lora.add_argument("--stage3-share", type=float, default=0.5, help="share of stages 2+3's time for stage 3")
+    lora.add_argument("--stage3-share", type=float, default=0.5,
+                      help="share of stages 2+3's time for stage 3 (1: no stage 2, e.g. to go on from trained parts)")
+    lora.add_argument("--init-adapter", type=Path, default=None,
+                      help="start stage 3 from this saved LoRA (same rank, layers and targets; e.g. with "
+                           "--init-parts of the same folder, to train a finished run further)")
     lora.add_argument("--cached", action="store_true",
                       help="stage 3 with towers and projectors frozen: the hidden states entering the lowest LoRA "
                            "layer are computed once per pool conversation and each step runs only the layers above")
@@ -103,8 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.batch_size, args.pool, args.val_clips, args.turns) < 1 or args.minutes <= 0:
         parser.error("--batch-size, --turns, --pool and --val-clips must be at least 1 and --minutes positive")
-    if not 0 < args.stage3_share < 1:
-        parser.error("--stage3-share must lie strictly between 0 and 1")
+    if not 0 < args.stage3_share <= 1:
+        parser.error("--stage3-share must lie in (0, 1]")
+    if args.init_adapter is not None and not args.lora_rank:
+        parser.error("--init-adapter needs --lora-rank (the adapter's rank)")
     return args
 
 
@@ -143,11 +150,14 @@ def add_lora(model, config: dict):
 
 
 def save_adapter(peft_model, config: dict, folder: Path) -> None:
-    """peft's adapter files, written here: PeftModel.save_pretrained needs a transformers config."""
+    """peft's adapter files, written here (PeftModel.save_pretrained needs a transformers config),
+    in the parts' float16 like the parts (float32 would take the committed parts over 20 MB); the
+    run is scored with the stored tensors (as_assembled)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous() for k, v in sorted(get_peft_model_state_dict(peft_model).items())}
+    state = {k: v.detach().to(smol.PARTS_DTYPE).contiguous()
+             for k, v in sorted(get_peft_model_state_dict(peft_model).items())}
     save_file(state, str(folder / smollm2.ADAPTER_TENSORS), metadata={"format": "pt"})
     fields = {k: v for k, v in config.items() if k != "layers"}
     (folder / smollm2.ADAPTER_CONFIG).write_text(json.dumps(fields, indent=1) + "\n")
@@ -390,6 +400,8 @@ def train(args, decoder=None, tokenizer=None) -> dict:
         if args.lora_rank:
             lora = lora_config(model, args)
             peft_model = add_lora(model, lora)
+            if args.init_adapter is not None:
+                load_adapter(peft_model, args.init_adapter)
             lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
             for p in trainable:  # get_peft_model froze everything but the adapter
                 p.requires_grad_(True)

@@ -4,7 +4,8 @@ and baselines), calibrating on audio-visual AVInstruct data.
 Accepts the public TAMP code's flags (--model_path --data_path --data_folder --nsamples --seed
 --llm_sparsity_ratio --vit_sparsity_ratio --aud_sparsity_ratio --sparsity_type --prune_method
 --token_selection --score_method ...). Without --model_path / --data_path it uses the public
-scripts' real paths when they exist, otherwise the embedded tiny default (with a banner).
+scripts' real paths when they exist, otherwise the embedded default (EMBEDDED_MODEL: the SmolLM2 model
+on the hard task, or the tiny one on the basic task; with a banner).
 Per-token modality ids are 0 text, 1 video, 2 audio, so DAS scores 6 diversity terms.
 """
 
@@ -63,30 +64,31 @@ def parse_args(argv):
 
 
 def resolve_paths(args) -> bool:
-    """Fill in defaults; returns whether the embedded model is used. Explicit paths are never
+    """Fill in defaults; returns whether an embedded model is used. Explicit paths are never
     replaced: a missing one is reported by the loaders."""
     notes = []
     if args.model_path is None:
         if os.path.isdir(REAL_MODEL):
             args.model_path = REAL_MODEL
         else:
-            args.model_path = str(embedded.CHECKPOINT_DIR)
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED tiny VideoLLaMA2-AV {args.model_path}")
-    uses_embedded_model = os.path.realpath(args.model_path) == os.path.realpath(embedded.CHECKPOINT_DIR)
+            args.model_path = str(embedded.default_checkpoint())
+            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED {embedded.EMBEDDED_NAMES[embedded.embedded_choice()]} "
+                         f"{embedded.shown(args.model_path)}")
+    task = embedded.embedded_data(args.model_path)
     if args.data_path is None:
         if os.path.isfile(REAL_DATA):
             args.data_path = REAL_DATA
             args.data_folder = args.data_folder or REAL_MEDIA
         else:
-            args.data_path = str(embedded.DATA_PATH)
-            args.data_folder = args.data_folder or str(embedded.MEDIA_FOLDER)
-            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic audio-visual QA {args.data_path}")
+            args.data_path = str(task.data_path)
+            args.data_folder = args.data_folder or str(task.media_folder)
+            notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED {task.title} {embedded.shown(args.data_path)}")
     args.data_folder = args.data_folder or os.path.dirname(os.path.abspath(args.data_path))
     if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (tiny model / synthetic data, for trying the pipeline)"] + notes
+        banner(["RUNNING ON THE EMBEDDED DEFAULT (small model / synthetic data, for trying the pipeline)"] + notes
                + ["Set MODEL_PATH / DATA_PATH / DATA_FOLDER (or --model_path / --data_path / --data_folder) "
                   "for a real checkpoint."])
-    return uses_embedded_model
+    return embedded.is_embedded(args.model_path)
 
 
 def longest(records: list, nsamples: int) -> list:
@@ -134,8 +136,9 @@ def main(argv=None) -> int:
         check_media(records, args.data_folder, media)
         eval_records, eval_folder = None, None
         if args.eval:
-            eval_path = args.eval_data_path or str(embedded.EVAL_DATA_PATH)
-            eval_folder = args.eval_data_folder or (str(embedded.MEDIA_FOLDER) if not args.eval_data_path
+            task = embedded.embedded_data(args.model_path)
+            eval_path = args.eval_data_path or str(task.eval_data_path)
+            eval_folder = args.eval_data_folder or (str(task.media_folder) if not args.eval_data_path
                                                     else os.path.dirname(os.path.abspath(eval_path)))
             eval_records = load_records(eval_path)[: args.eval_samples]
             check_media(eval_records, eval_folder, media)
