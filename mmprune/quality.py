@@ -220,8 +220,8 @@ def run(args, argv: list[str], load: Callable[[object], GridModel], write: Calla
     from saved partials, worker processes or this process, and `write` turns them into the outputs."""
     if args.partial:
         torch.set_num_threads(1)
-        with open(args.partial, "w") as handle:
-            json.dump(run_grid(args, load(args)), handle)
+        results = run_grid(args, load(args))
+        write_json_file(args.partial, results)  # atomic: an interrupted worker leaves no half file
         return {}
     if args.from_partials:
         results = merge_partials(args, args.from_partials)

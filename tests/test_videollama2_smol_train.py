@@ -140,10 +140,15 @@ def test_training_script_settings_parse_and_keep_the_55_minute_budget():
 
     script = (paths.REPO_ROOT / "scripts_videollama2" / "embedded" / "train_videollama2_av_smol.sh").read_text()
     joined = script.replace("\\\n", " ")
-    command = shlex.split(joined.split('"$python" -m videollama2.embedded.train_smol', 1)[1].split("\n")[0])
+    command = shlex.split(joined.split('"$PY" -m videollama2.embedded.train_smol', 1)[1].split("\n")[0])
     assert command[-1] == "$@"
     args = train_smol.parse_args(command[:-1])
     assert args.minutes == 55 and args.variant == "hard" and args.out == smol.PARTS_DIR.relative_to(paths.REPO_ROOT)
+    # the committed parts' recipe: no stage 2, a cached LoRA on layers 14-29, 8 questions per conversation
+    assert args.stage3_share == 1 and args.lora_rank == 16 and args.cached and args.turns == 8
+    info = json.loads((paths.SMOL_PARTS_DIR / smol.TRAINING_INFO).read_text())
+    assert {k: v for k, v in info["settings"].items() if k != "init_adapter"} == \
+        {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "wheel", "init_adapter")}
 
 
 def test_multi_turn_conversations_label_every_answer_and_never_repeat_a_question():
