@@ -371,7 +371,9 @@ def write_section(args, results: dict, section: Section) -> None:
         lines += terms
         if not terms:
             terms_plot = None
-    flags = (f"--seeds {' '.join(map(str, args.seeds))} --nsamples {args.nsamples} --eval_samples {dense['n']} "
+    flags = (f"--methods {' '.join(args.methods)} --sparsities {' '.join(f'{x:g}' for x in args.sparsities)} "
+             f"--patterns {' '.join(args.patterns)} "
+             f"--seeds {' '.join(map(str, args.seeds))} --nsamples {args.nsamples} --eval_samples {dense['n']} "
              f"--max_new_tokens {args.max_new_tokens} --realtext_tokens {args.realtext_tokens}"
              + (f" --ecoflap_samples {args.ecoflap_samples}" if args.ecoflap_samples else ""))
     lines += ["", f"![accuracy and real-text perplexity against sparsity]({section.plot_name})", "",

@@ -75,6 +75,7 @@ def test_section_has_per_kind_tables_das_terms_and_plots(tmp_path):
     assert "| term | block 0 | block 2 | block 4 | block 6 | block 7 | mean over blocks |" in das
     assert "| text-video | 0.4200 | 2.4200 | 4.4200 | 6.4200 | 7.4200 | 3.9200 |" in das
     assert "Realism check" in text and "holds" in text
+    assert "`python -m toy --methods magnitude wanda tamp sparsegpt --sparsities 0.5 0.7 --patterns 2:4 --seeds 42 43" in text
     assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r_das_terms.png").stat().st_size > 0
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["meta"]["seeds"] == [42, 43] and len(saved["runs"]) == 5 * 3  # magnitude once, wanda and tamp per seed
