@@ -33,10 +33,10 @@ ADAPTER_TENSORS = "adapter_model.safetensors"
 EMBEDDED_CHOICES = ("smol", "tiny")
 
 
-def embedded_choice(default: str = "smol") -> str:
-    """Which embedded model a run without a model path uses: "smol" (the SmolLM2 decoder) or
-    "tiny", from $EMBEDDED_MODEL (unset: `default`, the tree's own)."""
-    choice = os.environ.get("EMBEDDED_MODEL") or default
+def embedded_choice() -> str:
+    """Which embedded model a run without a model path uses, in both trees: "smol" (the SmolLM2
+    decoder) or "tiny", from $EMBEDDED_MODEL (default smol)."""
+    choice = os.environ.get("EMBEDDED_MODEL") or "smol"
     if choice not in EMBEDDED_CHOICES:
         raise UserInputError(f"EMBEDDED_MODEL={choice!r} is not one of {', '.join(EMBEDDED_CHOICES)}")
     return choice
