@@ -30,11 +30,14 @@ class ECoFLaPConfig:
 
 
 def lm_loss_from_hidden(final_norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean next-token cross-entropy over labelled positions, in float32 or wider."""
-    logits = lm_head(final_norm(hidden))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))[:, :-1]
-    target = labels[:, 1:].to(logits.device)
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
+    """Mean next-token cross-entropy over labelled positions, in float32 or wider. The norm and the
+    LM head run on the labelled positions only (both act per position): with a large vocabulary
+    the head over a whole prompt costs as much as several decoder blocks."""
+    target = labels[:, 1:].to(hidden.device)
+    labelled = target != -100
+    logits = lm_head(final_norm(hidden[:, :-1][labelled]))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return float(F.cross_entropy(logits, target[labelled]))
 
 
 def _perturbation(shape, seed: int, device, dtype) -> torch.Tensor:

@@ -193,8 +193,22 @@ def file_plan(blocks, prefix, cfg: PruneConfig) -> dict[str, float]:
     return read_sparsity_dict(cfg.sparsity_dict_path, list(sizes), sizes, cfg.sparsity)
 
 
-def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer, head: LanguageHead | None):
-    """Per-linear target sparsity (allocation sweeps run on the dense model) and report details."""
+def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer, head: LanguageHead | None,
+                  dense_sweeps: dict | None = None):
+    """Per-linear target sparsity (allocation sweeps run on the dense model) and report details.
+
+    The sweeps (DAS diversity, OWL outlier ratios, ECoFLaP importance) read only the dense weights
+    and the calibration inputs, never the target: a caller that prunes the same dense model with the
+    same inputs at several targets (the quality grid) passes one `dense_sweeps` dict for all of them
+    and each sweep runs once. It must start a new dict when the weights or the inputs change."""
+
+    def measured(key, compute):
+        if dense_sweeps is None:
+            return compute()
+        if key not in dense_sweeps:
+            dense_sweeps[key] = compute()
+        return dense_sweeps[key]
+
     names = decoder_linear_names(blocks, prefix)
     details: dict = {}
     das_result = None
@@ -206,15 +220,23 @@ def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer
     if layerwise == "uniform":
         return {n: cfg.sparsity for n in names}, None, details
     if layerwise == "das":
-        with timer.phase("das_dense_sweep"):
+        def diversity_sweep():
             diversity = DiversitySweep(prefix, cfg.das)
             sweep(blocks, store.clone(), diversity, cfg.device, desc="DAS dense sweep")
+            return diversity
+
+        with timer.phase("das_dense_sweep"):
+            diversity = measured(("das", prefix, cfg.das), diversity_sweep)
             das_result = das_allocation(diversity, cfg.das, cfg.sparsity, cfg.max_sparsity_per_layer, modality_names)
         return das_result.sparsity, das_result, details
     if layerwise == "owl":
-        with timer.phase("owl_dense_sweep"):
+        def outlier_sweep():
             outliers = OutlierSweep(cfg.owl)
             sweep(blocks, store.clone(), outliers, cfg.device, desc="OWL outlier sweep")
+            return outliers
+
+        with timer.phase("owl_dense_sweep"):
+            outliers = measured(("owl", cfg.owl), outlier_sweep)
             plan, per_block = owl_plan(outliers, blocks, prefix, cfg.sparsity, cfg.max_sparsity_per_layer)
         details["owl"] = {"outlier_ratio_percent": outliers.ratios, "block_sparsity": per_block,
                           "M": cfg.owl.outlier_multiple, "lambda": cfg.owl.spread}
@@ -223,8 +245,8 @@ def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer
         if head is None:
             raise UserInputError("ECoFLaP needs the model's final norm and LM head; this model side gives none")
         with timer.phase("ecoflap_zeroth_order"):
-            importance, counts = zeroth_order_importance(blocks, prefix, store.clone(), head.final_norm,
-                                                         head.lm_head, cfg.ecoflap, cfg.device)
+            importance, counts = measured(("ecoflap", prefix, cfg.ecoflap), lambda: zeroth_order_importance(
+                blocks, prefix, store.clone(), head.final_norm, head.lm_head, cfg.ecoflap, cfg.device))
         groups = {block_name(prefix, i): [linear_name(prefix, i, rel) for rel in block_linears(b)]
                   for i, b in enumerate(blocks)}
         sizes = {linear_name(prefix, i, rel): m.weight.numel() for i, b in enumerate(blocks)
@@ -248,10 +270,12 @@ def prune_decoder(
     modality_names: dict[int, str],
     timer: PhaseTimer,
     head: LanguageHead | None = None,
+    dense_sweeps: dict | None = None,
 ) -> PruneOutcome:
-    """Plan per-linear sparsity, then prune block by block; `store` is consumed."""
+    """Plan per-linear sparsity, then prune block by block; `store` is consumed. `dense_sweeps`:
+    see plan_sparsity."""
     check_pattern_fits(blocks, prefix, cfg.pattern)
-    plan, das_result, details = plan_sparsity(blocks, prefix, store, cfg, modality_names, timer, head)
+    plan, das_result, details = plan_sparsity(blocks, prefix, store, cfg, modality_names, timer, head, dense_sweeps)
     if cfg.pruner == "magnitude":
         with timer.phase("prune"):
             results = magnitude_prune(blocks, prefix, cfg.pattern, plan, cfg.magnitude_group, cfg.device)

@@ -129,6 +129,7 @@ def run_grid(args, grid: GridModel) -> dict:
         if args.only_seed is not None and seed != args.only_seed:
             continue
         store = grid.calibrate(seed)
+        dense_sweeps: dict = {}  # same dense weights and inputs for every run of this seed
         for method in args.methods:
             if method == "magnitude" and seed != args.seeds[0]:
                 continue  # no calibration data: one seed is the whole story
@@ -139,7 +140,7 @@ def run_grid(args, grid: GridModel) -> dict:
                                                                if args.ecoflap_samples else {}))
                 timer = PhaseTimer()
                 outcome = prune_decoder(grid.layers, grid.prefix, store.clone(), cfg, grid.modality_names, timer,
-                                        grid.head)
+                                        grid.head, dense_sweeps)
                 result = grid.evaluate()
                 run = {"method": method, "setting": setting_label(sparsity, pattern), "seed": seed,
                        "achieved_sparsity": outcome.achieved, "accuracy": result["accuracy"],

@@ -141,6 +141,25 @@ def test_ecoflap_matches_full_model_finite_differences():
     assert torch.equal(linear.weight, original)
 
 
+def test_ecoflap_loss_counts_only_answer_positions():
+    # the head runs on labelled positions only; the loss must equal the masked loss over all logits
+    model = tiny_lm(3, layers=1).double()
+    ids = torch.randint(0, 48, (1, 12), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, :8] = -100  # prompt
+    labels[0, 10] = -100  # a hole inside the answer
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state  # already through the final norm
+        logits = model(input_ids=ids).logits[0, :-1]  # every position, in float64
+        expected = float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100))
+        loss = lm_loss_from_hidden(torch.nn.Identity(), model.lm_head, hidden, labels)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    # positions 0-6 predict prompt tokens: changing their hidden states must not move the loss
+    hidden[0, :7] += 5.0
+    with torch.no_grad():
+        assert lm_loss_from_hidden(torch.nn.Identity(), model.lm_head, hidden, labels) == loss
+
+
 def test_sparsegpt_pruner_through_the_driver():
     model = tiny_lm(3)
     pruner = SparseGPTPruner("layers", SparsityPattern(), names(model), blocksize=16)
@@ -162,3 +181,34 @@ def test_replaying_captured_block_inputs_never_sees_an_earlier_replay():
     replayed = block_output(layer, 2 * hidden, kwargs)
     fresh_hidden, fresh_kwargs = capture(model, n=1).inputs(0, "cpu")
     assert torch.equal(replayed, block_output(layer, 2 * fresh_hidden, fresh_kwargs))
+
+
+@pytest.mark.parametrize("method", ["owl", "ecoflap", "das"])
+def test_dense_sweep_cache_runs_each_sweep_once_and_changes_no_mask(method, monkeypatch):
+    import mmprune.pipeline as pipeline
+
+    calls = []
+    for name in ("zeroth_order_importance", "DiversitySweep", "OutlierSweep"):
+        original = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model = tiny_lm(4)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    store = capture(model)
+    head = pipeline.LanguageHead(model.model.norm, model.lm_head)
+    cfg = dict(ecoflap=ECoFLaPConfig(samples=2))
+
+    def masks(sparsity, cache):
+        model.load_state_dict(dense)
+        pipeline.prune_decoder(model.model.layers, "layers", store.clone(),
+                               pipeline.PruneConfig(method=method, sparsity=sparsity, **cfg), {0: "text"},
+                               pipeline.PhaseTimer(), head, cache)
+        return {k: v == 0 for k, v in model.state_dict().items() if k.endswith("proj.weight")}
+
+    fresh = [masks(s, None) for s in (0.5, 0.6)]
+    assert len(calls) == 2
+    cache: dict = {}
+    cached = [masks(s, cache) for s in (0.5, 0.6)]
+    assert len(calls) == 3 and len(cache) == 1  # the second target reused the first one's sweep
+    for a, b in zip(fresh, cached):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(fresh[0][k], fresh[1][k]) for k in fresh[0])  # the targets do differ
