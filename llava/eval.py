@@ -34,7 +34,9 @@ from llava.convert import load_pretrained_checked
 from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
-from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer  # noqa: F401
+from mmprune.scoring import (  # noqa: F401
+    AnswerTally, greedy_answer, greedy_continue, last_answer_span, normalize_answer, teacher_forced_answer,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 8
 
@@ -113,23 +115,52 @@ def score_record(model, full: dict, stop_ids: list, max_new_tokens: int, prompt_
     """(greedy answer token ids, answer NLL sum, answer token count) for one encoded record.
 
     One teacher-forced pass over prompt + reference answer gives the NLL and, at every answer
-    position, the argmax next token. If those argmaxes reproduce the reference up to its stop
-    token, greedy decoding would produce exactly the reference (each step sees the same prefix),
-    so it is not rerun; otherwise greedy decoding runs from the prompt. prompt_first (used with a
-    token recipe) runs the prompt alone, then the answer on its KV cache.
+    position, the argmax next token. Greedy decoding follows the reference while those argmaxes do
+    (each step sees the same prefix), so that part is read off, and the rest is decoded on the pass's
+    KV cache cut back to where it left the reference (mmprune.scoring.greedy_answer). prompt_first
+    (used with a token recipe) runs the prompt alone, then the answer on its KV cache, and decodes a
+    wrong answer from the prompt again.
     """
     span = last_answer_span(full["labels"])
     if span is None:
         raise UserInputError("the record has no answer tokens to score")
     start, end = span
-    if prompt_first:
+    targets = full["input_ids"][0, start:end]
+    if prompt_first:  # a recipe's caches differ in length between layers: decode from the prompt again
         logits = _prompt_then_answer_logits(model, full, start, end)
-    else:
-        logits = model(**_on_device(model_inputs(full), model)).logits[0, start - 1:end - 1].float()
-    nll, tokens = teacher_forced_answer(logits, full["input_ids"][0, start:end], stop_ids, max_new_tokens)
+        nll, tokens = teacher_forced_answer(logits, targets, stop_ids, max_new_tokens)
+        if tokens is None:
+            tokens = greedy_decode(model, _slice_prompt(full, start), max_new_tokens, stop_ids)
+        return tokens, nll, end - start
+    tail = full["input_ids"].shape[1] - start  # positions from the answer's start to the text's end
+    out = model(**_on_device(model_inputs(full), model), use_cache=True, logits_to_keep=tail + 1)
+    logits = out.logits[0, :end - start].float()  # the head ran on the answer's positions only
+    nll, tokens = teacher_forced_answer(logits, targets, stop_ids, max_new_tokens)
     if tokens is None:
-        tokens = greedy_decode(model, _slice_prompt(full, start), max_new_tokens, stop_ids)
+        tokens = greedy_answer(logits, targets, stop_ids, max_new_tokens,
+                               _continue_on_cache(model, out.past_key_values, tail, stop_ids))
     return tokens, nll, end - start
+
+
+def _continue_on_cache(model, cache, tail: int, stop_ids: list):
+    """greedy_answer's continuation for a teacher-forced pass over the whole text, whose last `tail`
+    positions are the answer and what follows it: cut the cache back to the prompt plus the reference
+    tokens greedy decoding shared, then decode one token at a time."""
+    answer_start = cache.get_seq_length() - tail
+
+    def continue_after(kept: int, token: int, budget: int) -> list:
+        drop = cache.get_seq_length() - (answer_start + kept)
+        if drop:
+            cache.crop(-drop)  # a negative count removes that many positions (a positive one is refused)
+
+        def step(next_id: int) -> torch.Tensor:
+            ids = torch.tensor([[next_id]], device=_input_device(model))
+            mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=ids.device)
+            return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[0, -1]
+
+        return greedy_continue(step, token, budget, stop_ids)
+
+    return continue_after
 
 
 def evaluate(model, processor, records: list, image_folder, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,

@@ -47,6 +47,35 @@ def teacher_forced_answer(logits: torch.Tensor, targets: torch.Tensor, stop_ids:
     return nll, None
 
 
+def greedy_answer(logits: torch.Tensor, targets: torch.Tensor, stop_ids: list[int], max_new_tokens: int,
+                  continue_after) -> list[int]:
+    """The greedy answer, from the teacher-forced logits predicting each reference token. While
+    the argmax reproduces the reference, greedy decoding takes exactly those steps, so they are read
+    off; at the first token that differs it leaves the reference, and `continue_after(k, token,
+    budget)` decodes the rest (at most `budget` tokens) on the KV cache of the prompt plus the
+    first k reference tokens, fed `token` first. Saves the second pass over the whole prompt."""
+    tokens: list[int] = []
+    for guess, truth in zip(logits.argmax(dim=-1).tolist(), targets.tolist()):  # a few answer tokens
+        tokens.append(guess)
+        if guess in stop_ids or len(tokens) == max_new_tokens:
+            return tokens
+        if guess != truth:
+            break
+    return tokens + continue_after(len(tokens) - 1, tokens[-1], max_new_tokens - len(tokens))
+
+
+def greedy_continue(step, token: int, budget: int, stop_ids: list[int]) -> list[int]:
+    """Feed `token`, then each argmax, until a stop token or `budget` new tokens; `step(token)` runs
+    the model on one token over its KV cache and returns the next-token logits."""
+    tokens: list[int] = []
+    while len(tokens) < budget:
+        token = int(step(token).argmax())
+        tokens.append(token)
+        if token in stop_ids:
+            break
+    return tokens
+
+
 class AnswerTally:
     """Exact-match accuracy and token-weighted answer perplexity, overall and per question kind."""
 

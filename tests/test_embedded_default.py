@@ -6,6 +6,7 @@ import pytest
 
 from llava import quality
 from llava.embedded import paths
+from videollama2.embedded import paths as av_paths
 from mmprune import quality as grid
 from mmprune.errors import UserInputError
 
@@ -20,17 +21,22 @@ def test_embedded_model_choice(monkeypatch):
         paths.default_checkpoint()
 
 
-def test_banner_names_the_embedded_model(monkeypatch):
+@pytest.mark.parametrize("tree", [paths, av_paths])
+def test_banner_names_the_embedded_model_and_a_real_checkpoint_wins(tree, monkeypatch, tmp_path):
     monkeypatch.setenv("EMBEDDED_MODEL", "tiny")
-    monkeypatch.setattr(paths, "REAL_MODEL", "/nonexistent/model")
+    monkeypatch.chdir(tmp_path)  # the real checkpoint's path is relative to the repository root
 
     class Args:
         model_path = None
 
     notes = []
-    assert paths.resolve_model(Args, notes) is True
-    assert Args.model_path == str(paths.CHECKPOINT_DIR)
-    assert "EMBEDDED tiny LLaVA-NeXT" in notes[0]
+    assert tree.resolve_model(Args, notes) is True
+    assert Args.model_path == str(tree.CHECKPOINT_DIR)
+    assert len(notes) == 1 and f"{tree.REAL_MODEL} not found -> EMBEDDED tiny" in notes[0]
+    (tmp_path / tree.REAL_MODEL).mkdir(parents=True)
+    Args.model_path, notes = None, []
+    assert tree.resolve_model(Args, notes) is False
+    assert Args.model_path == tree.REAL_MODEL and notes == []
 
 
 def test_results_of_the_tiny_model_are_kept_apart():

@@ -81,6 +81,20 @@ def test_fast_path_equals_generate(embedded_llava, embedded_eval_records):
         assert llava_eval.greedy_decode(model, prompt, 8, stop) == tokens
 
 
+def test_decoding_past_the_reference_on_the_cache_equals_greedy_from_the_prompt(embedded_llava,
+                                                                              embedded_eval_records):
+    """With no stop token the answers follow the reference (or leave it) and go on to the limit:
+    the part decoded on the teacher-forced pass's cut-back cache must equal a fresh greedy decode
+    from the prompt (which test_fast_path_equals_generate ties to model.generate())."""
+    model, processor = embedded_llava
+    for record in embedded_eval_records[:12]:
+        full = data.encode_record(processor, record, paths.EVAL_IMAGE_FOLDER)
+        tokens, _, _ = llava_eval.score_record(model, full, [], max_new_tokens=6)
+        start, end = llava_eval.last_answer_span(full["labels"])
+        assert len(tokens) == 6 > end - start
+        assert tokens == llava_eval.greedy_decode(model, llava_eval._slice_prompt(full, start), 6, [])
+
+
 def test_normalize_answer():
     assert llava_eval.normalize_answer("  Red. ") == "red"
     assert llava_eval.normalize_answer("Top\n left!?") == "top left"

@@ -30,7 +30,9 @@ from mmprune.cli import OneLineErrorParser, check_eval_limits, run_main
 from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
-from mmprune.scoring import AnswerTally, last_answer_span, normalize_answer, teacher_forced_answer
+from mmprune.scoring import (
+    AnswerTally, greedy_answer, greedy_continue, last_answer_span, normalize_answer, teacher_forced_answer,
+)
 from videollama2.data import check_media, encode_record, load_records, reference_answer
 from videollama2.embedded import paths
 from videollama2.media import MediaLoader
@@ -65,20 +67,35 @@ def greedy_decode(model, prompt: dict, max_new_tokens: int, stop_ids: list[int])
 @torch.no_grad()
 def score_record(model, full: dict, stop_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, int]:
     """(greedy answer ids, answer NLL sum, answer token count). One teacher-forced pass gives the
-    NLL and the argmax at every answer position; when those reproduce the reference through its
-    stop token, greedy decoding would too, so it is not rerun."""
-    out = model(full["input_ids"], video=full.get("video"), audio=full.get("audio"), labels=full["labels"])
-    span = last_answer_span(out.labels.cpu())
+    NLL and the argmax at every answer position (the head runs on the answer only); greedy
+    decoding follows the reference while the argmax does, then goes on from the pass's KV cache
+    cut back to where it left the reference (mmprune.scoring.greedy_answer)."""
+    span = last_answer_span(full["labels"])
     if span is None:
         raise UserInputError("a record has no answer tokens to score")
     start, end = span
-    nll, tokens = teacher_forced_answer(out.logits[0, start - 1:end - 1], out.labels[0, start:end], stop_ids,
-                                        max_new_tokens)
+    tail = full["input_ids"].shape[1] - start  # the answer is the text's tail, after every media token
+    out = model(full["input_ids"], video=full.get("video"), audio=full.get("audio"), use_cache=True,
+                logits_to_keep=tail + 1)
+    targets = full["input_ids"][0, start:end]
+    logits = out.logits[0, :end - start]
+    nll, tokens = teacher_forced_answer(logits, targets, stop_ids, max_new_tokens)
     if tokens is not None:
         return tokens, nll, end - start
-    prompt_end = full["input_ids"].shape[1] - (end - start)  # the answer is the text's tail
-    prompt = dict(full, input_ids=full["input_ids"][:, :prompt_end])
-    return greedy_decode(model, prompt, max_new_tokens, stop_ids), nll, end - start
+    cache = out.past_key_values
+    answer_start = cache.get_seq_length() - tail  # in the spliced sequence (media tokens expanded)
+
+    def step(token: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=model.device)
+        return model(ids, past_key_values=cache, use_cache=True, last_logits_only=True).logits[0, -1]
+
+    def continue_after(kept: int, token: int, budget: int) -> list[int]:
+        drop = cache.get_seq_length() - (answer_start + kept)
+        if drop:
+            cache.crop(-drop)  # a negative count removes that many positions (a positive one is refused)
+        return greedy_continue(step, token, budget, stop_ids)
+
+    return greedy_answer(logits, targets, stop_ids, max_new_tokens, continue_after), nll, end - start
 
 
 def evaluate(model, tokenizer, records: list, data_folder, media: MediaLoader,

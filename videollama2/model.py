@@ -254,7 +254,11 @@ class VideoLLaMA2ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 video: torch.Tensor | None = None, audio: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
-                last_logits_only: bool = False) -> VideoLLaMA2Output:
+                last_logits_only: bool = False, logits_to_keep: int = 0) -> VideoLLaMA2Output:
+        """`logits_to_keep` > 0: the head runs on that many last positions only (no loss then);
+        `last_logits_only` is logits_to_keep=1."""
+        if last_logits_only:
+            logits_to_keep = 1
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -272,11 +276,11 @@ class VideoLLaMA2ForCausalLM(nn.Module):
         out = self.model(inputs_embeds=embeds, attention_mask=mask, past_key_values=past_key_values,
                          use_cache=use_cache)
         hidden = out.last_hidden_state
-        if last_logits_only:
-            hidden = hidden[:, -1:]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None and not last_logits_only:
+        if labels is not None and not logits_to_keep:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         return VideoLLaMA2Output(logits, loss, out.past_key_values if use_cache else None, modality, labels)

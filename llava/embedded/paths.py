@@ -12,6 +12,9 @@ work from any cwd.
 import os
 from pathlib import Path
 
+from mmprune.embedded import EmbeddedModels
+from mmprune.embedded import announce as announce_embedded
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Layout mirrors the real `playground/LLaVA-NeXT-Data/` so the same code reads both.
@@ -28,9 +31,6 @@ EVAL_IMAGE_FOLDER = EVAL_DIR / "images"
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "llava-next-tiny"  # the tiny model
 SMOL_CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "llava-next-smol"
-EMBEDDED_CHOICES = {"smol": SMOL_CHECKPOINT_DIR, "tiny": CHECKPOINT_DIR}
-EMBEDDED_NAMES = {"smol": "SmolLM2-135M-Instruct LLaVA-NeXT (real pretrained decoder)",
-                  "tiny": "tiny LLaVA-NeXT (4-layer decoder trained from scratch)"}
 
 # The real-data defaults (used by split_finetune_llava_next.py, as in the public TAMP code).
 REAL_DATA_PATH = Path("playground/LLaVA-NeXT-Data/llava_next_raw_format/llava_next_raw_format_processed.json")
@@ -38,73 +38,35 @@ REAL_MODEL = "checkpoints/llama3-llava-next-8b"
 REAL_DATA = str(REAL_DATA_PATH)
 
 
-def shown(path) -> str:
-    """`path` relative to the repository when it lies inside it (for reports and docs that are
-    committed), else as given."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+def _assemble_smol() -> None:
+    from llava.embedded import smol  # about a minute, once; a no-op while the checkpoint is current
+
+    smol.assemble(SMOL_CHECKPOINT_DIR)
 
 
-def embedded_choice() -> str:
-    """"smol" or "tiny", from $EMBEDDED_MODEL (default smol; one choice for both trees)."""
-    from mmprune.smollm2 import embedded_choice as choice
-
-    return choice()
-
-
-def default_checkpoint() -> Path:
-    """The embedded checkpoint $EMBEDDED_MODEL names; the smol one is assembled first if it is
-    missing or older than its committed parts (about a minute, once)."""
-    choice = embedded_choice()
-    if choice == "smol":
-        from llava.embedded import smol
-
-        smol.assemble(SMOL_CHECKPOINT_DIR)
-    return EMBEDDED_CHOICES[choice]
-
-
-def is_embedded(model_path) -> bool:
-    return any(os.path.realpath(model_path) == os.path.realpath(p) for p in EMBEDDED_CHOICES.values())
-
-
-def is_tiny(model_path) -> bool:
-    return os.path.realpath(model_path) == os.path.realpath(CHECKPOINT_DIR)
-
-
-def results_suffix(model_path) -> str:
-    """Results of the tiny model are kept beside the default's: "_tiny" in their file and section names."""
-    return "_tiny" if is_tiny(model_path) else ""
-
-
-def model_title(model_path) -> str:
-    """How docs/results.md names the model of a section."""
-    if is_tiny(model_path):
-        return "the tiny embedded LLaVA-NeXT (4-layer decoder trained from scratch)"
-    if os.path.realpath(model_path) == os.path.realpath(SMOL_CHECKPOINT_DIR):
-        return "the embedded LLaVA-NeXT on SmolLM2-135M-Instruct"
-    return f"`{shown(model_path)}`"
-
-
-def resolve_model(args, notes: list) -> bool:
-    """Fill args.model_path: the README's real checkpoint when it exists, else the embedded one
-    (a line for the banner goes to `notes`). Returns whether the model is an embedded one."""
-    if args.model_path is None:
-        if os.path.isdir(REAL_MODEL):
-            args.model_path = REAL_MODEL
-        else:
-            args.model_path = str(default_checkpoint())
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED {EMBEDDED_NAMES[embedded_choice()]} "
-                         f"{shown(args.model_path)}")
-    return is_embedded(args.model_path)
+MODELS = EmbeddedModels(
+    repo_root=REPO_ROOT,
+    checkpoints={"smol": SMOL_CHECKPOINT_DIR, "tiny": CHECKPOINT_DIR},
+    names={"smol": "SmolLM2-135M-Instruct LLaVA-NeXT (real pretrained decoder)",
+           "tiny": "tiny LLaVA-NeXT (4-layer decoder trained from scratch)"},
+    titles={"smol": "the embedded LLaVA-NeXT on SmolLM2-135M-Instruct",
+            "tiny": "the tiny embedded LLaVA-NeXT (4-layer decoder trained from scratch)"},
+    assemble_smol=_assemble_smol,
+    real_model=REAL_MODEL,
+)
+embedded_choice = MODELS.choice
+default_checkpoint = MODELS.default_checkpoint
+is_embedded = MODELS.is_embedded
+is_tiny = MODELS.is_tiny
+results_suffix = MODELS.results_suffix
+model_title = MODELS.model_title
+shown = MODELS.shown
+resolve_model = MODELS.resolve_model
 
 
 def announce(notes: list) -> None:
     """The loud banner of a run on the embedded default (nothing when `notes` is empty)."""
-    from mmprune.cli import banner
-
-    if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (small model / synthetic data, for trying the pipeline)"] + notes
-               + ["Set MODEL_PATH / DATA_PATH (or --model_path / --data_path) for a real checkpoint."])
+    announce_embedded(notes, "MODEL_PATH / DATA_PATH (or --model_path / --data_path)")
 
 
 def resolve_model_and_data(args) -> bool:

@@ -11,9 +11,10 @@ The layout mirrors the real defaults: an AVInstruct-transformed JSON and its med
 (datasets/avinstruct_avqa_music.json + datasets/AVQA_music for the real data).
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmprune.embedded import EmbeddedModels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,11 +40,6 @@ REAL_DATA = "datasets/avinstruct_avqa_music.json"
 REAL_MEDIA = "datasets/AVQA_music"
 
 
-EMBEDDED_NAMES = {"smol": "SmolLM2-135M-Instruct VideoLLaMA2-AV (real pretrained decoder)",
-                  "tiny": "tiny VideoLLaMA2-AV (decoder trained from scratch)"}
-CHECKPOINTS = {"smol": SMOL_CHECKPOINT_DIR, "tiny": CHECKPOINT_DIR}
-
-
 @dataclass(frozen=True)
 class EmbeddedData:
     """An embedded task: calibration JSON, held-out JSON and the media folder of both."""
@@ -57,59 +53,34 @@ DATA = {"smol": EmbeddedData(HARD_DATA_PATH, HARD_EVAL_DATA_PATH, HARD_MEDIA_FOL
         "tiny": EmbeddedData(DATA_PATH, EVAL_DATA_PATH, MEDIA_FOLDER, "synthetic audio-visual QA")}
 
 
-def embedded_choice() -> str:
-    """"smol" or "tiny", from $EMBEDDED_MODEL (default smol; one choice for both trees)."""
-    from mmprune.smollm2 import embedded_choice as choice
+def _assemble_smol() -> None:
+    from videollama2.embedded import smol  # about half a minute, once; a no-op while current
 
-    return choice()
-
-
-def default_checkpoint() -> Path:
-    """The embedded checkpoint $EMBEDDED_MODEL names; the smol one is assembled first if it is
-    missing or older than its committed parts (about half a minute, once)."""
-    choice = embedded_choice()
-    if choice == "smol":
-        from videollama2.embedded import smol
-
-        smol.assemble(SMOL_CHECKPOINT_DIR, SMOL_PARTS_DIR)
-    return CHECKPOINTS[choice]
+    smol.assemble(SMOL_CHECKPOINT_DIR, SMOL_PARTS_DIR)
 
 
-def _same(a, b) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def is_embedded(model_path) -> bool:
-    return any(_same(model_path, p) for p in CHECKPOINTS.values())
-
-
-def is_tiny(model_path) -> bool:
-    return _same(model_path, CHECKPOINT_DIR)
+MODELS = EmbeddedModels(
+    repo_root=REPO_ROOT,
+    checkpoints={"smol": SMOL_CHECKPOINT_DIR, "tiny": CHECKPOINT_DIR},
+    names={"smol": "SmolLM2-135M-Instruct VideoLLaMA2-AV (real pretrained decoder)",
+           "tiny": "tiny VideoLLaMA2-AV (decoder trained from scratch)"},
+    titles={"smol": "the embedded VideoLLaMA2-AV on SmolLM2-135M-Instruct (hard task)",
+            "tiny": "the tiny embedded VideoLLaMA2-AV (decoder trained from scratch, basic task)"},
+    assemble_smol=_assemble_smol,
+    real_model=REAL_MODEL,
+)
+embedded_choice = MODELS.choice
+default_checkpoint = MODELS.default_checkpoint
+is_embedded = MODELS.is_embedded
+is_tiny = MODELS.is_tiny
+results_suffix = MODELS.results_suffix
+model_title = MODELS.model_title
+shown = MODELS.shown
+resolve_model = MODELS.resolve_model
 
 
 def embedded_data(model_path=None) -> EmbeddedData:
     """The task of an embedded model: the tiny model's basic one, the smol model's hard one; for
     any other model, that of the model EMBEDDED_MODEL names."""
-    if model_path is not None and is_embedded(model_path):
-        return DATA["tiny" if is_tiny(model_path) else "smol"]
-    return DATA[embedded_choice()]
-
-
-def results_suffix(model_path) -> str:
-    """Results of the tiny model are kept beside the default's: "_tiny" in file and section names."""
-    return "_tiny" if is_tiny(model_path) else ""
-
-
-def model_title(model_path) -> str:
-    """How docs/results.md names the model of a section."""
-    if is_tiny(model_path):
-        return "the tiny embedded VideoLLaMA2-AV (decoder trained from scratch, basic task)"
-    if _same(model_path, SMOL_CHECKPOINT_DIR):
-        return "the embedded VideoLLaMA2-AV on SmolLM2-135M-Instruct (hard task)"
-    return f"`{shown(model_path)}`"
-
-
-def shown(path) -> str:
-    """`path` relative to the repository when inside it (for committed reports), else as given."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+    which = MODELS.which(model_path) if model_path is not None else None
+    return DATA[which or embedded_choice()]

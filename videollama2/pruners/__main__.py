@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from mmprune.cli import (
-    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, banner, check_eval_samples,
+    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
     default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads, shard_bytes,
 )
 from mmprune.checks import check_calibration_records, check_draw
+from mmprune.embedded import announce
 from mmprune.errors import UserInputError
 from mmprune.offload import is_dispatched
 from mmprune.output import check_output_dir
@@ -66,14 +67,8 @@ def parse_args(argv):
 def resolve_paths(args) -> bool:
     """Fill in defaults; returns whether an embedded model is used. Explicit paths are never
     replaced: a missing one is reported by the loaders."""
-    notes = []
-    if args.model_path is None:
-        if os.path.isdir(REAL_MODEL):
-            args.model_path = REAL_MODEL
-        else:
-            args.model_path = str(embedded.default_checkpoint())
-            notes.append(f"model: {REAL_MODEL} not found -> EMBEDDED {embedded.EMBEDDED_NAMES[embedded.embedded_choice()]} "
-                         f"{embedded.shown(args.model_path)}")
+    notes: list = []
+    uses_embedded = embedded.resolve_model(args, notes)
     task = embedded.embedded_data(args.model_path)
     if args.data_path is None:
         if os.path.isfile(REAL_DATA):
@@ -84,11 +79,8 @@ def resolve_paths(args) -> bool:
             args.data_folder = args.data_folder or str(task.media_folder)
             notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED {task.title} {embedded.shown(args.data_path)}")
     args.data_folder = args.data_folder or os.path.dirname(os.path.abspath(args.data_path))
-    if notes:
-        banner(["RUNNING ON THE EMBEDDED DEFAULT (small model / synthetic data, for trying the pipeline)"] + notes
-               + ["Set MODEL_PATH / DATA_PATH / DATA_FOLDER (or --model_path / --data_path / --data_folder) "
-                  "for a real checkpoint."])
-    return embedded.is_embedded(args.model_path)
+    announce(notes, "MODEL_PATH / DATA_PATH / DATA_FOLDER (or --model_path / --data_path / --data_folder)")
+    return uses_embedded
 
 
 def longest(records: list, nsamples: int) -> list:
