@@ -52,7 +52,7 @@ demo: setup
 # The suite on the locked versions, then the llm-compressor cross-check in its own venv
 # (llm-compressor pins transformers 5.15-5.17; that venv also proves the package imports on 5.17).
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 	$(MAKE) test-peer
 	$(MAKE) test-lmms-eval
 
