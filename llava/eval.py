@@ -35,7 +35,8 @@ from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.scoring import (  # noqa: F401
-    AnswerTally, greedy_answer, greedy_continue, last_answer_span, normalize_answer, teacher_forced_answer,
+    AnswerTally, cut_cache, greedy_answer, greedy_continue, last_answer_span, normalize_answer,
+    teacher_forced_answer,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 8
@@ -149,9 +150,7 @@ def _continue_on_cache(model, cache, tail: int, stop_ids: list):
     answer_start = cache.get_seq_length() - tail
 
     def continue_after(kept: int, token: int, budget: int) -> list:
-        drop = cache.get_seq_length() - (answer_start + kept)
-        if drop:
-            cache.crop(-drop)  # a negative count removes that many positions (a positive one is refused)
+        cut_cache(cache, answer_start + kept)
 
         def step(next_id: int) -> torch.Tensor:
             ids = torch.tensor([[next_id]], device=_input_device(model))

@@ -76,6 +76,15 @@ def greedy_continue(step, token: int, budget: int, stop_ids: list[int]) -> list[
     return tokens
 
 
+def cut_cache(cache, length: int) -> None:
+    """Keep the first `length` positions of a transformers KV cache. Its crop() takes the number of
+    positions to remove as a negative count (transformers 5.24 refuses a positive length; older
+    versions read a negative count the same way)."""
+    drop = cache.get_seq_length() - length
+    if drop:
+        cache.crop(-drop)
+
+
 class AnswerTally:
     """Exact-match accuracy and token-weighted answer perplexity, overall and per question kind."""
 

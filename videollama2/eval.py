@@ -31,7 +31,8 @@ from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.scoring import (
-    AnswerTally, greedy_answer, greedy_continue, last_answer_span, normalize_answer, teacher_forced_answer,
+    AnswerTally, cut_cache, greedy_answer, greedy_continue, last_answer_span, normalize_answer,
+    teacher_forced_answer,
 )
 from videollama2.data import check_media, encode_record, load_records, reference_answer
 from videollama2.embedded import paths
@@ -48,20 +49,6 @@ def stop_token_ids(tokenizer) -> list[int]:
         if isinstance(value, int) and value != tokenizer.unk_token_id:
             ids.add(value)
     return sorted(i for i in ids if i is not None)
-
-
-@torch.no_grad()
-def greedy_decode(model, prompt: dict, max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-    """Argmax decoding with the KV cache; the media are encoded once, in the first step."""
-    out = model(prompt["input_ids"], video=prompt.get("video"), audio=prompt.get("audio"), use_cache=True,
-                last_logits_only=True)
-    tokens: list[int] = []
-    while True:
-        next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        tokens.append(int(next_id))
-        if tokens[-1] in stop_ids or len(tokens) == max_new_tokens:
-            return tokens
-        out = model(next_id, past_key_values=out.past_key_values, use_cache=True, last_logits_only=True)
 
 
 @torch.no_grad()
@@ -90,9 +77,7 @@ def score_record(model, full: dict, stop_ids: list[int], max_new_tokens: int) ->
         return model(ids, past_key_values=cache, use_cache=True, last_logits_only=True).logits[0, -1]
 
     def continue_after(kept: int, token: int, budget: int) -> list[int]:
-        drop = cache.get_seq_length() - (answer_start + kept)
-        if drop:
-            cache.crop(-drop)  # a negative count removes that many positions (a positive one is refused)
+        cut_cache(cache, answer_start + kept)
         return greedy_continue(step, token, budget, stop_ids)
 
     return greedy_answer(logits, targets, stop_ids, max_new_tokens, continue_after), nll, end - start
