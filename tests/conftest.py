@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +11,15 @@ os.environ["EMBEDDED_MODEL"] = "tiny"
 
 # tests import their shared fixture builders (fixtures_llava) as plain modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="module")
+def module_scratch(tmp_path_factory):
+    """A folder for one module's large fixtures (assembled checkpoints), removed when the module ends:
+    pytest would keep it to the end of the session, and the suite must fit a CI disk of a few GB."""
+    folder = tmp_path_factory.mktemp("module")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

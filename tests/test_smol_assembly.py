@@ -82,11 +82,12 @@ def gguf_model(wheel):
 
 
 @pytest.fixture(scope="module")
-def parts_with_lora(gguf_model, tmp_path_factory):
+def parts_with_lora(gguf_model, module_scratch):
     """A parts folder of freshly initialised tower and projector plus a random rank-4 LoRA adapter
     (peft's file layout) on two decoder linears."""
     decoder, tokenizer = gguf_model
-    folder = tmp_path_factory.mktemp("parts")
+    folder = module_scratch / "parts"
+    folder.mkdir()
     parts = smol.default_parts_config()
     # a copy: build_tokenizer changes the tokenizer it is given
     model = smol.build_model(decoder, smol.build_tokenizer(copy.deepcopy(tokenizer)), parts, seed=3)
@@ -105,8 +106,9 @@ def parts_with_lora(gguf_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def assembled(parts_with_lora, wheel, tmp_path_factory):
-    root = tmp_path_factory.mktemp("assembled")
+def assembled(parts_with_lora, wheel, module_scratch):
+    root = module_scratch / "assembled"
+    root.mkdir()
     first, second = root / "a", root / "b"
     smol.assemble(first, parts_with_lora, wheel=wheel)
     smol.assemble(second, parts_with_lora, wheel=wheel, force=True)

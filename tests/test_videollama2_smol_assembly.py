@@ -162,9 +162,9 @@ def gguf_model(wheel):
 
 
 @pytest.fixture(scope="module")
-def parts_with_lora(tmp_path_factory):
+def parts_with_lora(module_scratch):
     """Random parts (576 wide) plus a random rank-4 LoRA adapter (peft's layout) on two decoder linears."""
-    folder = write_random_parts(tmp_path_factory.mktemp("parts"), 576)
+    folder = write_random_parts(module_scratch / "parts", 576)
     generator = torch.Generator().manual_seed(0)
     shapes = {LORA_MODULES[0]: (576, 576), LORA_MODULES[1]: (576, 1536)}
     adapter = {}
@@ -179,8 +179,8 @@ def parts_with_lora(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def assembled(parts_with_lora, wheel, tmp_path_factory):
-    out = tmp_path_factory.mktemp("assembled") / "a"
+def assembled(parts_with_lora, wheel, module_scratch):
+    out = module_scratch / "assembled"
     smol.assemble(out, parts_with_lora, wheel=wheel)
     return out
 
