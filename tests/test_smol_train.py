@@ -39,9 +39,14 @@ def test_count_channels_and_soft_words(tiny_model):
     scene = vqa.Scene(64, 64, (240, 240, 240), (
         vqa.Obj("square", "red", (215, 40, 40), 2, 2, 14),
         vqa.Obj("circle", "blue", (40, 80, 215), 44, 44, 16)))
-    targets = train_smol.probe_targets(scene, smol.TILE, smol.PATCH)
-    base = (smol.TILE // smol.PATCH) ** 2
+    # hand-checked on 16x16 patches (2x2 per tile): base token 0 is the image's top-left quadrant
+    targets = train_smol.probe_targets(scene, 32, 16)
+    base = 4
     assert targets.shape == (base + 16, train_smol.PROBE_CHANNELS)
+    # the default 8x8 patches: 4x4 base tokens, 8x8 crop tokens over the 2x2 tiles
+    fine = train_smol.probe_targets(scene, smol.TILE, smol.PATCH)
+    assert (smol.TILE, smol.PATCH) == (32, 8) and fine.shape == (16 + 64, train_smol.PROBE_CHANNELS)
+    assert fine[:16, train.CHANNELS:].tolist() == [[0.0, 1.0, 0.0]] * 16
     count = targets[:, train.CHANNELS:]
     assert count[:base].tolist() == [[0.0, 1.0, 0.0]] * base  # "two" on every base-view token
     assert bool((count[base:] == 0.5).all())

@@ -58,8 +58,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # only the base view sees the whole image, so crop tokens get the neutral 0.5, as for sides.
 COUNTS = tuple(vqa.COUNT_WORDS.values())
 PROBE_CHANNELS = CHANNELS + len(COUNTS)
-# A base-view cell is 32x32 image pixels, four times a crop patch: at the tiny trainer's 0.15 a
-# quarter of the objects (those split over cells) labelled no base token, so carried no side there.
+# A base-view cell covers four crop patches (the base view is the image at half size): at the tiny
+# trainer's 0.15 a quarter of the objects (those split over cells) labelled no base token, so carried
+# no side there.
 BASE_COVERAGE = 0.06
 PROBE_HEAD = "probe_head.safetensors"  # training only: lets a later run resume the aux probe
 CAPTION_QUESTION = "describe the image."
