@@ -224,12 +224,12 @@ def markdown(results: list, args, elapsed: float, scaled: dict | None = None, lo
         for res in results for name, tm in res["timing_ms_per_prompt"].items()) + ".", ""]
     if scaled and scaled.get("kind") == "length":
         lines += [
-            f"Length check (the embedded prompts are short, {scaled['embedded_prompt_tokens']:.0f} tokens on average: "
+            f"Length check (the embedded prompts have {scaled['embedded_prompt_tokens']:.0f} tokens on average: "
             f"the dense decoder's prefill takes {results[0]['timing_ms_per_prompt']['dense']['decoder_cpu']:.0f} ms "
-            f"for them and {scaled['dense_ms']:.0f} ms for {scaled['n_visual'] + scaled['n_text']} positions, so much "
-            "of a short prompt's time (reading every weight matrix once, per-operation overhead) does not scale with "
-            "the token count and dropping tokens saves less time than FLOPs): the same dense decoder and its own "
-            "0.5 recipe on "
+            f"for them and {scaled['dense_ms']:.0f} ms for {scaled['n_visual'] + scaled['n_text']} positions, so part "
+            "of a prompt's time (reading every weight matrix once, per-operation overhead) does not scale with "
+            "the token count, and dropping tokens saves less time than FLOPs, the less so the shorter the prompt): "
+            "the same dense decoder and its own 0.5 recipe on "
             f"{scaled['n_visual']} visual + {scaled['n_text']} text positions (LLaVA-NeXT's base view is 576 "
             f"visual tokens; FLOPs cut {_pct(scaled['flops_reduction_visual'])} % visual / "
             f"{_pct(scaled['flops_reduction_all'])} % all): decoder prefill {scaled['dense_ms']:.0f} ms dense -> "
