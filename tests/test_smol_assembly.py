@@ -173,9 +173,11 @@ def test_checkpoint_loads_in_the_project_tools(assembled):
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == ids.count(
         tokenizer.convert_tokens_to_ids(smol.IM_START))  # the BOS is the first turn's <|im_start|>, once
     assert tokenizer("what color is it?")["input_ids"][0] != tokenizer.bos_token_id  # the tokenizer adds none
-    # a 64x48 image: base tile 2x2; best grid 64x64 -> 4x4 features, unpadding to 3 rows removes
-    # (4 - 3) // 2 = 0 rows per side (transformers' rule); one newline per row: 4 + 16 + 4
+    # a 64x48 image on 32-pixel tiles of 8-pixel patches: base tile 4x4; best grid 64x64 -> 8x8
+    # features, unpadding to 6 rows removes (8 - 6) // 2 = 1 row per side (transformers' rule); one
+    # newline per row: 16 + 6 * 8 + 6
+    assert (smol.TILE, smol.PATCH) == (32, 8)
     assert [int(v) for v in encoded["image_sizes"][0]] == [48, 64]
-    assert ids.count(model.config.image_token_id) == 4 + 4 * 4 + 4
+    assert ids.count(model.config.image_token_id) == 16 + 6 * 8 + 6
     result = evaluate(model, processor, records, paths.EVAL_IMAGE_FOLDER, progress=False)
     assert result["n"] == 4 and result["answer_perplexity"] > 0
