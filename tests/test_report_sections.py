@@ -19,7 +19,8 @@ def _eas_rows(fold_s: float) -> list:
         return {"name": name, "skipped": skipped, "accuracy": 0.9, "answer_perplexity": 1.1, "n": 300,
                 "prefill_s": prefill, "decoder_s": decoder, "speedup": 0.4 / prefill, "decoder_speedup": 0.2 / decoder,
                 "train_minutes": None, "probs": None}
-    return [row("dense", 0.4, 0.2), row("TAMP 0.5", 0.4, 0.2), row("dense + EAS K=0.5", 0.36, 0.17, "1, 3"),
+    return [row("dense", 0.4, 0.2), row("TAMP 0.5", 0.4, 0.2), row("dense + EAS K=0.25", 0.38, 0.18, "3"),
+            row("dense + EAS K=0.5", 0.36, 0.17, "1, 3"),
             row("dense + EAS K=0.5, PIA folded into the FFN", fold_s, 0.19, "1, 3")]
 
 
@@ -31,7 +32,8 @@ def test_eas_section_renders_from_saved_results_and_states_what_was_measured(tmp
     meta = {"command": "python -m llava.eas.results", "minutes": 20.0, "reuse": False, "dense_sha1": "abc",
             "train_args": "", "eval_n": 300, "repeats": 7, "n_prompts": 48, "cores": 2,
             "load_average_1min": [1.2, 2.4], "attn_macs": 61144, "ffn_macs": 147456, "prompt_len": 93.0,
-            "layers": 4, "share_k2": 0.15, "speedup_k2": 1.11, "decoder_speedup_k2": 1.18,
+            "layers": 4, "hidden": 128, "skipped_k2": 2, "share_k2": 0.15, "section": "eas-tiny", "clock": "cpu",
+            "title": "the tiny embedded LLaVA-NeXT (4-layer decoder trained from scratch)", "speedup_k2": 1.11, "decoder_speedup_k2": 1.18,
             "speedup_tamp": 1.0, "decoder_speedup_tamp": 1.0}
     md = tmp_path / "results.md"
     for fold_s, phrase in ((0.41, "adds more at prefill than it saves"), (0.35, "saves a little more at prefill")):
@@ -40,6 +42,10 @@ def test_eas_section_renders_from_saved_results_and_states_what_was_measured(tmp
         assert results.main(["--render", str(saved), "--results", str(md)]) == 0
         text = md.read_text()
         assert "2 cores, 1-minute load average 1.2 at the start, 2.4 at the end" in text
+        assert "<!-- section:eas-tiny -->\n## EAS: attention skipping with PIA adapters on the tiny embedded" in text
+        assert "skipping 2 of 4 attention blocks removes about 15%" in text and "CPU time of the thread" in text
+        assert "4 blocks (d 128), so K=0.25 skips 1 and K=0.5 skips 2" in text
+        assert "At d = 128 a batch-1 CPU prefill is bound by per-operation overhead" in text
         assert phrase in text and "shared" not in text
         assert "gain still reaches the MAC share" in text  # 1 - 1/1.18 = 15.3 % >= the 15 % share
     saved.write_text(json.dumps({"rows": _eas_rows(0.41), "meta": dict(meta, decoder_speedup_k2=1.05)}))

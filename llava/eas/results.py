@@ -1,11 +1,13 @@
-"""`python -m llava.eas.results`: the "eas" section of docs/results.md on the embedded LLaVA-NeXT.
+"""`python -m llava.eas.results`: the "eas" section of docs/results.md on the embedded LLaVA-NeXT
+(EMBEDDED_MODEL=tiny: the tiny model, section "eas-tiny").
 
 Runs, through the project's own commands: TAMP at 0.5 (`bash scripts/prune/tamp.sh`), EAS with
 K = 25 % and 50 % of the blocks on the dense and on the TAMP model (`bash scripts/eas/train.sh`),
 TAMP on top of the K = 50 % EAS model (`python -m llava.pruners`), accuracy of every model
 (`python -m llava.eval`), then times the prefill of dense and each EAS model in this process,
-alternating models, several repeats, median. Rerunnable; --reuse keeps models already in --work_dir;
---render FILE rewrites the section from a saved eas_results.json without measuring.
+alternating models, several repeats, median of the thread's CPU time (wall time would also count
+waiting for a core while other jobs run). Rerunnable; --reuse keeps models already in --work_dir;
+--render FILE rewrites the section from a saved docs/eas_results[_tiny].json without measuring.
 """
 
 from __future__ import annotations
@@ -48,13 +50,13 @@ def _evaluate(model_dir: Path, max_samples: int | None) -> dict:
     return json.loads(_run(cmd).strip().splitlines()[-1])
 
 
-def snapshot_dense(work: Path, reuse: bool) -> Path:
+def snapshot_dense(work: Path, reuse: bool, source: Path) -> Path:
     """A copy of the embedded checkpoint: every model of one run derives from the same weights,
-    even if the committed checkpoint is retrained meanwhile."""
+    even if the embedded checkpoint is retrained or reassembled meanwhile."""
     dense = work / "dense"
     if not (reuse and dense.is_dir()):
         with atomic_output_dir(str(dense), overwrite=True) as staging:  # replaces only an earlier snapshot
-            shutil.copytree(embedded.CHECKPOINT_DIR, staging, dirs_exist_ok=True)
+            shutil.copytree(source, staging, dirs_exist_ok=True)
     return dense
 
 
@@ -62,9 +64,9 @@ MODEL_FOLDERS = ["dense", "tamp0.5", *(f"eas_{base}_k{k}" for base in ("dense", 
                  "eas_dense_k0.5_then_tamp0.5"]
 
 
-def build_models(work: Path, reuse: bool, extra_train: list[str]) -> dict:
+def build_models(work: Path, reuse: bool, extra_train: list[str], source: Path) -> dict:
     """{name: (directory, base name)}, trained or reused."""
-    dense = snapshot_dense(work, reuse)
+    dense = snapshot_dense(work, reuse, source)
     models = {"dense": (dense, None)}
     tamp = work / "tamp0.5"
     if not (reuse and tamp.is_dir()):
@@ -88,7 +90,7 @@ def build_models(work: Path, reuse: bool, extra_train: list[str]) -> dict:
 
 @torch.no_grad()
 def time_prefill(entries: dict, n_prompts: int, repeats: int) -> dict:
-    """Median seconds to prefill n_prompts eval prompts (batch 1, KV cache, last-position logits),
+    """Median CPU seconds (this thread) to prefill n_prompts eval prompts (batch 1, KV cache, last-position logits),
     whole model and decoder stack alone. entries: {name: (directory, fuse or None)}. Every prompt
     runs on every model back to back (rotating order), so load drift on a shared machine hits all."""
     from llava.data import encode_record, load_records, model_inputs
@@ -112,18 +114,18 @@ def time_prefill(entries: dict, n_prompts: int, repeats: int) -> dict:
     for model, _ in cache.values():
         stack = model.model.language_model
         start = {}
-        stack.register_forward_pre_hook(lambda *a, s=start: s.__setitem__("t", time.perf_counter()))
+        stack.register_forward_pre_hook(lambda *a, s=start: s.__setitem__("t", time.thread_time()))
         stack.register_forward_hook(lambda *a, s=start: clock.__setitem__(
-            "decoder", clock["decoder"] + time.perf_counter() - s["t"]))
+            "decoder", clock["decoder"] + time.thread_time() - s["t"]))
 
     def prefill(name, inputs):
         model, fuse = loaded[name]
         if fuse is not None:
             model.eas_state.fuse = fuse
         clock["decoder"] = 0.0
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         model(**inputs, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t0, clock["decoder"]
+        return time.thread_time() - t0, clock["decoder"]
 
     names = list(loaded)
     for inputs in prompts[:4]:  # warm-up
@@ -148,25 +150,39 @@ def time_prefill(entries: dict, n_prompts: int, repeats: int) -> dict:
     return result
 
 
-def mac_shares(dense_dir: Path, prompt_len: float) -> dict:
+def config_skipped(model_dir) -> list[int]:
+    """The attention blocks an EAS checkpoint skips (none for a plain one)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config.get("eas", {}).get("skipped_layers", [])
+
+
+def mac_shares(dense_dir: Path, prompt_len: float, skipped: int) -> dict:
     """Attention and FFN MACs per token of one decoder block (causal QK^T and AV at the mean
-    prompt length), and the share of block MACs that skipping 2 of the 4 attention blocks removes."""
+    prompt length), and the share of block MACs that skipping `skipped` attention blocks removes."""
     text = json.loads((Path(dense_dir) / "config.json").read_text())["text_config"]
     d, m, heads, kv = text["hidden_size"], text["intermediate_size"], text["num_attention_heads"], text["num_key_value_heads"]
     hd = text.get("head_dim") or d // heads
     attn = d * hd * (2 * heads + 2 * kv) + int(2 * heads * hd * (prompt_len + 1) / 2)
     ffn = 3 * d * m
     layers = text["num_hidden_layers"]
-    return {"attn_macs": attn, "ffn_macs": ffn, "prompt_len": prompt_len, "layers": layers,
-            "share_k2": 2 * attn / (layers * (attn + ffn))}
+    return {"attn_macs": attn, "ffn_macs": ffn, "prompt_len": prompt_len, "layers": layers, "hidden": d,
+            "skipped_k2": skipped, "share_k2": skipped * attn / (layers * (attn + ffn))}
+
+
+def _skip_counts(rows: list[dict]) -> str:
+    """"K=0.25 skips 7 blocks and K=0.5 skips 15", from the dense EAS rows."""
+    by_name = {r["name"]: r for r in rows}
+    counts = [f"K={k} skips {len(by_name[f'dense + EAS K={k}']['skipped'].split(', '))}" for k in KS]
+    return " and ".join(counts)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     by_name = {r["name"]: r for r in rows}
     fold_slower = (by_name["dense + EAS K=0.5, PIA folded into the FFN"]["prefill_s"]
                    > by_name["dense + EAS K=0.5"]["prefill_s"])
+    tiny = meta["hidden"] <= 256  # a width at which per-operation overhead, not MACs, sets CPU time
     lines = [
-        "## EAS: attention skipping with PIA adapters (the tiny embedded LLaVA-NeXT, 4-layer decoder trained from scratch)",
+        f"## EAS: attention skipping with PIA adapters on {meta['title']}",
         "",
         f"Generated by `{meta['command']}` in {meta['minutes']:.1f} min"
         + (" (`--reuse`: models trained by an earlier run, training minutes in the last column)"
@@ -178,9 +194,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + (f" plus `{meta['train_args']}`" if meta["train_args"] else "") + f". Accuracy: `python -m llava.eval` on the {meta['eval_n']} held-out eval "
         "records (greedy exact match). Prefill: median over "
         f"{meta['repeats']} alternating repeats of {meta['n_prompts']} eval prompts, batch 1, one thread, "
-        "KV cache, last-position logits; *whole* = model forward (vision tower included), *decoder* = "
-        "the Llama stack alone. The tiny decoder has 4 blocks (d 128), so K=0.25 skips 1 block and "
-        "K=0.5 skips 2; layer 0 is never skipped. Adapters trained on fresh synthetic samples "
+        "KV cache, last-position logits, "
+        + ("CPU time of the thread; " if meta.get("clock") == "cpu" else "")
+        + "*whole* = model forward (vision tower included), *decoder* = "
+        f"the Llama stack alone. The decoder has {meta['layers']} blocks (d {meta['hidden']}), so "
+        f"{_skip_counts(rows)}; layer 0 is never skipped. Adapters trained on fresh synthetic samples "
         "(task `eas_train`, validation `eas_val`), never on the eval split; everything else frozen. "
         "TAMP's unstructured zeros give no CPU speedup: only skipping does.",
         "",
@@ -192,15 +210,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['name']} | {r['skipped'] or '-'} | {r['accuracy']:.3f} | {r['answer_perplexity']:.3f} | "
             f"{r['prefill_s']:.3f} | {r['speedup']:.2f}x | {r['decoder_s']:.3f} | {r['decoder_speedup']:.2f}x | "
             f"{r['train_minutes'] if r['train_minutes'] is not None else '-'} |")
-    lines += ["", f"Where the time goes: per prompt token, one tiny decoder block spends {meta['attn_macs']:,} MACs in "
+    reaches = 1 - 1 / meta["decoder_speedup_k2"] >= meta["share_k2"]
+    lines += ["", f"Where the time goes: per prompt token, one decoder block spends {meta['attn_macs']:,} MACs in "
               f"attention (q/k/v/o and QK^T, AV at the mean prompt length {meta['prompt_len']:.0f}) and "
-              f"{meta['ffn_macs']:,} in the FFN, so skipping 2 of {meta['layers']} attention blocks removes about "
-              f"{meta['share_k2']:.0%} of the decoder-block MACs. At d = 128 a batch-1 CPU prefill is bound by "
-              "per-operation overhead, and the adapter with its routing (pooling, router, propagated vector) "
-              "adds small operations of its own"
-              + (", so the decoder's wall-clock gain stays below the MAC share"
-                 if 1 - 1 / meta["decoder_speedup_k2"] < meta["share_k2"]
-                 else "; the decoder's wall-clock gain still reaches the MAC share")
+              f"{meta['ffn_macs']:,} in the FFN, so skipping {meta['skipped_k2']} of {meta['layers']} attention "
+              f"blocks removes about {meta['share_k2']:.0%} of the decoder-block MACs. "
+              + (f"At d = {meta['hidden']} a batch-1 CPU prefill is bound by per-operation overhead, and "
+                 if tiny else "")
+              + "the adapter with its routing (pooling, router, propagated vector) adds small operations of its own"
+              + ("; the decoder's gain still reaches the MAC share" if reaches
+                 else ", so the decoder's measured gain stays below the MAC share")
               + "; the per-example fold "
               + ("adds more at prefill than it saves" if fold_slower else "saves a little more at prefill")
               + ". Measured prefill speedup "
@@ -233,17 +252,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.render is not None:
         saved = json.loads(args.render.read_text())
-        update_markdown_section(str(args.results), "eas", markdown(saved["rows"], saved["meta"]))
+        update_markdown_section(str(args.results), saved["meta"].get("section", "eas"),
+                                markdown(saved["rows"], saved["meta"]))
         return 0
+    source = embedded.default_checkpoint()
+    suffix = embedded.results_suffix(source)
+    saved_json = args.results.parent / f"eas_results{suffix}.json"  # beside the markdown, for --render
     # before training anything: the model folders it replaces are its own, and no output is an input
-    inputs = [embedded.CHECKPOINT_DIR, embedded.DATA_ROOT]
+    inputs = [source, embedded.DATA_ROOT]
     check_output_location(str(args.results), inputs, "--results")
+    check_output_location(str(saved_json), inputs, "--results")
     for name in MODEL_FOLDERS:
         check_output_dir(str(args.work_dir / name), True, inputs, flag="--work_dir")
     start = time.monotonic()
     load_start = os.getloadavg()[0]
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    models = build_models(args.work_dir, args.reuse, args.train_args.split())
+    models = build_models(args.work_dir, args.reuse, args.train_args.split(), source)
     rows = []
     for name, (path, _) in models.items():
         result = _evaluate(path, args.eval_samples)
@@ -251,9 +275,8 @@ def main(argv=None) -> int:
                "answer_perplexity": result["answer_perplexity"], "n": result["n"], "skipped": None,
                "train_minutes": None, "probs": None}
         report = Path(path) / "eas_report.json"
-        config = json.loads((Path(path) / "config.json").read_text())
-        if "eas" in config:
-            row["skipped"] = ", ".join(map(str, config["eas"]["skipped_layers"]))
+        if config_skipped(path):
+            row["skipped"] = ", ".join(map(str, config_skipped(path)))
         if report.is_file():
             info = json.loads(report.read_text())
             row["train_minutes"] = info["minutes"]
@@ -274,13 +297,15 @@ def main(argv=None) -> int:
             "dense_sha1": digest, "train_args": args.train_args, "reuse": args.reuse,
             "eval_n": rows[0]["n"], "repeats": args.repeats, "n_prompts": args.n_prompts,
             "cores": os.cpu_count(), "load_average_1min": [load_start, os.getloadavg()[0]],
-            **mac_shares(models["dense"][0], timing["_prompt_len"])}
+            "title": embedded.model_title(source), "section": "eas" + suffix.replace("_", "-"), "clock": "cpu",
+            **mac_shares(models["dense"][0], timing["_prompt_len"],
+                         len(config_skipped(models["dense + EAS K=0.5"][0])))}
     by_name = {r["name"]: r for r in rows}
     for key, name in (("k2", "dense + EAS K=0.5"), ("tamp", "TAMP 0.5")):
         meta[f"speedup_{key}"] = by_name[name]["speedup"]
         meta[f"decoder_speedup_{key}"] = by_name[name]["decoder_speedup"]
-    update_markdown_section(str(args.results), "eas", markdown(rows, meta))
-    write_json_file(str(args.work_dir / "eas_results.json"), {"rows": rows, "meta": meta})
+    update_markdown_section(str(args.results), meta["section"], markdown(rows, meta))
+    write_json_file(str(saved_json), {"rows": rows, "meta": meta})
     print(json.dumps({"minutes": round(meta["minutes"], 1), "rows": [
         {k: r[k] for k in ("name", "skipped", "accuracy", "speedup", "decoder_speedup")} for r in rows]}))
     return 0
