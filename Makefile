@@ -77,7 +77,7 @@ quality-av: setup
 fitprune-results: setup
 	OMP_NUM_THREADS=1 $(PY) -m llava.fitprune_results
 
-# EAS at K = 25% and 50%, alone and with TAMP 0.5 -> docs/results.md section eas (~25 min on 2 CPU cores).
+# EAS at K = 25% and 50%, alone and with TAMP 0.5 -> docs/results.md section eas (hours on 2 CPU cores with the default training; see the section).
 eas-results: setup
 	$(PY) -m llava.eas.results
 

@@ -217,7 +217,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
               f"blocks removes about {meta['share_k2']:.0%} of the decoder-block MACs. "
               + (f"At d = {meta['hidden']} a batch-1 CPU prefill is bound by per-operation overhead, and "
                  if tiny else "")
-              + "the adapter with its routing (pooling, router, propagated vector) adds small operations of its own"
+              + ("the" if tiny else "The") + " adapter with its routing (pooling, router, propagated vector) adds small operations of its own"
               + ("; the decoder's gain still reaches the MAC share" if reaches
                  else ", so the decoder's measured gain stays below the MAC share")
               + "; the per-example fold "
