@@ -170,7 +170,7 @@ def mac_shares(dense_dir: Path, prompt_len: float, skipped: int) -> dict:
 
 
 def _skip_counts(rows: list[dict]) -> str:
-    """"K=0.25 skips 7 blocks and K=0.5 skips 15", from the dense EAS rows."""
+    """"K=0.25 skips 8 and K=0.5 skips 15", from the skipped layers of the dense EAS rows."""
     by_name = {r["name"]: r for r in rows}
     counts = [f"K={k} skips {len(by_name[f'dense + EAS K={k}']['skipped'].split(', '))}" for k in KS]
     return " and ".join(counts)
@@ -275,8 +275,9 @@ def main(argv=None) -> int:
                "answer_perplexity": result["answer_perplexity"], "n": result["n"], "skipped": None,
                "train_minutes": None, "probs": None}
         report = Path(path) / "eas_report.json"
-        if config_skipped(path):
-            row["skipped"] = ", ".join(map(str, config_skipped(path)))
+        skipped = config_skipped(path)
+        if skipped:
+            row["skipped"] = ", ".join(map(str, skipped))
         if report.is_file():
             info = json.loads(report.read_text())
             row["train_minutes"] = info["minutes"]
