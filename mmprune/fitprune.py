@@ -196,26 +196,27 @@ def is_recipe_file(path) -> bool:
 # Attention statistics
 
 
-def max_head_probs(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, v_start: int,
+def max_head_probs(query: torch.Tensor, key: torch.Tensor, first_row: int, v_start: int,
                    n_visual: int, scaling: float) -> torch.Tensor:
-    """Ā[r, j] = max_h softmax_causal(q_h k_hᵀ·scaling)[r, v_start + j] for the given query rows.
+    """Ā[r, j] = max_h softmax_causal(q_h k_hᵀ·scaling)[r, v_start + j] for the query rows first_row..n-1.
 
     query (H, n, hd) and key (KV, n, hd) are post-RoPE for the current sequence of n tokens (query
-    head h uses key head h // (H/KV)); rows are increasing indices into it. float32, (len(rows), n_visual).
+    head h uses key head h // (H/KV)). float32, (n - first_row, n_visual).
     """
     n_heads, n_tokens, head_dim = query.shape
     n_kv = key.shape[0]
     groups = n_heads // n_kv
     keys_t = key.float().transpose(1, 2)  # (KV, hd, n)
-    columns = torch.arange(n_tokens, device=query.device)
     out = []
-    for chunk in rows.split(_ROW_CHUNK):
-        # query heads of one key head side by side: (KV, G * rows, hd) @ (KV, hd, n), one batched matmul
-        q = query[:, chunk].float().reshape(n_kv, groups * len(chunk), head_dim)
-        logits = torch.matmul(q, keys_t).view(n_kv, groups, len(chunk), n_tokens) * scaling
-        logits.masked_fill_(columns[None, :] > chunk[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., v_start:v_start + n_visual]
-        out.append(probs.reshape(n_heads, len(chunk), n_visual).amax(dim=0))
+    for begin in range(first_row, n_tokens, _ROW_CHUNK):
+        rows = min(_ROW_CHUNK, n_tokens - begin)
+        # causal mask as an additive bias: row i (position begin + i) sees columns 0..begin + i
+        bias = torch.full((rows, n_tokens), float("-inf"), device=query.device).triu_(begin + 1)
+        # query heads of one key head side by side: scale, mask and QKᵀ in one batched baddbmm
+        q = query[:, begin:begin + rows].float().reshape(n_kv, groups * rows, head_dim)
+        logits = torch.baddbmm(bias.repeat(groups, 1), q, keys_t, alpha=scaling)
+        probs = torch.softmax(logits, dim=-1).view(n_kv, groups, rows, n_tokens)
+        out.append(probs[..., v_start:v_start + n_visual].amax(dim=(0, 1)))
     return torch.cat(out)
 
 
@@ -224,8 +225,7 @@ def visual_scores(query: torch.Tensor, key: torch.Tensor, v_start: int, n_visual
     """(s, c, |T|): self score s_j = Σ_{i∈V} Ā[i, j] / |V| and the unnormalised cross score
     c_j = Σ_{t∈T} Ā[t, j] for each current visual token j, with T every token after V."""
     n_tokens = query.shape[1]
-    rows = torch.arange(v_start, n_tokens, device=query.device)
-    probs = max_head_probs(query, key, rows, v_start, n_visual, scaling)
+    probs = max_head_probs(query, key, v_start, v_start, n_visual, scaling)
     return probs[:n_visual].sum(0) / n_visual, probs[n_visual:].sum(0), n_tokens - v_start - n_visual
 
 
@@ -366,6 +366,20 @@ def visual_block(visual_mask: torch.Tensor | None) -> tuple[int, int]:
     return start, count
 
 
+_SLICED_KWARGS = ("position_ids", "position_embeddings", "attention_mask")
+
+
+def _sliced_for_keep(state: "_DropState", named: dict, device) -> dict:
+    """slice_layer_kwargs for the tokens present now, computed once per drop: the layers between two
+    drops get the same position and mask tensors, so their slices are reused."""
+    source = tuple(named.get(k) for k in _SLICED_KWARGS)
+    cached = state.sliced
+    if cached is None or cached[0] is not state.keep or any(a is not b for a, b in zip(cached[1], source)):
+        part = slice_layer_kwargs(dict(zip(_SLICED_KWARGS, source)), state.keep.to(device))
+        cached = state.sliced = (state.keep, source, part)
+    return {**named, **{k: v for k, v in cached[2].items() if k in named}}
+
+
 class _DropState:
     """Per-call bookkeeping shared by the wrapped layers (one model, batch size 1)."""
 
@@ -380,6 +394,7 @@ class _DropState:
         self.layer_inputs: list | None = None  # per layer: original indices present at its input
         self.prefill_length = 0
         self.last_dropped: list[int] = []
+        self.sliced = None            # (keep, source tensors, their slices) of the latest slicing
 
 
 class TokenRecipeHandle:
@@ -468,7 +483,7 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
                 return original(hidden, **named)
             state.layer_inputs.append(state.keep)
             if state.keep.numel() != state.prefill_length:
-                named = slice_layer_kwargs(named, state.keep.to(hidden.device))
+                named = _sliced_for_keep(state, named, hidden.device)
             n_drop = state.n_current - state.targets[index]
             if n_drop <= 0:
                 out = original(hidden, **named)
@@ -486,6 +501,8 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
                 state.keep = state.keep[keep_local.to(state.keep.device)]
                 state.n_current -= n_drop
                 state.last_dropped.append(n_drop)
+            if index == last:
+                state.sliced = None  # the slices are of no use after the prefill
             if index == last and state.restore_length and state.keep.numel() != state.prefill_length:
                 full = out.new_zeros(out.shape[0], state.prefill_length, out.shape[-1])
                 full[:, state.keep.to(out.device)] = out
@@ -504,6 +521,7 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
         st.keep = torch.arange(hidden.shape[1])
         st.layer_inputs = []
         st.last_dropped = []
+        st.sliced = None
 
     handle_top = model.register_forward_pre_hook(top_hook, with_kwargs=True)
     model._mmprune_token_recipe = recipe  # lets callers (llava.eval) see that prefills prune
