@@ -471,7 +471,6 @@ def measure_all(args, saved: list | None = None) -> list:
             return measure_model(label, model_path, args, calibration, eval_records, timing_records)
         earlier = saved[index]
         model, processor = load_model(model_path, "cpu")
-        torch.set_num_threads(1)
         recipes = {"dense": None, **{name: _recipe_of(earlier, float(name)) for name in earlier["recipes"]}}
         return {**earlier, **measure_timing(model, processor, recipes, timing_records, args, breakdown=index == 0)}
 
@@ -494,12 +493,24 @@ def read_saved(path: str) -> dict:
         return json.load(f)
 
 
+SETTINGS = ("nsamples", "timing_prompts", "repeats")  # stated by the section's text, saved in the JSON
+
+
+def adopt_settings(args, saved: dict, names=SETTINGS) -> None:
+    """Take the earlier run's settings for what the text reports from that run."""
+    for name, value in saved.get("settings", {}).items():
+        if name in names:
+            setattr(args, name, value)
+
+
+def saved_load(saved: dict) -> tuple:
+    return saved["load_average_1min"]["start"], saved["load_average_1min"]["end"]
+
+
 def render(args, saved: dict) -> int:
     """Rewrite the section from an earlier run's JSON, stating that run's own settings."""
-    for name, value in saved.get("settings", {}).items():
-        setattr(args, name, value)
-    load = (saved["load_average_1min"]["start"], saved["load_average_1min"]["end"])
-    body = markdown(saved["results"], args, 60 * saved["minutes"], saved["width_check"], load)
+    adopt_settings(args, saved)
+    body = markdown(saved["results"], args, 60 * saved["minutes"], saved["width_check"], saved_load(saved))
     update_markdown_section(args.markdown, args.section, body)
     print(body)
     return 0
@@ -517,6 +528,8 @@ def main(argv=None) -> int:
     saved = read_saved(args.json) if args.reuse or args.retime or args.render else None
     if args.render:
         return render(args, saved)
+    if saved is not None:  # --reuse keeps all of the earlier run's measurements, --retime its searches
+        adopt_settings(args, saved, SETTINGS if args.reuse else ("nsamples",))
     results = saved["results"] if args.reuse else measure_all(args, saved and saved["results"])
     scaled = None
     if args.width_check and 0.5 in args.budgets:
@@ -530,12 +543,12 @@ def main(argv=None) -> int:
     load = (load_start, os.getloadavg()[0])
     if args.reuse:  # the models were measured by the earlier run: its time and load stand
         elapsed += 60 * saved["minutes"]
-        load = (saved["load_average_1min"]["start"], saved["load_average_1min"]["end"])
+        load = saved_load(saved)
     elif args.retime:  # searches and evaluations are the earlier run's; the load is the new timing's
         elapsed += 60 * saved["minutes"]
     body = markdown(results, args, elapsed, scaled, load)
     update_markdown_section(args.markdown, args.section, body)
-    settings = {name: getattr(args, name) for name in ("nsamples", "timing_prompts", "repeats")}
+    settings = {name: getattr(args, name) for name in SETTINGS}
     write_json_file(args.json, {"results": results, "width_check": scaled, "settings": settings,
                                 "minutes": round(elapsed / 60, 2),
                                 "load_average_1min": {"start": load[0], "end": load[1], "cores": os.cpu_count()}})

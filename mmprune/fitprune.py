@@ -503,10 +503,10 @@ def apply_token_recipe(model: nn.Module, layers: nn.ModuleList, recipe: TokenRec
                 state.last_dropped.append(n_drop)
             if index == last:
                 state.sliced = None  # the slices are of no use after the prefill
-            if index == last and state.restore_length and state.keep.numel() != state.prefill_length:
-                full = out.new_zeros(out.shape[0], state.prefill_length, out.shape[-1])
-                full[:, state.keep.to(out.device)] = out
-                out = full
+                if state.restore_length and state.keep.numel() != state.prefill_length:
+                    full = out.new_zeros(out.shape[0], state.prefill_length, out.shape[-1])
+                    full[:, state.keep.to(out.device)] = out
+                    out = full
             return out
 
         return forward

@@ -6,9 +6,7 @@ from torch import nn
 
 from llava import fitprune as lfp
 from llava import fitprune_results as fr
-from llava.data import load_records
 from llava.embedded import paths as embedded
-from llava.eval import load_model
 from mmprune.cli import run_main
 from mmprune.fitprune import TokenRecipe
 
@@ -31,12 +29,12 @@ def test_linear_clock_counts_rows_of_every_call_by_module_name():
     assert clock.take() == {}
 
 
-def test_linear_breakdown_rows_follow_the_recipe():
+def test_linear_breakdown_rows_follow_the_recipe(embedded_llava, embedded_eval_records):
     """Rows through q_proj at layer l are the tokens entering it, through the MLP those left after
     its drop: text + visual kept, from the recipe's own per-layer targets."""
-    model, processor = load_model(embedded.CHECKPOINT_DIR, "cpu")
+    model, processor = embedded_llava
     recipe = TokenRecipe([0.75, 0.5, 0.5, 0.25])
-    records = load_records(embedded.EVAL_DATA_PATH)[:3]
+    records = embedded_eval_records[:3]
     prompts = fr.encode_prompts(processor, records)
     expected_q = expected_mlp = 0
     for inputs in prompts:
@@ -116,3 +114,25 @@ def test_render_rewrites_the_section_from_the_json_with_its_own_settings(tmp_pat
     text = markdown.read_text()
     assert "<!-- section:fitprune" in text and "on 7 eval prompts" in text and "median of 3 repeats" in text
     assert f"{saved['results'][0]['eval']['dense']['accuracy']:.3f}" in text
+
+
+def test_retime_keeps_the_earlier_search_setting_and_saves_the_new_timing_settings(tmp_path, monkeypatch):
+    import json
+
+    saved = json.loads((embedded.REPO_ROOT / "docs" / "fitprune_results_tiny.json").read_text())
+    saved["settings"] = {"nsamples": 12, "timing_prompts": 7, "repeats": 3}
+    (tmp_path / "r.json").write_text(json.dumps(saved))
+    seen = {}
+
+    def measured(args, earlier):
+        seen.update(nsamples=args.nsamples, earlier=earlier)
+        return earlier
+
+    monkeypatch.setattr(fr, "measure_all", measured)
+    argv = ["--retime", "--no-width_check", "--repeats", "2", "--json", str(tmp_path / "r.json"),
+            "--markdown", str(tmp_path / "r.md")]
+    assert run_main(fr.main, argv) == 0
+    assert seen == {"nsamples": 12, "earlier": saved["results"]}
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["settings"] == {"nsamples": 12, "timing_prompts": 30, "repeats": 2}
+    assert "Recipes searched on 12 " in (tmp_path / "r.md").read_text()
