@@ -13,9 +13,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from bench.common import Measure, best_of, measure, ratio
-from mmprune.amia import AMIAConfig, build_graph, greedy_select, greedy_select_direct, kernel_, propagate, stop_threshold
-from mmprune.attention import last_token_attention
-from mmprune.diversity import normalize_rows, similarity_terms
+from mmprune.prune.selection.amia import AMIAConfig, build_graph, greedy_select, greedy_select_direct, kernel_, propagate, stop_threshold
+from mmprune.prune.attention import last_token_attention
+from mmprune.prune.diversity import normalize_rows, similarity_terms
 
 N_TOKENS = 2928
 N_TEXT = 48

@@ -83,7 +83,7 @@ def main() -> None:
     import transformers  # noqa: F401
 
     import llava.pruners.__main__  # noqa: F401
-    import mmprune.report  # noqa: F401 (matplotlib)
+    import mmprune.run.report  # noqa: F401 (matplotlib)
     if args.side == "theirs":
         import llmcompressor  # noqa: F401
         import llmcompressor.modifiers.pruning  # noqa: F401

@@ -16,16 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (label, file suffix, function name) of the calls whose cumulative time is reported
 FUNCTIONS = [
-    ("prune_decoder (DAS sweep + prune sweep)", "mmprune/pipeline.py", "prune_decoder"),
-    ("block forward passes", "mmprune/driver.py", "block_output"),
-    ("AMIA select_tokens", "mmprune/amia.py", "select_tokens"),
-    ("  AMIA greedy_select", "mmprune/amia.py", "greedy_select"),
-    ("  AMIA build_graph", "mmprune/amia.py", "build_graph"),
-    ("DAS/AMIA similarity_terms", "mmprune/diversity.py", "similarity_terms"),
-    ("last-token attention row", "mmprune/attention.py", "last_token_attention"),
-    ("Wanda masks (end_block)", "mmprune/methods/wanda.py", "end_block"),
+    ("prune_decoder (DAS sweep + prune sweep)", "mmprune/prune/pipeline.py", "prune_decoder"),
+    ("block forward passes", "mmprune/prune/driver.py", "block_output"),
+    ("AMIA select_tokens", "mmprune/prune/selection/amia.py", "select_tokens"),
+    ("  AMIA greedy_select", "mmprune/prune/selection/amia.py", "greedy_select"),
+    ("  AMIA build_graph", "mmprune/prune/selection/amia.py", "build_graph"),
+    ("DAS/AMIA similarity_terms", "mmprune/prune/diversity.py", "similarity_terms"),
+    ("last-token attention row", "mmprune/prune/attention.py", "last_token_attention"),
+    ("Wanda masks (end_block)", "mmprune/prune/methods/wanda.py", "end_block"),
     ("load_llava_next (model + processor)", "llava/convert.py", "load_llava_next"),
-    ("plot_sparsity", "mmprune/report.py", "plot_sparsity"),
+    ("plot_sparsity", "mmprune/run/report.py", "plot_sparsity"),
 ]
 
 

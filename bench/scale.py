@@ -19,11 +19,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from bench.common import MB, measure, rss_mb
 from bench.micro import N_TOKENS, synthetic_tokens
-from mmprune.calibration import CalibrationStore
-from mmprune.driver import block_linears, block_output, sweep
-from mmprune.methods.sparsegpt import SparseGPTPruner
-from mmprune.methods.wanda import WandaPruner
-from mmprune.pipeline import PhaseTimer, PruneConfig, plan_sparsity
+from mmprune.prune.calibration import CalibrationStore
+from mmprune.prune.driver import block_linears, block_output, sweep
+from mmprune.prune.methods.sparsegpt import SparseGPTPruner
+from mmprune.prune.methods.wanda import WandaPruner
+from mmprune.prune.pipeline import PhaseTimer, PruneConfig, plan_sparsity
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
 FULL_BLOCKS, FULL_SAMPLES = 32, 128

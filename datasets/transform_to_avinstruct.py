@@ -17,7 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script: make the repo's packages importable
 
-from mmprune.cli import run_main  # noqa: E402
+from mmprune.base.entry import run_main
 from videollama2.avinstruct import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from mmprune.errors import UserInputError
-from mmprune.interrupt import signals_deferred
-from mmprune.output import check_output_location, share_tree
+from mmprune.base.errors import UserInputError
+from mmprune.base.interrupt import signals_deferred
+from mmprune.base.output import check_output_location, share_tree
 
 CONVERTER_COMMAND = "python -m llava.convert --src LMMS_LAB_DIR --dst LLAVA_HF_DIR"
 PROVENANCE_FILE = "mmprune_conversion.json"
@@ -773,7 +773,7 @@ def load_pretrained_checked(model_class, hf_dir, **kwargs):
     from transformers.utils import logging as hf_logging
 
     from llava import eas
-    from mmprune.checks import check_loaded_weights, weight_files
+    from mmprune.run.checks import check_loaded_weights, weight_files
 
     weight_files(hf_dir)
     previous = hf_logging.get_verbosity()
@@ -845,6 +845,28 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
     return model, processor
 
 
+def load_model(model_path, device: str | None = None):
+    """(model, processor) from a llava-hf style directory; float32 on CPU, bfloat16 on GPU."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llava import eas
+    from mmprune.run.checks import resolve_device
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise UserInputError(f"model directory {model_path} has no config.json; pass a llava-hf "
+                             "LLaVA-NeXT checkpoint directory to --model_path")
+    device = resolve_device(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
+    model = load_pretrained_checked(LlavaNextForConditionalGeneration, model_path, dtype=dtype)
+    eas.install_from_config(model, model_path)  # skipped attention + adapters of an EAS model
+    return model.to(device), processor
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -871,7 +893,7 @@ def main(argv=None) -> int:
         print(f"wrote {convert_lmms_lab_to_hf(args.src, args.dst, dtype=args.dtype)}")
         return 0
 
-    from mmprune.cli import run_main  # one `error:` line, exit 2; signals remove the partial copy
+    from mmprune.base.entry import run_main
 
     return run_main(convert)
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmprune.checks import image_to_rgb, require_file
-from mmprune.errors import UserInputError
+from mmprune.run.checks import image_to_rgb, require_file
+from mmprune.base.errors import UserInputError
 
 # Per-token modality ids (int8), shared with the pruning core.
 TEXT = 0

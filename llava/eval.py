@@ -9,7 +9,7 @@ normalised) and answer-token perplexity (teacher forced on the reference answer 
 end-of-turn token, token-weighted over the data set), overall and per question `kind` when
 records carry one. Beside them, `realtext`: the language decoder's perplexity on --realtext_tokens
 (default 4096, 0 skips it) tokens of English text from the Python standard library, with the
-source, token count and sha256 of the text (mmprune/realtext.py; text only, the token recipe does
+source, token count and sha256 of the text (mmprune/evaluate/realtext.py; text only, the token recipe does
 not apply). Prints one JSON line on stdout. Without --data_path the embedded synthetic eval split
 is used (a banner on stderr says so).
 
@@ -27,14 +27,12 @@ import torch
 from tqdm import tqdm
 
 from llava.data import encode_record, load_records, model_inputs, reference_answer
-from llava import eas
 from llava.embedded import paths
-from mmprune.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
-from llava.convert import load_pretrained_checked
-from mmprune.checks import resolve_device
-from mmprune.errors import UserInputError
-from mmprune.realtext import add_realtext_argument, realtext_perplexity
-from mmprune.scoring import (  # noqa: F401
+from mmprune.run.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
+from llava.convert import load_model
+from mmprune.base.errors import UserInputError
+from mmprune.evaluate.realtext import add_realtext_argument, realtext_perplexity
+from mmprune.evaluate.scoring import (  # noqa: F401
     AnswerTally, cut_cache, greedy_answer, greedy_continue, last_answer_span, normalize_answer,
     teacher_forced_answer,
 )
@@ -54,7 +52,7 @@ def stop_token_ids(tokenizer) -> list:
 def _input_device(model) -> torch.device:
     """Where the forward takes its inputs: a model accelerate placed takes them on its main device
     (its first parameter may be offloaded to the meta device)."""
-    from mmprune.offload import is_dispatched, main_device
+    from mmprune.place.offload import is_dispatched, main_device
 
     return main_device(model) if is_dispatched(model) else model.device
 
@@ -118,7 +116,7 @@ def score_record(model, full: dict, stop_ids: list, max_new_tokens: int, prompt_
     One teacher-forced pass over prompt + reference answer gives the NLL and, at every answer
     position, the argmax next token. Greedy decoding follows the reference while those argmaxes do
     (each step sees the same prefix), so that part is read off, and the rest is decoded on the pass's
-    KV cache cut back to where it left the reference (mmprune.scoring.greedy_answer). prompt_first
+    KV cache cut back to where it left the reference (mmprune.evaluate.scoring.greedy_answer). prompt_first
     (used with a token recipe) runs the prompt alone, then the answer on its KV cache, and decodes a
     wrong answer from the prompt again.
     """
@@ -203,25 +201,6 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
     return tally.result()
 
 
-def load_model(model_path, device: str | None = None):
-    """(model, processor) from a llava-hf style directory; float32 on CPU, bfloat16 on GPU."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise UserInputError(f"model directory {model_path} has no config.json; pass a llava-hf "
-                             "LLaVA-NeXT checkpoint directory to --model_path")
-    device = resolve_device(device)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    try:
-        processor = AutoProcessor.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
-    model = load_pretrained_checked(LlavaNextForConditionalGeneration, model_path, dtype=dtype)
-    eas.install_from_config(model, model_path)  # skipped attention + adapters of an EAS model
-    return model.to(device), processor
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llava.eval",
@@ -264,7 +243,7 @@ def run(argv=None) -> dict:
     records = load_records(data_path)[:args.max_samples]
     recipe = None
     if args.token_recipe is not None:
-        from mmprune.fitprune import load_recipe
+        from mmprune.tokens.fitprune import load_recipe
 
         recipe = load_recipe(args.token_recipe)  # a bad file fails before the model loads
     model, processor = load_model(args.model_path, args.device)

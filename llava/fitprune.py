@@ -1,5 +1,5 @@
 """FitPrune on LLaVA-NeXT: the recipe search entry point and the LLaVA-NeXT binding of the core's
-token dropping (mmprune/fitprune.py holds the algorithm).
+token dropping (mmprune/tokens/fitprune.py holds the algorithm).
 
     python -m llava.fitprune --budget 0.5 [--model_path DIR --data_path JSON --output FILE]
 
@@ -23,11 +23,11 @@ import torch
 from llava.data import IMAGE, encode_record, load_records, select_task
 from llava.embedded import paths as embedded
 from llava.model import capture_decoder_inputs, decoder_layers
-from mmprune import fitprune as core
-from mmprune.cli import OneLineErrorParser, run_main
-from mmprune.checks import check_seed, resolve_device
-from mmprune.errors import UserInputError
-from mmprune.output import check_output_file
+from mmprune.tokens import fitprune as core
+from mmprune.base.entry import OneLineErrorParser, run_main
+from mmprune.run.checks import check_seed, resolve_device
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import check_output_file
 
 REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
 DEFAULT_NSAMPLES = 66  # the reference's ≈0.01 % slice of llava_v1_5_mix665k
@@ -135,7 +135,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from llava.eval import load_model, set_cpu_threads
+    from mmprune.run.cli import set_cpu_threads
+    from llava.convert import load_model
 
     args = parse_args(argv)
     if not 0.0 < args.budget < 1.0:

@@ -32,12 +32,13 @@ from tqdm import tqdm
 from llava import fitprune as lfp
 from llava.data import encode_record, load_records, model_inputs, select_task
 from llava.embedded import paths
-from llava.eval import evaluate, load_model
+from llava.eval import evaluate
+from llava.convert import load_model
 from llava.model import decoder_layers
-from mmprune.cli import run_main
-from mmprune.errors import UserInputError
-from mmprune.output import check_output_location, write_json_file
-from mmprune.report import update_markdown_section
+from mmprune.base.entry import run_main
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import check_output_location, write_json_file
+from mmprune.run.report import update_markdown_section
 
 SECTION = "fitprune"
 
@@ -234,7 +235,7 @@ def time_decoder_prefill(decoder, recipe, dims, n_visual: int, n_text: int, repe
     """Prefill CPU time (1 thread, median, dense and recipe alternating) of a Llama decoder stack on
     `start` text + n_visual visual + n_text text positions of random embeddings (time does not depend
     on the values), with the analytic FLOPs cut of the recipe."""
-    from mmprune import fitprune as core
+    from mmprune.tokens import fitprune as core
 
     torch.manual_seed(0)
     embeds = torch.randn(1, start + n_visual + n_text, decoder.config.hidden_size)
@@ -263,7 +264,7 @@ def scaled_timing(recipe, repeats: int, n_visual: int = 576, n_text: int = 64) -
     for two layers): where matmuls, not per-op overhead, dominate."""
     from transformers import LlamaConfig, LlamaModel
 
-    from mmprune import fitprune as core
+    from mmprune.tokens import fitprune as core
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -276,7 +277,7 @@ def scaled_timing(recipe, repeats: int, n_visual: int = 576, n_text: int = 64) -
 def length_check(model_path, recipe, prompts_records, repeats: int, n_visual: int = 576, n_text: int = 64) -> dict:
     """The model's own decoder and recipe on a prompt as long as a real LLaVA-NeXT's base view (576
     visual tokens): whether the FLOPs cut becomes time once the prompt is long enough."""
-    from mmprune import fitprune as core
+    from mmprune.tokens import fitprune as core
 
     model, processor = load_model(model_path, "cpu")
     lengths = [encode_record(processor, r, paths.EVAL_IMAGE_FOLDER, with_answer=False,
@@ -412,7 +413,7 @@ def markdown(results: list, args, elapsed: float, scaled: dict | None = None, lo
 
 
 def _recipe_of(result: dict, budget: float):
-    from mmprune.fitprune import TokenRecipe
+    from mmprune.tokens.fitprune import TokenRecipe
 
     return TokenRecipe(result["recipes"][f"{budget:g}"]["keep_fraction"])
 

@@ -9,7 +9,7 @@ Without --tasks, and always for the embedded tiny model and checkpoints pruned o
 `mmprune_vqa`, built at run time from a LLaVA-NeXT raw-format JSON (default: the embedded held-out
 split) into a temporary directory: a `datasets` dataset saved to disk plus a task yaml pointing at
 it, so nothing comes from a hub.
-Its answers are scored as `python -m llava.eval` scores them (mmprune.scoring.normalize_answer,
+Its answers are scored as `python -m llava.eval` scores them (mmprune.evaluate.scoring.normalize_answer,
 exact match against the record's final gpt turn, at most 8 new tokens, greedy), so the accuracy
 means the same. Prints one JSON line: n, accuracy, per_kind, lmms-eval's version and where its
 logs went. --predictions FILE also writes one JSON line per record.
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mmprune.scoring import normalize_answer
+from mmprune.evaluate.scoring import normalize_answer
 
 TASK_NAME = "mmprune_vqa"
 MAX_NEW_TOKENS = 8  # llava.eval's DEFAULT_MAX_NEW_TOKENS
@@ -59,7 +59,7 @@ def process_results(doc: dict, results: list) -> dict:
 def task_record(record: dict) -> dict:
     """(question, answer) of a single-turn image record, as llava_hf will prompt it."""
     from llava.data import IMAGE_PLACEHOLDER, ROLES, record_image, reference_answer
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     turns = record["conversations"]
     if len(turns) != 2 or ROLES.get(turns[0]["from"]) != "user" or reference_answer(record) is None:
@@ -165,7 +165,7 @@ def results_files(output_path) -> set:
 
 def read_outputs(output_path, before: set) -> tuple:
     """(lmms-eval's results dict, its logged samples) of the local task run that found `before`."""
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     found = sorted(results_files(output_path) - before)
     if len(found) != 1:
@@ -190,7 +190,7 @@ def _response(sample: dict) -> str:
 
 def summarize(results: dict, samples: list, docs: list) -> dict:
     """Accuracy overall (lmms-eval's aggregate, checked against the samples) and per kind."""
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     if sorted(s["doc_id"] for s in samples) != list(range(len(docs))):
         raise UserInputError(f"lmms-eval logged {len(samples)} samples for {len(docs)} records")
@@ -221,7 +221,7 @@ def lmms_eval_version() -> str:
 def run_local(model_path, data_path, image_folder, output_path, device: str, limit: int | None = None,
               extra=()) -> dict:
     """The local task through lmms-eval's CLI (a subprocess, its own logs on stderr); the summary."""
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     with tempfile.TemporaryDirectory(prefix="mmprune-lmms-task-") as task_dir:
         docs = build_task(data_path, image_folder, task_dir, limit)
@@ -269,7 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from llava.embedded import paths
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     args = parse_args(argv)
     try:

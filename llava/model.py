@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from llava.data import IMAGE, TEXT, model_inputs
-from mmprune.calibration import CalibrationStore, capture_block_inputs, move_except
-from mmprune.towers import prune_tower_wanda
+from mmprune.prune.calibration import CalibrationStore, capture_block_inputs, move_except
+from mmprune.prune.towers import prune_tower_wanda
 
 MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
 
@@ -56,7 +56,7 @@ def capture_decoder_inputs(model: nn.Module, samples, device: str, store_device:
 
 def prune_vision_tower(model: nn.Module, samples, ratio: float, device: str, store_device: str, total: int) -> dict:
     """Wanda at a uniform ratio on the CLIP encoder layers (all tiles of a sample form one batch)."""
-    from mmprune.offload import is_dispatched
+    from mmprune.place.offload import is_dispatched
 
     prefix, layers = vision_layers(model)
     tower = model.model.vision_tower

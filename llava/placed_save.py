@@ -15,7 +15,7 @@ import os
 
 from torch import nn
 
-from mmprune.offload import offloaded_value, track_copy
+from mmprune.place.offload import offloaded_value, track_copy
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"

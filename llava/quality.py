@@ -1,7 +1,7 @@
 """`python -m llava.quality`: the quality table of the embedded LLaVA-NeXT (or any checkpoint).
 Prunes with every method at every sparsity setting and calibration seed, evaluates each pruned
 model (held-out accuracy, answer perplexity, real-text perplexity of the decoder), and writes a
-section of `docs/results.md`, the raw runs as JSON and a plot (the grid itself: mmprune/quality.py).
+section of `docs/results.md`, the raw runs as JSON and a plot (the grid itself: mmprune/run/quality.py).
 The default model is the SmolLM2 one (files `results.json`, `results_accuracy.png`); the tiny model
 (EMBEDDED_MODEL=tiny or its --model_path) writes `results_tiny.json` / `results_accuracy_tiny.png`
 and its own section.
@@ -19,10 +19,10 @@ from llava.data import encode_record, load_records, select_task
 from llava.embedded import paths as embedded
 from llava.eval import DEFAULT_MAX_NEW_TOKENS, evaluate
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
-from mmprune import quality as grid
-from mmprune.cli import run_main
-from mmprune.pipeline import LanguageHead
-from mmprune.realtext import realtext_perplexity
+from mmprune.run import quality as grid
+from mmprune.base.entry import run_main
+from mmprune.prune.pipeline import LanguageHead
+from mmprune.evaluate.realtext import realtext_perplexity
 
 METHODS = grid.METHODS
 RESULTS_TITLE = "# Results on the embedded LLaVA-NeXT\n\nEach section is written by the command it names."

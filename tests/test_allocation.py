@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from mmprune.allocation import inverse, waterfill, weighted_sparsity
-from mmprune.errors import UserInputError
+from mmprune.prune.allocation.rules import inverse, waterfill, weighted_sparsity
+from mmprune.base.errors import UserInputError
 
 
 def _random_case(seed):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from mmprune.amia import AMIAConfig, build_graph, greedy_select, greedy_select_direct, kernel_, propagate, select_tokens
-from mmprune.diversity import normalize_rows
+from mmprune.prune.selection.amia import AMIAConfig, build_graph, greedy_select, greedy_select_direct, kernel_, propagate, select_tokens
+from mmprune.prune.diversity import normalize_rows
 
 
 def _clustered(n=120, d=12, seed=0):
@@ -72,7 +72,7 @@ def test_single_token_sample_selects_it():
 def test_cpu_pick_loop_equals_the_torch_steps():
     """The CPU loop on numpy views makes the same picks, in the same order, as the torch steps
     that run on an accelerator."""
-    from mmprune.amia import _pick_and_suppress, _run_picks
+    from mmprune.prune.selection.amia import _pick_and_suppress, _run_picks
 
     f = _clustered(90, seed=3)
     graph = build_graph(normalize_rows(f), 4, 32)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from mmprune.attention import last_token_attention
-from mmprune.calibration import capture_block_inputs
+from mmprune.prune.attention import last_token_attention
+from mmprune.prune.calibration import capture_block_inputs
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])

@@ -4,16 +4,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmprune.allocation import weighted_sparsity
-from mmprune.calibration import capture_block_inputs
-from mmprune.driver import sweep
-from mmprune.ecoflap import ECoFLaPConfig, lm_loss_from_hidden, zeroth_order_importance
-from mmprune.masks import nm_pattern_holds
-from mmprune.methods.magnitude import magnitude_mask
-from mmprune.methods.sparsegpt import HessianAccumulator, SparseGPTPruner, sparsegpt_prune_
-from mmprune.owl import OutlierSweep, OWLConfig, outlier_ratio, owl_plan, owl_sparsity
-from mmprune.sparsity import SparsityPattern
-from mmprune.stats import wanda_score
+from mmprune.prune.allocation.rules import weighted_sparsity
+from mmprune.prune.calibration import capture_block_inputs
+from mmprune.prune.driver import sweep
+from mmprune.prune.allocation.ecoflap import ECoFLaPConfig, lm_loss_from_hidden, zeroth_order_importance
+from mmprune.prune.masks import nm_pattern_holds
+from mmprune.prune.methods.magnitude import magnitude_mask
+from mmprune.prune.methods.sparsegpt import HessianAccumulator, SparseGPTPruner, sparsegpt_prune_
+from mmprune.prune.allocation.owl import OutlierSweep, OWLConfig, outlier_ratio, owl_plan, owl_sparsity
+from mmprune.prune.sparsity import SparsityPattern
+from mmprune.prune.stats import wanda_score
 
 
 def test_magnitude_prunes_the_70_percent_smallest_absolute_values():
@@ -121,7 +121,7 @@ def test_ecoflap_matches_full_model_finite_differences():
                                                  model.lm_head, cfg, "cpu")
     assert counts["perturbed_linears"] == 14 and counts["samples"] == 2
     # recompute one entry with full-model forwards (same deterministic perturbation)
-    from mmprune.ecoflap import _perturbation
+    from mmprune.prune.allocation.ecoflap import _perturbation
 
     linear = model.model.layers[1].mlp.down_proj
     original = linear.weight.data.clone()
@@ -172,7 +172,7 @@ def test_sparsegpt_pruner_through_the_driver():
 def test_replaying_captured_block_inputs_never_sees_an_earlier_replay():
     # a cache object captured with the inputs would keep every replay's keys (transformers 5.24 names
     # it `cache`), and a later replay on other hidden states would attend to the stale ones
-    from mmprune.driver import block_output
+    from mmprune.prune.driver import block_output
 
     model = tiny_lm(4, layers=2)
     layer = model.model.layers[0]
@@ -185,7 +185,7 @@ def test_replaying_captured_block_inputs_never_sees_an_earlier_replay():
 
 @pytest.mark.parametrize("method", ["owl", "ecoflap", "das"])
 def test_dense_sweep_cache_runs_each_sweep_once_and_changes_no_mask(method, monkeypatch):
-    import mmprune.pipeline as pipeline
+    import mmprune.prune.pipeline as pipeline
 
     calls = []
     for name in ("zeroth_order_importance", "DiversitySweep", "OutlierSweep"):

@@ -30,7 +30,7 @@ from llava.convert import (
     load_llava_next,
     main,
 )
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_BASE = len(BASE_VOCAB)

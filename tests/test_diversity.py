@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmprune.diversity import DiversityAccumulator, diversity_terms, similarity_terms
+from mmprune.prune.diversity import DiversityAccumulator, diversity_terms, similarity_terms
 
 
 def slow_terms(features, modality_ids, mode):

@@ -12,7 +12,7 @@ import yaml
 from llava.embedded import paths as embedded
 from script_runs import (ROOT, assert_clean_failure, copy_embedded_llava_data, load_tensors,
                          pruned_fraction_rest_untouched, run_bash)
-from mmprune.masks import nm_pattern_holds
+from mmprune.prune.masks import nm_pattern_holds
 
 DECODER_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from llava.embedded import paths as embedded
-from mmprune.masks import nm_pattern_holds
+from mmprune.prune.masks import nm_pattern_holds
 from script_runs import ROOT, load_tensors, pruned_fraction_rest_untouched, run_bash, smol_checkpoint_or_skip
 from test_e2e_llava import is_decoder_linear
 

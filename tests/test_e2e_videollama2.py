@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmprune.masks import nm_pattern_holds
-from mmprune.pipeline import PRESETS
+from mmprune.prune.masks import nm_pattern_holds
+from mmprune.prune.pipeline import PRESETS
 from script_runs import ROOT, assert_clean_failure, load_tensors, pruned_fraction_rest_untouched, run_bash
 from videollama2.embedded import paths as embedded
 
@@ -60,7 +60,7 @@ def test_tamp_default_run_sparsity_untouched_parts_report_and_reload(tamp_output
     assert (out / "sparsity.png").stat().st_size > 1000
     plan = yaml.safe_load((out / "sparsity_dict.yaml").read_text())
     assert len(plan) == report["pruned_linears"]
-    from videollama2.checkpoint import load_videollama2
+    from videollama2.adapter import load_videollama2
     model, tokenizer = load_videollama2(out)
     for entry in report["per_linear"]:
         weight = model.get_parameter(entry["name"] + ".weight")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mmprune.masks import nm_pattern_holds
+from mmprune.prune.masks import nm_pattern_holds
 from script_runs import ROOT, load_tensors, pruned_fraction_rest_untouched, run_bash, smol_checkpoint_or_skip
 from test_e2e_videollama2 import SIX_TERMS, is_decoder_linear
 from videollama2.embedded import paths as embedded

@@ -1,4 +1,4 @@
-"""EAS (mmprune/eas.py, llava/eas): adapter math against slow versions, fused == unfused, the
+"""EAS (mmprune/skip/eas.py, llava/eas): adapter math against slow versions, fused == unfused, the
 search policy, and save/reload of a model with skipped attention on the embedded LLaVA-NeXT."""
 
 import json
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mmprune import eas
-from mmprune.errors import UserInputError
+from mmprune.skip import eas
+from mmprune.base.errors import UserInputError
 
 
 def _random_pia(dim=8, rank=4, seed=0, scale=1.0):
@@ -225,7 +225,7 @@ def test_skipped_layers_drop_attention_and_decode_matches_full_pass(embedded_mod
 @torch.no_grad()
 def test_saved_model_reloads_with_the_same_logits(embedded_model, tmp_path):
     from llava.data import model_inputs
-    from llava.eval import load_model
+    from llava.convert import load_model
     from llava.convert import load_llava_next
 
     model, processor = _eas_model(embedded_model)
@@ -241,7 +241,7 @@ def test_saved_model_reloads_with_the_same_logits(embedded_model, tmp_path):
 
 
 def test_incomplete_checkpoint_is_refused(embedded_model, tmp_path):
-    from llava.eval import load_model
+    from llava.convert import load_model
 
     model, processor = _eas_model(embedded_model)
     model.save_pretrained(tmp_path)
@@ -258,7 +258,7 @@ def test_train_cli_end_to_end_and_reload(tmp_path):
     through llava.eval and reproduces the logits the trainer had."""
     from llava.data import model_inputs
     from llava.eas.train import main
-    from llava.eval import load_model
+    from llava.convert import load_model
 
     out = tmp_path / "eas"
     args = ["--output_dir", str(out), "--k", "0.5", "--search_steps", "6", "--warmup_steps", "2",

@@ -7,8 +7,8 @@ import pytest
 from llava import quality
 from llava.embedded import paths
 from videollama2.embedded import paths as av_paths
-from mmprune import quality as grid
-from mmprune.errors import UserInputError
+from mmprune.run import quality as grid
+from mmprune.base.errors import UserInputError
 
 
 def test_embedded_model_choice(monkeypatch):

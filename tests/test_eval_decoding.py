@@ -1,4 +1,4 @@
-"""Greedy answers decoded on the teacher-forced pass's cut-back KV cache (mmprune.scoring.greedy_answer)
+"""Greedy answers decoded on the teacher-forced pass's cut-back KV cache (mmprune.evaluate.scoring.greedy_answer)
 equal plain greedy decoding with a full forward pass per token, in both models' evaluators."""
 
 import torch
@@ -6,7 +6,7 @@ from fixtures_videollama2 import build_tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava import eval as llava_eval
-from mmprune.scoring import greedy_answer
+from mmprune.evaluate.scoring import greedy_answer
 from videollama2 import eval as av_eval
 from videollama2.data import encode_record, load_records
 from videollama2.embedded import paths as av_paths

@@ -10,8 +10,8 @@ from llava import data, eval as llava_eval
 from llava import fitprune as lfp
 from llava.embedded import paths
 from llava.model import decoder_layers
-from mmprune import fitprune as fp
-from mmprune.errors import UserInputError
+from mmprune.tokens import fitprune as fp
+from mmprune.base.errors import UserInputError
 
 needs_checkpoint = pytest.mark.skipif(not (paths.CHECKPOINT_DIR / "config.json").is_file(),
                                       reason="embedded checkpoint not trained")

@@ -7,8 +7,8 @@ from torch import nn
 from llava import fitprune as lfp
 from llava import fitprune_results as fr
 from llava.embedded import paths as embedded
-from mmprune.cli import run_main
-from mmprune.fitprune import TokenRecipe
+from mmprune.base.entry import run_main
+from mmprune.tokens.fitprune import TokenRecipe
 
 
 def test_linear_clock_counts_rows_of_every_call_by_module_name():

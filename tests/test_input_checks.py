@@ -13,12 +13,12 @@ import yaml
 
 from llava import data
 from llava.embedded import paths as llava_paths
-from mmprune import checks
-from mmprune.errors import UserInputError
-from mmprune.owl import owl_sparsity
-from mmprune.pipeline import PruneConfig
-from mmprune.sparsity import SparsityPattern
-from mmprune.sparsity_dict import read_sparsity_dict, write_sparsity_dict
+from mmprune.run import checks
+from mmprune.base.errors import UserInputError
+from mmprune.prune.allocation.owl import owl_sparsity
+from mmprune.prune.pipeline import PruneConfig
+from mmprune.prune.sparsity import SparsityPattern
+from mmprune.prune.sparsity_dict import read_sparsity_dict, write_sparsity_dict
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -205,8 +205,8 @@ def test_ecoflap_on_samples_without_an_answer_stops_before_the_model_loads(embed
 
 
 def test_ecoflap_store_without_labels_is_a_user_error():
-    from mmprune.calibration import CalibrationStore
-    from mmprune.ecoflap import ECoFLaPConfig, zeroth_order_importance
+    from mmprune.prune.calibration import CalibrationStore
+    from mmprune.prune.allocation.ecoflap import ECoFLaPConfig, zeroth_order_importance
 
     store = CalibrationStore([torch.zeros(1, 3, 4)], [{}], [torch.zeros(1, 3, dtype=torch.int8)],
                              [torch.full((1, 3), -100)])
@@ -326,7 +326,7 @@ def llava_copy(tmp_path, name="model") -> Path:
 
 
 def test_truncated_safetensors_is_named(tmp_path):
-    from llava.eval import load_model
+    from llava.convert import load_model
 
     model = llava_copy(tmp_path)
     weights = model / "model.safetensors"

@@ -7,7 +7,7 @@ import torch
 
 from llava import data
 from llava.embedded import synthetic_vqa as vqa, tiny
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 
 
 @pytest.fixture(scope="module")

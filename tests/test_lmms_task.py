@@ -5,7 +5,7 @@ import pytest
 
 from llava import data, lmms_task
 from llava.embedded import paths
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 
 
 def test_every_embedded_record_becomes_its_question_and_answer():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from mmprune.masks import matrix_mask, nm_mask, nm_pattern_holds, unstructured_row_mask
-from mmprune.sparsity import SparsityPattern
-from mmprune.errors import UserInputError
+from mmprune.prune.masks import matrix_mask, nm_mask, nm_pattern_holds, unstructured_row_mask
+from mmprune.prune.sparsity import SparsityPattern
+from mmprune.base.errors import UserInputError
 
 
 def test_row_mask_hand_checked():
@@ -73,7 +73,7 @@ def test_pattern_ratio_and_divisibility_checks():
 def test_selection_mask_equals_the_stable_sort_prefix(rounding, sparsity):
     """kthvalue + tie handling gives exactly the stable sort's prefix, ties included (small
     integer scores tie a lot; continuous ones almost never)."""
-    from mmprune.masks import unstructured_row_mask_by_sort
+    from mmprune.prune.masks import unstructured_row_mask_by_sort
 
     g = torch.Generator().manual_seed(int(sparsity * 100))
     for score in (torch.randint(0, 4, (9, 12), generator=g).float(), torch.rand(7, 30, generator=g),

@@ -13,9 +13,9 @@ from fixtures_llava import build_tiny_llava_next, make_test_image
 from llava.convert import load_llava_next
 from llava.data import encode_record, load_records, model_inputs
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
-from mmprune.driver import block_linears
-from mmprune.offload import materialized
-from mmprune.pipeline import PhaseTimer, PruneConfig, prune_decoder
+from mmprune.prune.driver import block_linears
+from mmprune.place.offload import materialized
+from mmprune.prune.pipeline import PhaseTimer, PruneConfig, prune_decoder
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from llava.embedded import paths as embedded
-from mmprune.cli import run_main
-from mmprune.errors import UserInputError
-from mmprune import output
+from mmprune.base.entry import run_main
+from mmprune.base.errors import UserInputError
+from mmprune.base import output
 from script_runs import ROOT, copy_embedded_llava_data
 
 NOTES = "my notes, not a model"
@@ -259,8 +259,8 @@ def test_core_overwrite_replaces_marked_and_older_outputs_only(tmp_path):
 CORE_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from mmprune.cli import run_main
-    from mmprune.output import atomic_output_dir, atomic_output_file
+    from mmprune.run.cli import run_main
+    from mmprune.base.output import atomic_output_dir, atomic_output_file
 
     def main(argv):
         kind, target = argv

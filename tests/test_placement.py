@@ -3,7 +3,7 @@ both prune CLIs and both script trees.
 
 * A run that sends decoder blocks to disk gives the plain run's masks and saved files, and holds
   fewer weight bytes in memory (the report's `placement.peak_memory`, measured by
-  mmprune.offload.WeightMeter: the distinct storages of the model's real tensors and of the copies
+  mmprune.place.offload.WeightMeter: the distinct storages of the model's real tensors and of the copies
   the run holds, summed after every change that adds any, so its high-water mark is exact and the
   same on every run). The slow test compares the process's peak resident set size on a wider model.
 * Saving an offloaded model copies at most one shard plus one block into CPU memory (the meter's
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmprune.cli import run_main
-from mmprune.offload import metering
+from mmprune.base.entry import run_main
+from mmprune.place.offload import metering
 from script_runs import ROOT, load_tensors
 from videollama2.embedded import paths as av_embedded
 

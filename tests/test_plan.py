@@ -1,4 +1,4 @@
-"""Placement options and the memory planner (mmprune/placement.py, mmprune/plan.py)."""
+"""Placement options and the memory planner (mmprune/place/placement.py, mmprune/place/plan.py)."""
 
 import json
 import subprocess
@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from mmprune.errors import UserInputError
-from mmprune.placement import check_offload_folder, parse_device_map, parse_max_memory
-from mmprune.plan import make_plan
+from mmprune.base.errors import UserInputError
+from mmprune.place.placement import check_offload_folder
+from mmprune.place.options import parse_device_map, parse_max_memory
+from mmprune.place.plan import make_plan
 from script_runs import ROOT
 
 GiB = 1024 ** 3
@@ -54,7 +55,7 @@ def test_offload_folder_checks(tmp_path):
 def test_plan_sends_blocks_to_disk_within_the_budget_and_accounts_every_weight():
     from accelerate.utils import compute_module_sizes
 
-    from mmprune.plan import empty_model
+    from mmprune.place.plan import empty_model
 
     total = compute_module_sizes(empty_model(TINY)[0])[""]
     plan = make_plan(TINY, {"cpu": 4_000_000, "disk": 10 ** 9}, dtype="float32", nsamples=4, seqlen=64,
@@ -73,7 +74,7 @@ def test_plan_refuses_a_device_map_naming_missing_modules(tmp_path):
 
 
 def test_plan_cli_prints_the_table_and_one_line_errors():
-    run = [sys.executable, "-m", "mmprune.plan", "--model_path", str(TINY)]
+    run = [sys.executable, "-m", "mmprune.place.plan", "--model_path", str(TINY)]
     ok = subprocess.run(run + ["--max_memory", "0:1GiB,cpu:1GiB", "--nsamples", "8", "--seqlen", "128"],
                         capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr

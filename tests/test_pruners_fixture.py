@@ -88,7 +88,7 @@ def test_input_checkpoint_is_not_modified(fixture_dirs, tmp_path):
 
 def test_report_and_summary_hold_the_realtext_perplexity(fixture_dirs, tmp_path, capsys):
     from llava.convert import load_llava_next
-    from mmprune.realtext import realtext_perplexity
+    from mmprune.evaluate.realtext import realtext_perplexity
 
     _, report = run(fixture_dirs, tmp_path, "--method", "wanda", "--realtext_tokens", "600")
     dense, pruned = report["realtext"]["dense"], report["realtext"]["pruned"]

@@ -1,12 +1,12 @@
-"""The shared quality grid's writing (mmprune/quality.py) on hand-made results, and the embedded
+"""The shared quality grid's writing (mmprune/run/quality.py) on hand-made results, and the embedded
 VideoLLaMA2-AV default's choice of model and task."""
 
 import json
 
 import pytest
 
-from mmprune import quality as grid
-from mmprune.report import block_term_means, modality_summary
+from mmprune.run import quality as grid
+from mmprune.run.report import block_term_means, modality_summary
 from videollama2.embedded import paths as av_paths
 
 
@@ -94,7 +94,7 @@ def test_av_default_model_and_task_follow_embedded_model(monkeypatch):
     assert av_paths.is_embedded(av_paths.SMOL_CHECKPOINT_DIR) and not av_paths.is_tiny(av_paths.SMOL_CHECKPOINT_DIR)
     assert av_paths.results_suffix(av_paths.CHECKPOINT_DIR) == "_tiny"
     monkeypatch.setenv("EMBEDDED_MODEL", "big")
-    from mmprune.errors import UserInputError
+    from mmprune.base.errors import UserInputError
 
     with pytest.raises(UserInputError, match="EMBEDDED_MODEL='big' is not one of smol, tiny"):
         av_paths.embedded_data()

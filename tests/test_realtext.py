@@ -1,4 +1,4 @@
-"""Real-text perplexity (mmprune/realtext.py): the exact value against a slow per-window recomputation,
+"""Real-text perplexity (mmprune/evaluate/realtext.py): the exact value against a slow per-window recomputation,
 the corpus (deterministic, large enough), and the evaluation CLIs that print it."""
 
 import hashlib
@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from fixtures_videollama2 import build_tiny_model
 from llava import eval as llava_eval
 from llava.embedded import paths
-from mmprune import realtext
+from mmprune.evaluate import realtext
 from videollama2 import eval as videollama2_eval
 from videollama2.embedded import paths as vl2_paths
 

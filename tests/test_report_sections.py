@@ -1,4 +1,4 @@
-from mmprune.report import update_markdown_section
+from mmprune.run.report import update_markdown_section
 
 
 def test_sections_are_replaced_in_place_and_others_kept(tmp_path):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mmprune.scoring import (
+from mmprune.evaluate.scoring import (
     AnswerTally, greedy_answer, greedy_continue, last_answer_span, normalize_answer, teacher_forced_answer,
 )
 

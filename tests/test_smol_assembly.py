@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava.embedded import smol
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 
 LORA_MODULES = ("model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.29.mlp.down_proj")
 
@@ -160,7 +160,8 @@ def test_decoder_is_the_gguf_plus_the_merged_delta(assembled, gguf_model, parts_
 def test_checkpoint_loads_in_the_project_tools(assembled):
     from llava import data
     from llava.embedded import paths
-    from llava.eval import evaluate, load_model
+    from llava.eval import evaluate
+    from llava.convert import load_model
     from llava.model import decoder_layers
 
     model, processor = load_model(assembled[0], "cpu")

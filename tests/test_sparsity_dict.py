@@ -1,7 +1,7 @@
 import pytest
 
-from mmprune.errors import UserInputError
-from mmprune.sparsity_dict import read_sparsity_dict, write_sparsity_dict
+from mmprune.base.errors import UserInputError
+from mmprune.prune.sparsity_dict import read_sparsity_dict, write_sparsity_dict
 
 
 def test_round_trip_exact_and_across_name_layouts(tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llava.pruners import split_finetune_llava_next as split
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 
 
 def _record(image):

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from mmprune.training import SamplePool, warmup_cosine
+from mmprune.embedded.training import SamplePool, warmup_cosine
 
 
 def counter_pool():

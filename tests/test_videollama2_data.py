@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fixtures_videollama2 import write_clip
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 from videollama2.data import (
     collate, conversation_segments, encode_record, load_records, normalized_turns, select_samples,
 )

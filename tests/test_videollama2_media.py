@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fixtures_videollama2 import clip_arrays, write_clip, write_wav
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 from videollama2 import media
 from videollama2.media import MediaLoader
 

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures_videollama2 import AUDIO_TOKENS, VIDEO_TOKENS, build_tiny_model, build_tiny_videollama2
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 from videollama2.beats import relative_position_buckets
-from videollama2.checkpoint import load_videollama2, save_model
+from videollama2.checkpoint import save_model
+from videollama2.adapter import load_videollama2
 from videollama2.model import AUDIO, IGNORE_INDEX, TEXT, VIDEO, VIDEO_TOKEN_INDEX
 from videollama2.stc import STCConnector
 

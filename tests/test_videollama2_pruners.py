@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures_videollama2 import AUDIO_TOKENS, VIDEO_TOKENS, build_tiny_videollama2, write_clip, write_wav
-from mmprune.calibration import CalibrationStore
-from mmprune.das import DASConfig, DiversitySweep
-from mmprune.diversity import diversity_terms, term_name
-from mmprune.driver import sweep
-from mmprune.pipeline import PRESETS
-from videollama2.checkpoint import load_videollama2
+from mmprune.prune.calibration import CalibrationStore
+from mmprune.prune.allocation.das import DASConfig, DiversitySweep
+from mmprune.prune.diversity import diversity_terms, term_name
+from mmprune.prune.driver import sweep
+from mmprune.prune.pipeline import PRESETS
+from videollama2.adapter import load_videollama2
 from videollama2.data import encode_record
 from videollama2.media import MediaLoader
 from videollama2.model import MODALITY_NAMES

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmprune import smollm2
-from mmprune.errors import UserInputError
+from mmprune.embedded import smollm2
+from mmprune.base.errors import UserInputError
 from videollama2.embedded import smol, tiny
 
 LORA_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj")
@@ -56,7 +56,7 @@ def test_fresh_parts_are_seeded_and_stored_in_float16(tmp_path):
 
 
 def test_toy_decoder_model_keeps_ties_through_save_and_reload(tmp_path):
-    from videollama2.checkpoint import load_videollama2
+    from videollama2.adapter import load_videollama2
 
     tokenizer = smol.build_tokenizer(tiny.build_tokenizer())
     llama = toy_llama(len(tokenizer))
@@ -207,7 +207,7 @@ def test_assembling_twice_gives_identical_files(assembled, parts_with_lora, whee
 
 @pytest.mark.slow
 def test_decoder_is_the_gguf_in_qwen2_form_plus_the_delta(assembled, gguf_model, parts_with_lora):
-    from videollama2.checkpoint import load_videollama2
+    from videollama2.adapter import load_videollama2
 
     decoder, _ = gguf_model
     model, tokenizer = load_videollama2(assembled)
@@ -244,7 +244,7 @@ def test_decoder_is_the_gguf_in_qwen2_form_plus_the_delta(assembled, gguf_model,
 def test_text_logits_match_the_llama_decoder_with_the_same_delta(assembled, gguf_model, parts_with_lora):
     import copy
 
-    from videollama2.checkpoint import load_videollama2
+    from videollama2.adapter import load_videollama2
 
     decoder, _ = gguf_model
     llama = copy.deepcopy(decoder)
@@ -264,7 +264,7 @@ def test_text_logits_match_the_llama_decoder_with_the_same_delta(assembled, gguf
 
 @pytest.mark.slow
 def test_checkpoint_runs_in_the_project_eval(assembled):
-    from videollama2.checkpoint import load_videollama2
+    from videollama2.adapter import load_videollama2
     from videollama2.data import load_records
     from videollama2.embedded import paths
     from videollama2.eval import evaluate

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmprune import smollm2
-from mmprune.errors import UserInputError
+from mmprune.embedded import smollm2
+from mmprune.base.errors import UserInputError
 from videollama2.embedded import smol, synthetic_av as av, tiny, train, train_smol
 from videollama2.eval import evaluate
 from videollama2.media import MediaLoader

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from mmprune.amia import AMIAConfig
-from mmprune.calibration import capture_block_inputs
-from mmprune.driver import sweep
-from mmprune.masks import unstructured_row_mask
-from mmprune.methods.wanda import WandaPruner
-from mmprune.sparsity import SparsityPattern
+from mmprune.prune.selection.amia import AMIAConfig
+from mmprune.prune.calibration import capture_block_inputs
+from mmprune.prune.driver import sweep
+from mmprune.prune.masks import unstructured_row_mask
+from mmprune.prune.methods.wanda import WandaPruner
+from mmprune.prune.sparsity import SparsityPattern
 
 
 def tiny_llama(seed=0):

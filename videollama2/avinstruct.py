@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from mmprune.errors import UserInputError
-from mmprune.output import check_output_file, write_json_file
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import check_output_file, write_json_file
 
 
 def read_annotations(path) -> list:
@@ -100,7 +100,7 @@ def is_transformed(path) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmprune.cli import OneLineErrorParser
+    from mmprune.base.entry import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="python datasets/transform_to_avinstruct.py",
                                 description="Turn AVInstruct annotations into the VideoLLaMA2-AV loader's JSON.")
@@ -132,6 +132,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from mmprune.cli import run_main
+    from mmprune.base.entry import run_main
 
     sys.exit(run_main(main))

@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mmprune.checks import weight_files
-from mmprune.errors import UserInputError
-from mmprune.offload import offloaded_value, track_copy
+from mmprune.run.checks import weight_files
+from mmprune.base.errors import UserInputError
+from mmprune.place.offload import offloaded_value, track_copy
 from videollama2.config import VideoLLaMA2Config
 
 VISION_RUNTIME = "model.vision_tower.vision_tower."
@@ -260,13 +260,13 @@ def _torch_device(device) -> torch.device:
 def load_model(cls, model_dir, dtype="auto", device="cpu", device_map=None, offload_dir=None, main_device=None):
     """Model from a checkpoint folder, with `checkpoint_layout` recorded for saving.
 
-    With `device_map` (module -> GPU index, "cpu" or "disk", e.g. from mmprune.plan.make_plan)
+    With `device_map` (module -> GPU index, "cpu" or "disk", e.g. from mmprune.place.plan.make_plan)
     each weight is read straight onto its device and accelerate's hooks are attached
     (`dispatch_model`); weights placed on disk are not read at all: the hooks read them from the
     checkpoint's safetensors file (a .bin checkpoint's are first copied into `offload_dir`)."""
     from accelerate import init_empty_weights
 
-    from mmprune.plan import device_of
+    from mmprune.place.plan import device_of
 
     config = VideoLLaMA2Config.from_dir(model_dir)
     weights, layout = open_weights(model_dir)
@@ -352,7 +352,7 @@ def _dispatch(model, device_map: dict, offload_dir, index: dict, main_device):
     GPU as main device) or "disk" are offloaded and read from their store for each forward."""
     from accelerate import dispatch_model
 
-    from mmprune.plan import disjoint_map
+    from mmprune.place.plan import disjoint_map
 
     device_map = disjoint_map(model, device_map)
     devices = set(device_map.values())
@@ -417,7 +417,7 @@ def checkpoint_entries(model) -> dict[str, _Entry]:
 
 def _materialise(model, entry: _Entry) -> torch.Tensor:
     """The tensor on the CPU, in its saved dtype, contiguous; a weight offloaded to disk is read
-    from its store, and every copy made is reported to the run's meter (mmprune.offload)."""
+    from its store, and every copy made is reported to the run's meter (mmprune.place.offload)."""
     value = entry.held
     if value.is_meta:
         value = offloaded_value(model, entry.runtime)
@@ -565,13 +565,4 @@ def load_tokenizer(model_dir):
         logging.set_verbosity(verbosity)
 
 
-def load_videollama2(model_dir, dtype="auto", device="cpu"):
-    """(model, tokenizer) of a checkpoint folder."""
-    from videollama2.model import VideoLLaMA2ForCausalLM
-
-    model = VideoLLaMA2ForCausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
-    return model, load_tokenizer(model_dir)
-
-
-__all__ = ["CheckpointLayout", "load_model", "save_model", "read_weights", "open_weights", "load_videollama2",
-           "load_tokenizer"]
+__all__ = ["CheckpointLayout", "load_model", "save_model", "read_weights", "open_weights", "load_tokenizer"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import Qwen2Config, SiglipVisionConfig
 
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 from videollama2.beats import BEATsConfig
 
 MODEL_TYPES = ("videollama2_qwen2",)

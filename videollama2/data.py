@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmprune.checks import check_draw
-from mmprune.errors import UserInputError
+from mmprune.run.checks import check_draw
+from mmprune.base.errors import UserInputError
 from videollama2.media import MediaLoader
 from videollama2.model import AUDIO_TOKEN_INDEX, IGNORE_INDEX, PLACEHOLDERS, VIDEO_TOKEN_INDEX
 

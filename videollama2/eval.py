@@ -9,7 +9,7 @@ normalised) and answer perplexity (teacher forced on the reference answer and it
 tokens, token-weighted over the data set), overall and per question `kind` when records carry
 one. Beside them, `realtext`: the Qwen2 decoder's perplexity (text only) on --realtext_tokens
 (default 4096, 0 skips it) tokens of English text from the Python standard library, with the
-source, token count and sha256 of the text (mmprune/realtext.py). Prints one JSON line on stdout.
+source, token count and sha256 of the text (mmprune/evaluate/realtext.py). Prints one JSON line on stdout.
 Without --data_path the embedded eval split of the model's task is used (the tiny model's basic
 task, else the hard one; a banner on stderr says so).
 
@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmprune.cli import OneLineErrorParser, check_eval_limits, run_main
-from mmprune.checks import resolve_device
-from mmprune.errors import UserInputError
-from mmprune.realtext import add_realtext_argument, realtext_perplexity
-from mmprune.scoring import (
+from mmprune.run.cli import check_eval_limits
+from mmprune.base.entry import OneLineErrorParser, run_main
+from mmprune.run.checks import resolve_device
+from mmprune.base.errors import UserInputError
+from mmprune.evaluate.realtext import add_realtext_argument, realtext_perplexity
+from mmprune.evaluate.scoring import (
     AnswerTally, cut_cache, greedy_answer, greedy_continue, last_answer_span, normalize_answer,
     teacher_forced_answer,
 )
@@ -56,7 +57,7 @@ def score_record(model, full: dict, stop_ids: list[int], max_new_tokens: int) ->
     """(greedy answer ids, answer NLL sum, answer token count). One teacher-forced pass gives the
     NLL and the argmax at every answer position (the head runs on the answer only); greedy
     decoding follows the reference while the argmax does, then goes on from the pass's KV cache
-    cut back to where it left the reference (mmprune.scoring.greedy_answer)."""
+    cut back to where it left the reference (mmprune.evaluate.scoring.greedy_answer)."""
     span = last_answer_span(full["labels"])
     if span is None:
         raise UserInputError("a record has no answer tokens to score")
@@ -133,7 +134,7 @@ def inference_dtype(choice: str, device) -> str:
 
 
 def run(argv=None) -> dict:
-    from videollama2.checkpoint import load_videollama2
+    from videollama2.adapter import load_videollama2
 
     args = parse_args(argv)
     check_eval_limits(args)

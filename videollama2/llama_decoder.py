@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 
 # config.json fields of the released VideoLLaMA2 layout taken from the Llama config as they are
 _SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

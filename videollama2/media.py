@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmprune.checks import require_file
-from mmprune.errors import UserInputError
+from mmprune.run.checks import require_file
+from mmprune.base.errors import UserInputError
 from videollama2.fbank import fbank
 
 SAMPLE_RATE = 16000

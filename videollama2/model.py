@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Qwen2Model, SiglipVisionConfig, SiglipVisionModel
 
-from mmprune.errors import UserInputError
+from mmprune.base.errors import UserInputError
 from videollama2.beats import BEATs
 from videollama2.config import VideoLLaMA2Config
 from videollama2.fbank import frame_count
@@ -130,7 +130,7 @@ class VideoLLaMA2ForCausalLM(nn.Module):
         """Where inputs go: the main device when accelerate placed the model (the head may be
         offloaded to the meta device), else the head's device."""
         if getattr(self, "_hf_hook", None) is not None:
-            from mmprune.offload import main_device
+            from mmprune.place.offload import main_device
 
             return main_device(self)
         return self.lm_head.weight.device

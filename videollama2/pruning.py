@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmprune.calibration import CalibrationStore, capture_block_inputs, move_except
-from mmprune.offload import is_dispatched
-from mmprune.towers import prune_tower_wanda
+from mmprune.prune.calibration import CalibrationStore, capture_block_inputs, move_except
+from mmprune.place.offload import is_dispatched
+from mmprune.prune.towers import prune_tower_wanda
 from videollama2.model import VideoLLaMA2ForCausalLM, decoder_layers
 
 

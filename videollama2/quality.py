@@ -3,7 +3,7 @@ checkpoint). Prunes the decoder with every method at every sparsity setting and 
 evaluates each pruned model (held-out accuracy overall and per question kind: video, audio, both;
 answer perplexity; real-text perplexity of the decoder) and writes the section `av-weight-pruning`
 of `docs/results.md` with the DAS diversity terms of the 6 modality pairs of one TAMP run, the raw
-runs (`docs/results_av.json`) and plots (the grid itself: mmprune/quality.py). The default model
+runs (`docs/results_av.json`) and plots (the grid itself: mmprune/run/quality.py). The default model
 is the SmolLM2 one on the hard task; the tiny model (EMBEDDED_MODEL=tiny) gets `_tiny` files and
 its own section.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from mmprune import quality as grid
-from mmprune.cli import run_main
-from mmprune.pipeline import LanguageHead
-from mmprune.realtext import realtext_perplexity
+from mmprune.run import quality as grid
+from mmprune.base.entry import run_main
+from mmprune.prune.pipeline import LanguageHead
+from mmprune.evaluate.realtext import realtext_perplexity
 from videollama2.checkpoint import load_tokenizer
 from videollama2.data import check_media, encode_record, load_records, select_samples
 from videollama2.embedded import paths as embedded

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT side of EAS (mmprune/eas.py): where the decoder layers are, and how a model with
+"""LLaVA-NeXT side of EAS (mmprune/skip/eas.py): where the decoder layers are, and how a model with
 skipped attention and PIA adapters is saved and loaded.
 
 On disk an EAS model is an ordinary llava-hf checkpoint plus
@@ -19,8 +19,8 @@ from pathlib import Path
 from torch import nn
 
 from llava.model import decoder_layers
-from mmprune import eas
-from mmprune.errors import UserInputError
+from mmprune.skip import eas
+from mmprune.base.errors import UserInputError
 
 CONFIG_KEY = "eas"
 FORMAT = 1

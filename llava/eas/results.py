@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from llava.embedded import paths as embedded
-from mmprune.cli import run_main
-from mmprune.output import atomic_output_dir, check_output_dir, check_output_location, write_json_file
-from mmprune.report import update_markdown_section
+from mmprune.base.entry import run_main
+from mmprune.base.output import atomic_output_dir, check_output_dir, check_output_location, write_json_file
+from mmprune.run.report import update_markdown_section
 
 ROOT = embedded.REPO_ROOT
 KS = ("0.25", "0.5")
@@ -94,7 +94,7 @@ def time_prefill(entries: dict, n_prompts: int, repeats: int) -> dict:
     whole model and decoder stack alone. entries: {name: (directory, fuse or None)}. Every prompt
     runs on every model back to back (rotating order), so load drift on a shared machine hits all."""
     from llava.data import encode_record, load_records, model_inputs
-    from llava.eval import load_model
+    from llava.convert import load_model
 
     torch.set_num_threads(1)
     records = load_records(embedded.EVAL_DATA_PATH)[:n_prompts]

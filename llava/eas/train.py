@@ -34,11 +34,12 @@ from llava.data import collate, encode_conversation, encode_record, load_records
 from llava.eas import settings_of, write_settings
 from llava.embedded import paths as embedded, synthetic_vqa as vqa
 from llava.model import decoder_layers
-from mmprune import eas
-from mmprune.checks import check_seed, resolve_device
-from mmprune.cli import OneLineErrorParser, check_eval_samples, run_main
-from mmprune.errors import UserInputError
-from mmprune.output import atomic_output_dir, check_output_dir
+from mmprune.skip import eas
+from mmprune.run.checks import check_seed, resolve_device
+from mmprune.run.cli import check_eval_samples
+from mmprune.base.entry import OneLineErrorParser, run_main
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import atomic_output_dir, check_output_dir
 
 TRAIN_TASK = "eas_train"
 VAL_TASK = "eas_val"
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
         raise UserInputError(f"{args.model_path} already skips attention (EAS); start from the model it was made from")
     model.to(args.device)
     if args.device == "cpu":
-        from llava.eval import set_cpu_threads
+        from mmprune.run.cli import set_cpu_threads
 
         set_cpu_threads(model, args.threads)
     _, layers = decoder_layers(model)

@@ -10,32 +10,16 @@ work from any cwd.
 """
 
 import os
-from pathlib import Path
 
-from mmprune.embedded import EmbeddedModels
-from mmprune.embedded import announce as announce_embedded
+from mmprune.embedded.defaults import EmbeddedModels
+from mmprune.embedded.defaults import announce as announce_embedded
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# Layout mirrors the real `playground/LLaVA-NeXT-Data/` so the same code reads both.
-DATA_ROOT = REPO_ROOT / "playground" / "embedded" / "LLaVA-NeXT-Data"
-RAW_DIR = DATA_ROOT / "llava_next_raw_format"
-DATA_PATH = RAW_DIR / "llava_next_raw_format_processed.json"
-IMAGE_FOLDER = RAW_DIR
-TASK_SPLIT_PATH = RAW_DIR / "task_split.json"
-CALIBRATION_TASK = "sharegpt4v"
-
-EVAL_DIR = DATA_ROOT / "eval"
-EVAL_DATA_PATH = EVAL_DIR / "synthvqa_eval.json"
-EVAL_IMAGE_FOLDER = EVAL_DIR / "images"
-
-CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "llava-next-tiny"  # the tiny model
-SMOL_CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "llava-next-smol"
-
-# The real-data defaults (used by split_finetune_llava_next.py, as in the public TAMP code).
-REAL_DATA_PATH = Path("playground/LLaVA-NeXT-Data/llava_next_raw_format/llava_next_raw_format_processed.json")
-REAL_MODEL = "checkpoints/llama3-llava-next-8b"
-REAL_DATA = str(REAL_DATA_PATH)
+# the locations, re-exported: this module is the public face of the embedded default
+from llava.embedded.layout import (  # noqa: F401
+    REPO_ROOT, DATA_ROOT, RAW_DIR, DATA_PATH, IMAGE_FOLDER, TASK_SPLIT_PATH, CALIBRATION_TASK, EVAL_DIR,
+    EVAL_DATA_PATH, EVAL_IMAGE_FOLDER, CHECKPOINT_DIR, SMOL_CHECKPOINT_DIR, REAL_DATA_PATH, REAL_MODEL,
+    REAL_DATA,
+)
 
 
 def _assemble_smol() -> None:

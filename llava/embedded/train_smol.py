@@ -48,10 +48,10 @@ from llava.embedded import paths, smol, synthetic_vqa as vqa
 from llava.embedded.train import (BASE_CHANNEL, CHANNELS, PAIRS, SIDES, TRAIN_TASK, VAL_TASK, FeatureTap, pixel_batch,
                                   pretrain_vision, probe_loss, token_targets)
 from llava.eval import evaluate
-from mmprune import smollm2
-from mmprune.errors import UserInputError
-from mmprune.output import atomic_output_dir
-from mmprune.training import SamplePool, warmup_cosine
+from mmprune.embedded import smollm2
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import atomic_output_dir
+from mmprune.embedded.training import SamplePool, warmup_cosine
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The tiny trainer's probe channels plus the object count (one, two, three) on base-view tokens:
@@ -67,7 +67,7 @@ CAPTION_QUESTION = "describe the image."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmprune.cli import OneLineErrorParser
+    from mmprune.base.entry import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="python -m llava.embedded.train_smol",
                                 description="Train tower, projector (and a LoRA) of the SmolLM2 LLaVA-NeXT.")

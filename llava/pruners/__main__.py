@@ -9,28 +9,26 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 
 import torch
 
-from llava.convert import is_llava_hf_checkpoint, load_llava_next
+from llava.adapter import ADAPTER
+from llava.convert import is_llava_hf_checkpoint
 from llava.data import (
-    encode_record, has_answer, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task,
+    encode_record, has_answer, load_image, load_records, record_image, select_task,
 )
 from llava.embedded import paths as embedded
-from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
-from llava.placed_save import save_placed
-from mmprune.cli import (
-    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
-    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads, shard_bytes,
+from llava.model import prune_vision_tower
+from mmprune.run.cli import (
+    LoadedModel, add_eval_arguments, add_pruning_arguments, check_eval_samples, default_output_dir, prune_config_from_args, run_and_save, run_summary, set_cpu_threads, shard_bytes,
 )
-from mmprune.checks import check_calibration_records
-from mmprune.errors import UserInputError
-from mmprune.offload import is_dispatched
-from mmprune.output import check_output_dir
-from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
-from mmprune.placement import offload_workspace, plan_placement, placement_requested
-from mmprune.report import modality_summary
+from mmprune.base.entry import OneLineErrorParser, run_main
+from mmprune.run.checks import check_calibration_records
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import check_output_dir
+from mmprune.prune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.place.placement import offload_workspace, plan_placement, placement_requested
+from mmprune.run.report import modality_summary
 
 REAL_MODEL, REAL_DATA = embedded.REAL_MODEL, embedded.REAL_DATA
 SAVE_PRETRAINED_SHARD = 50 * 10 ** 9  # transformers' default max_shard_size ("50GB")
@@ -116,11 +114,11 @@ def prune_and_save(args, cfg, records, eval_records, eval_folder, output_dir, ti
     torch.manual_seed(args.seed)
     with timer.phase("load_model"):
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        model, processor = load_llava_next(args.model_path, dtype=dtype,
-                                           device_map=placement.device_map if placement else None,
-                                           offload_folder=offload_dir)
+        model, processor = ADAPTER.load(args.model_path, dtype=dtype,
+                                        device_map=placement.device_map if placement else None,
+                                        offload_folder=offload_dir)
     set_cpu_threads(model, args.threads, cfg.device)
-    prefix, layers = decoder_layers(model)
+    prefix, layers = ADAPTER.decoder_blocks(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
     vit_ratio = float(args.vit_sparsity_ratio)
 
@@ -140,23 +138,12 @@ def prune_and_save(args, cfg, records, eval_records, eval_folder, output_dir, ti
             return prune_vision_tower(model, samples(), vit_ratio, cfg.device, store_device, len(records))
 
     def save(folder):
-        size = {"max_shard_size": shard_bytes(args)} if args.max_shard_size else {}
-        if not is_dispatched(model):
-            model.to("cpu").save_pretrained(folder, **size)
-        elif not save_placed(model, folder, **size):
-            # a format that needs the values to name them: transformers' own save of a placed model
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-                model.save_pretrained(folder, **size)
-        # one BOS for tools that tokenise the rendered template with special tokens (lmms-eval)
-        if leave_bos_to_tokenizer(processor):
-            print("mmprune: the saved chat template no longer writes BOS (the tokenizer adds it)", file=sys.stderr)
-        processor.save_pretrained(folder)
+        ADAPTER.save(model, processor, folder, max_shard_size=shard_bytes(args))
 
     loaded = LoadedModel(
         name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="llava_next",
-        model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
-        capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
+        model=model, blocks=layers, prefix=prefix, modality_names=ADAPTER.modality_names,
+        capture=lambda device, store_device: ADAPTER.capture(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
         head=LanguageHead(model.model.language_model.norm, model.lm_head), tokenizer=processor.tokenizer,
         placement=placement,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from llava.data import load_records
 from llava.embedded.paths import REAL_DATA_PATH
-from mmprune.cli import run_main
-from mmprune.errors import UserInputError
-from mmprune.output import check_output_file, write_json_file
+from mmprune.base.entry import run_main
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import check_output_file, write_json_file
 
 
 def record_task(record: dict, index: int) -> str:

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from llava import data  # noqa: E402
 from llava.embedded import paths  # noqa: E402
-from llava.eval import evaluate, load_model  # noqa: E402
+from llava.eval import evaluate
+from llava.convert import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -57,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shar
 from fixtures_llava import WORDS, build_tiny_llava_next, make_test_image  # noqa: E402
 from llava.data import encode_record, load_records, model_inputs, select_task  # noqa: E402
 from llava.pruners.__main__ import main as prune_main  # noqa: E402
-from mmprune.masks import mask_for_pattern, nm_pattern_holds  # noqa: E402
-from mmprune.methods.sparsegpt import HessianAccumulator, sparsegpt_prune_  # noqa: E402
-from mmprune.sparsity import SparsityPattern  # noqa: E402
-from mmprune.stats import InputNorms, wanda_score  # noqa: E402
+from mmprune.prune.masks import mask_for_pattern, nm_pattern_holds  # noqa: E402
+from mmprune.prune.methods.sparsegpt import HessianAccumulator, sparsegpt_prune_  # noqa: E402
+from mmprune.prune.sparsity import SparsityPattern  # noqa: E402
+from mmprune.prune.stats import InputNorms, wanda_score  # noqa: E402
 
 SEED = 42  # our entry point's default --seed: the draw of the calibration records
 BLOCK = 128  # SparseGPT column block (ours and llm-compressor's default)

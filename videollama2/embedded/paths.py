@@ -14,30 +14,14 @@ The layout mirrors the real defaults: an AVInstruct-transformed JSON and its med
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmprune.embedded import EmbeddedModels
+from mmprune.embedded.defaults import EmbeddedModels
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-DATA_ROOT = REPO_ROOT / "playground" / "embedded" / "AVInstruct"
-MEDIA_FOLDER = DATA_ROOT / "AVQA_music"
-DATA_PATH = DATA_ROOT / "avinstruct_avqa_music.json"
-EVAL_DATA_PATH = DATA_ROOT / "avinstruct_avqa_music_eval.json"
-ANNOTATIONS = (DATA_ROOT / "annotations" / "avinstruct_part1.json",
-               DATA_ROOT / "annotations" / "avinstruct_part2.json")
-
-CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "videollama2-av-tiny"
-# the SmolLM2-decoder model (videollama2/embedded/smol.py) and its harder task (synthetic_av "hard")
-SMOL_CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "embedded" / "videollama2-av-smol"
-SMOL_PARTS_DIR = REPO_ROOT / "checkpoints" / "embedded" / "videollama2-av-smol-parts"
-HARD_DATA_ROOT = REPO_ROOT / "playground" / "embedded" / "AVInstruct-hard"
-HARD_MEDIA_FOLDER = HARD_DATA_ROOT / "AVQA_music"
-HARD_DATA_PATH = HARD_DATA_ROOT / "avinstruct_avqa_music.json"
-HARD_EVAL_DATA_PATH = HARD_DATA_ROOT / "avinstruct_avqa_music_eval.json"
-
-# The real defaults of the public scripts (relative to the repository root).
-REAL_MODEL = "checkpoints/VideoLLaMA2.1-7B-AV"
-REAL_DATA = "datasets/avinstruct_avqa_music.json"
-REAL_MEDIA = "datasets/AVQA_music"
+# the locations, re-exported: this module is the public face of the embedded default
+from videollama2.embedded.layout import (  # noqa: F401
+    REPO_ROOT, DATA_ROOT, MEDIA_FOLDER, DATA_PATH, EVAL_DATA_PATH, ANNOTATIONS, CHECKPOINT_DIR,
+    SMOL_CHECKPOINT_DIR, SMOL_PARTS_DIR, HARD_DATA_ROOT, HARD_MEDIA_FOLDER, HARD_DATA_PATH, HARD_EVAL_DATA_PATH,
+    REAL_MODEL, REAL_DATA, REAL_MEDIA,
+)
 
 
 @dataclass(frozen=True)

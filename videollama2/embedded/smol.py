@@ -3,7 +3,7 @@
     python -m videollama2.embedded.smol assemble [--out DIR] [--parts DIR] [--cache-dir DIR]
                                                  [--wheel FILE] [--force] [--init-random-parts [SEED]]
 
-The decoder comes from the same PyPI wheel as the LLaVA-NeXT smol default (mmprune/smollm2.py:
+The decoder comes from the same PyPI wheel as the LLaVA-NeXT smol default (mmprune/embedded/smollm2.py:
 fetched once, sha256-checked, GGUF dequantised to float32), put in VideoLLaMA2's Qwen2 form (zero
 q/k/v biases, videollama2/llama_decoder.py), tied embeddings kept. The other parts, the tiny
 model's towers at its sizes but projecting into the decoder's width 576, come from a parts folder
@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
-from mmprune import smollm2
-from mmprune.errors import UserInputError
-from videollama2.embedded import paths, tiny
+from mmprune.embedded import smollm2
+from mmprune.base.errors import UserInputError
+from videollama2.embedded import layout, tiny
 
-OUT_DIR = paths.SMOL_CHECKPOINT_DIR
-PARTS_DIR = paths.SMOL_PARTS_DIR
+OUT_DIR = layout.SMOL_CHECKPOINT_DIR
+PARTS_DIR = layout.SMOL_PARTS_DIR
 PARTS_CONFIG = "parts.json"
 PARTS_TENSORS = "parts.safetensors"
 TRAINING_INFO = "training_info.json"
@@ -315,7 +315,7 @@ def save_checkpoint(model, tokenizer, staging: Path) -> None:
 def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path | None = None,
              wheel: Path | None = None, force: bool = False, random_parts_seed: int | None = None) -> dict:
     """Write the checkpoint; skipped when `out` was assembled from the same inputs (unless force)."""
-    from mmprune.output import atomic_output_dir, check_output_dir
+    from mmprune.base.output import atomic_output_dir, check_output_dir
 
     start = time.monotonic()
     out = Path(out)
@@ -326,7 +326,7 @@ def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path |
         part_tensors = None  # made once the decoder's width is known
     stamp = input_stamp(Path(parts_dir), random_parts_seed)
     if not force and is_up_to_date(out, stamp):
-        smollm2.progress(f"{paths.shown(out)} is up to date")
+        smollm2.progress(f"{layout.shown(out)} is up to date")
         return {"out": str(out), "skipped": True}
     protected = [] if random_parts_seed is not None else [str(parts_dir)]
     check_output_dir(str(out), True, protected, flag="--out")
@@ -338,24 +338,24 @@ def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path |
     tokenizer = build_tokenizer(tokenizer)
     model = build_model(decoder, tokenizer, parts, part_tensors, deltas)
     del decoder
-    smollm2.progress(f"writing {paths.shown(out)}")
+    smollm2.progress(f"writing {layout.shown(out)}")
     with atomic_output_dir(str(out), overwrite=True) as staging:
         staging = Path(staging)
         save_checkpoint(model, tokenizer, staging)
         if random_parts_seed is None and (Path(parts_dir) / TRAINING_INFO).is_file():
             shutil.copyfile(Path(parts_dir) / TRAINING_INFO, staging / TRAINING_INFO)
         info = {"inputs": stamp, "wheel": smollm2.WHEEL_REQUIREMENT, "gguf": smollm2.GGUF_MEMBER,
-                "parts": "random (UNTRAINED)" if random_parts_seed is not None else paths.shown(Path(parts_dir)),
+                "parts": "random (UNTRAINED)" if random_parts_seed is not None else layout.shown(Path(parts_dir)),
                 "parts_trained": bool(parts.get("trained")), "task": parts.get("task"),
                 "lora_merged": sorted(deltas), "parameters": sum(p.numel() for p in model.parameters())}
         (staging / ASSEMBLY_INFO).write_text(json.dumps(info, indent=1) + "\n")
     seconds = time.monotonic() - start
-    smollm2.progress(f"assembled {paths.shown(out)} in {seconds:.0f} s")
+    smollm2.progress(f"assembled {layout.shown(out)} in {seconds:.0f} s")
     return {"out": str(out), "skipped": False, "seconds": round(seconds, 1), "parts_trained": info["parts_trained"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmprune.cli import OneLineErrorParser
+    from mmprune.base.entry import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="python -m videollama2.embedded.smol",
                                 description="Assemble the embedded VideoLLaMA2-AV on SmolLM2-135M-Instruct.")
@@ -373,8 +373,8 @@ def _assemble_command(argv) -> int:
 
 
 def main(argv=None) -> int:
-    """User errors become one `error:` line and exit status 2 (mmprune.cli.run_main)."""
-    from mmprune.cli import run_main
+    """User errors become one `error:` line and exit status 2 (mmprune.run.cli.run_main)."""
+    from mmprune.base.entry import run_main
 
     return run_main(_assemble_command, argv)
 

@@ -437,12 +437,12 @@ def write_embedded_data(out, seed: int = 0, eval_seed: int | None = None, n_cali
 def main(argv=None) -> int:
     import argparse
 
-    from videollama2.embedded import paths
+    from videollama2.embedded import layout
 
     parser = argparse.ArgumentParser(prog="python -m videollama2.embedded.synthetic_av",
                                      description="Write the synthetic audio-visual QA data of the embedded default.")
     parser.add_argument("--out", default=None,
-                        help=f"output root (default: {paths.DATA_ROOT} for basic, {paths.HARD_DATA_ROOT} for hard)")
+                        help=f"output root (default: {layout.DATA_ROOT} for basic, {layout.HARD_DATA_ROOT} for hard)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seed", type=int, default=None, help="seed of the held-out split (default: seed + 1)")
     parser.add_argument("--n-calib", type=int, default=CALIB_CLIPS)
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
         print("error: --n-calib and --n-eval must be at least 1", flush=True)
         return 2
     # each variant has its own default folder: the hard task never overwrites the basic data
-    out = args.out or (paths.HARD_DATA_ROOT if args.variant == "hard" else paths.DATA_ROOT)
+    out = args.out or (layout.HARD_DATA_ROOT if args.variant == "hard" else layout.DATA_ROOT)
     written = write_embedded_data(out, args.seed, args.eval_seed, args.n_calib, args.n_eval, args.variant)
     for name, value in written.items():
         print(f"{name}: {value}")

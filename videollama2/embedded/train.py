@@ -34,13 +34,13 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from mmprune.training import SamplePool
+from mmprune.embedded.training import SamplePool
 from videollama2.checkpoint import save_model
 from videollama2.data import collate, conversation_segments, load_records, tokenize_segments
 from videollama2.embedded import paths, synthetic_av as av, tiny
 from videollama2.eval import evaluate
-from mmprune.cli import run_main
-from mmprune.output import atomic_output_dir, check_output_dir
+from mmprune.base.entry import run_main
+from mmprune.base.output import atomic_output_dir, check_output_dir
 from videollama2.media import MediaLoader, audio_features, clip_concat, fit_length, frame_indices, normalize_frames, \
     read_video_audio, read_video_frames, resize_frames
 

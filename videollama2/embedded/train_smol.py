@@ -48,12 +48,12 @@ from tqdm import tqdm
 # model-agnostic LoRA helpers of the LLaVA-NeXT SmolLM2 trainer
 from llava.embedded.train_smol import (LORA_TARGETS, layer_indices as _layer_indices, load_adapter, merge_lora_in_place,
                                        word_vector)
-from mmprune import smollm2
-from mmprune.errors import UserInputError
-from mmprune.output import atomic_output_dir, check_output_dir
+from mmprune.embedded import smollm2
+from mmprune.base.errors import UserInputError
+from mmprune.base.output import atomic_output_dir, check_output_dir
 from videollama2.data import load_records
 from videollama2.embedded import paths, smol, synthetic_av as av
-from mmprune.training import SamplePool
+from mmprune.embedded.training import SamplePool
 from videollama2.embedded.train import (VAL_SEED, ClipPool, Prompts, answer_steps, auxiliary_heads, draw_turns,
                                         media_batch, train_encoders, write_validation)
 from videollama2.eval import evaluate
@@ -63,7 +63,7 @@ from videollama2.model import IGNORE_INDEX
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmprune.cli import OneLineErrorParser
+    from mmprune.base.entry import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="python -m videollama2.embedded.train_smol",
                                 description="Train towers and projectors (and a LoRA) of the SmolLM2 VideoLLaMA2-AV.")

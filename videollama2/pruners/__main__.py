@@ -19,26 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmprune.cli import (
-    LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
-    default_output_dir, prune_config_from_args, run_and_save, run_main, run_summary, set_cpu_threads, shard_bytes,
+from mmprune.run.cli import (
+    LoadedModel, add_eval_arguments, add_pruning_arguments, check_eval_samples, default_output_dir, prune_config_from_args, run_and_save, run_summary, set_cpu_threads, shard_bytes,
 )
-from mmprune.checks import check_calibration_records, check_draw
-from mmprune.embedded import announce
-from mmprune.errors import UserInputError
-from mmprune.offload import is_dispatched
-from mmprune.output import check_output_dir
-from mmprune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
-from mmprune.placement import compute_key, offload_workspace, plan_placement, placement_requested
-from mmprune.report import modality_summary
-from mmprune.sparsity import check_ratio
-from videollama2.checkpoint import DEFAULT_SHARD_BYTES, load_tokenizer, save_model, vision_tower_inside
+from mmprune.base.entry import OneLineErrorParser, run_main
+from mmprune.run.checks import check_calibration_records, check_draw
+from mmprune.embedded.defaults import announce
+from mmprune.base.errors import UserInputError
+from mmprune.place.offload import is_dispatched
+from mmprune.base.output import check_output_dir
+from mmprune.prune.pipeline import LanguageHead, PhaseTimer, check_pattern_fits
+from mmprune.place.placement import compute_key, offload_workspace, plan_placement, placement_requested
+from mmprune.run.report import modality_summary
+from mmprune.prune.sparsity import check_ratio
+from videollama2.adapter import ADAPTER
+from videollama2.checkpoint import DEFAULT_SHARD_BYTES, load_tokenizer, vision_tower_inside
 from videollama2.config import VideoLLaMA2Config
 from videollama2.data import check_media, encode_record, has_answer, load_records, select_samples
 from videollama2.embedded import paths as embedded
 from videollama2.media import MediaLoader
-from videollama2.model import MODALITY_NAMES, VideoLLaMA2ForCausalLM, decoder_layers
-from videollama2.pruning import capture_decoder_inputs, prune_tower
+from videollama2.pruning import prune_tower
 
 REAL_MODEL, REAL_DATA, REAL_MEDIA = embedded.REAL_MODEL, embedded.REAL_DATA, embedded.REAL_MEDIA
 
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
 def calibration_lengths(args, records, media) -> dict:
     """Mean and longest calibration sequence in tokens (text plus the media tokens the config
     gives), without weights, so the placement can set their hidden states aside before loading."""
-    from mmprune.plan import empty_model
+    from mmprune.place.plan import empty_model
 
     tokenizer = load_tokenizer(args.model_path)
     shapes = empty_model(args.model_path)[0]  # on the meta device: only the token counts are read
@@ -183,9 +183,8 @@ def prune_and_save(args, cfg, config, records, media, eval_records, eval_folder,
             compute = compute_key(cfg.device)
             where = {"device_map": placement.device_map, "offload_dir": offload_dir,
                      "main_device": compute if compute in placement.device_map.values() else None}
-        model = VideoLLaMA2ForCausalLM.from_pretrained(args.model_path, dtype=dtype, **where)
-        tokenizer = load_tokenizer(args.model_path)
-    prefix, layers = decoder_layers(model)
+        model, tokenizer = ADAPTER.load(args.model_path, dtype=dtype, **where)
+    prefix, layers = ADAPTER.decoder_blocks(model)
     check_pattern_fits(layers, prefix, cfg.pattern)
     args.threads_resolved = set_cpu_threads(model, args.threads, cfg.device)
 
@@ -213,14 +212,13 @@ def prune_and_save(args, cfg, config, records, media, eval_records, eval_folder,
 
     def save(folder):
         # --max_shard_size re-shards; otherwise the source's files are kept
-        size = {"max_shard_bytes": shard_bytes(args), "keep_layout": False} if args.max_shard_size else {}
-        save_model(model if is_dispatched(model) else model.to("cpu"), folder,
-                   final_dir=output_dir if standalone_tower else None, **size)
+        ADAPTER.save(model, tokenizer, folder, max_shard_size=shard_bytes(args),
+                     final_dir=output_dir if standalone_tower else None)
 
     loaded = LoadedModel(
         name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="videollama2_av",
-        model=model, blocks=layers, prefix=prefix, modality_names=MODALITY_NAMES,
-        capture=lambda device, store_device: capture_decoder_inputs(model, samples(), device, store_device, len(records)),
+        model=model, blocks=layers, prefix=prefix, modality_names=ADAPTER.modality_names,
+        capture=lambda device, store_device: ADAPTER.capture(model, samples(), device, store_device, len(records)),
         save=save, prune_extra=prune_extra, evaluate=evaluate if args.eval else None,
         head=LanguageHead(model.model.norm, model.lm_head), tokenizer=tokenizer, placement=placement,
     )
