@@ -259,7 +259,7 @@ def test_core_overwrite_replaces_marked_and_older_outputs_only(tmp_path):
 CORE_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from mmprune.run.cli import run_main
+    from mmprune.base.entry import run_main
     from mmprune.base.output import atomic_output_dir, atomic_output_file
 
     def main(argv):

@@ -222,11 +222,11 @@ def _never_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    import llava.pruners.__main__ as llava_cli
-    import videollama2.pruners.__main__ as av_cli
+    import llava.adapter
+    from videollama2.model import VideoLLaMA2ForCausalLM
 
-    monkeypatch.setattr(llava_cli, "load_llava_next", refuse)
-    monkeypatch.setattr(av_cli.VideoLLaMA2ForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(llava.adapter, "load_llava_next", refuse)  # what the family's adapter loads with
+    monkeypatch.setattr(VideoLLaMA2ForCausalLM, "from_pretrained", refuse)
 
 
 def _one_error_line(capsys, main, argv) -> str:
