@@ -243,7 +243,7 @@ def run(argv=None) -> dict:
     records = load_records(data_path)[:args.max_samples]
     recipe = None
     if args.token_recipe is not None:
-        from mmprune.tokens.fitprune import load_recipe
+        from mmprune.tokens.recipe import load_recipe
 
         recipe = load_recipe(args.token_recipe)  # a bad file fails before the model loads
     model, processor = load_model(args.model_path, args.device)

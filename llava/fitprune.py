@@ -1,5 +1,5 @@
 """FitPrune on LLaVA-NeXT: the recipe search entry point and the LLaVA-NeXT binding of the core's
-token dropping (mmprune/tokens/fitprune.py holds the algorithm).
+token dropping (mmprune/tokens/ holds the algorithm).
 
     python -m llava.fitprune --budget 0.5 [--model_path DIR --data_path JSON --output FILE]
 
@@ -23,7 +23,10 @@ import torch
 from llava.data import IMAGE, encode_record, load_records, select_task
 from llava.embedded import paths as embedded
 from llava.model import capture_decoder_inputs, decoder_layers
-from mmprune.tokens import fitprune as core
+from mmprune.tokens.flops import DecoderDims, flops_reduction, recipe_flops
+from mmprune.tokens.hooks import TokenRecipeHandle, apply_token_recipe as apply_to_layers, visual_block
+from mmprune.tokens.recipe import TokenRecipe, is_recipe_file, load_recipe, save_recipe
+from mmprune.tokens.search import CalibSample, search_recipe
 from mmprune.base.entry import OneLineErrorParser, run_main
 from mmprune.run.checks import check_seed, resolve_device
 from mmprune.base.errors import UserInputError
@@ -37,15 +40,15 @@ def text_config(model):
     return getattr(model.config, "text_config", model.config)
 
 
-def decoder_dims(model) -> core.DecoderDims:
-    return core.DecoderDims.from_config(text_config(model))
+def decoder_dims(model) -> DecoderDims:
+    return DecoderDims.from_config(text_config(model))
 
 
-def as_recipe(recipe) -> core.TokenRecipe:
-    return recipe if isinstance(recipe, core.TokenRecipe) else core.load_recipe(recipe)
+def as_recipe(recipe) -> TokenRecipe:
+    return recipe if isinstance(recipe, TokenRecipe) else load_recipe(recipe)
 
 
-def apply_token_recipe(model, recipe, restore_length: bool = True) -> core.TokenRecipeHandle:
+def apply_token_recipe(model, recipe, restore_length: bool = True) -> TokenRecipeHandle:
     """Make a LlavaNextForConditionalGeneration drop visual tokens as `recipe` (a TokenRecipe or a
     JSON path) says, in forward and generate, until handle.remove() (or the end of a `with`).
 
@@ -57,7 +60,7 @@ def apply_token_recipe(model, recipe, restore_length: bool = True) -> core.Token
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         return None if input_ids is None else input_ids == image_id
 
-    return core.apply_token_recipe(model, layers, as_recipe(recipe), visual_mask_of, restore_length)
+    return apply_to_layers(model, layers, as_recipe(recipe), visual_mask_of, restore_length)
 
 
 def calibration_samples(model, processor, records, image_folder, with_answer: bool = True) -> list:
@@ -71,8 +74,8 @@ def calibration_samples(model, processor, records, image_folder, with_answer: bo
     store = capture_decoder_inputs(model, iter(encoded), device, device, len(encoded))
     samples = []
     for hidden, kwargs, modality in zip(store.hidden, store.kwargs, store.modality_ids):
-        start, count = core.visual_block((modality == IMAGE)[None])
-        samples.append(core.CalibSample(hidden, kwargs, start, count))
+        start, count = visual_block((modality == IMAGE)[None])
+        samples.append(CalibSample(hidden, kwargs, start, count))
     return samples
 
 
@@ -82,13 +85,13 @@ def token_counts(samples) -> list:
 
 
 def search(model, processor, records, image_folder, budget: float, tolerance: float = 0.01,
-           progress: bool = True, meta: dict | None = None) -> core.TokenRecipe:
+           progress: bool = True, meta: dict | None = None) -> TokenRecipe:
     """Calibrate on `records` and return the recipe with its metadata (FLOPs accounting included)."""
     began = time.perf_counter()
     samples = calibration_samples(model, processor, records, image_folder)
     dims = decoder_dims(model)
     _, layers = decoder_layers(model)
-    result = core.search_recipe(layers, samples, dims, budget, tolerance, progress)
+    result = search_recipe(layers, samples, dims, budget, tolerance, progress)
     recipe = result.recipe
     counts = token_counts(samples)
     n_ref = int(np.median([v for v, _ in counts]))
@@ -103,8 +106,8 @@ def search(model, processor, records, image_folder, budget: float, tolerance: fl
             "accounting": "decoder multiply-accumulates (attention incl. QK^T/AV with GQA, o_proj, gated MLP); "
                           "visual_only counts visual tokens only (the reference's), with_text adds every "
                           "other prompt token",
-            **{k: round(v, 6) for k, v in core.recipe_flops(recipe, dims, counts).items()},
-            "at_n_ref_visual_only": round(core.flops_reduction(n_ref, recipe.drops(n_ref), dims), 6),
+            **{k: round(v, 6) for k, v in recipe_flops(recipe, dims, counts).items()},
+            "at_n_ref_visual_only": round(flops_reduction(n_ref, recipe.drops(n_ref), dims), 6),
         },
         "decoder": dims.__dict__,
         "search_seconds": round(time.perf_counter() - began, 2),
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     name = os.path.basename(os.path.normpath(args.model_path))
     output = args.output or os.path.join("checkpoints", f"{name}_fitprune_{args.budget}.json")
     check_output_file(output, args.overwrite, [args.model_path, args.data_path, args.image_folder, args.task_split_path],
-                      "--output / OUTPUT", core.is_recipe_file, "token recipe")
+                      "--output / OUTPUT", is_recipe_file, "token recipe")
     records = select_task(load_records(args.data_path), args.task_split_path, args.task_name, args.nsamples, args.seed)
     torch.manual_seed(args.seed)
     model, processor = load_model(args.model_path, args.device)
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         "data_path": args.data_path, "task_name": args.task_name, "nsamples": len(records), "seed": args.seed,
         "sample_ids": [r.get("id") for r in records], "prompt": "full conversation (question and answer)"}}
     recipe = search(model, processor, records, args.image_folder, args.budget, args.tolerance, meta=meta)
-    core.save_recipe(output, recipe)
+    save_recipe(output, recipe)
     flops = recipe.meta["flops_reduction"]
     sys.stderr.write(f"\nrecipe {output}: keep {[round(f, 3) for f in recipe.keep_fraction]}, α {recipe.meta['alpha']:.4f}, "
                      f"FLOPs reduction {flops['visual_only']:.1%} (visual tokens) / {flops['with_text']:.1%} (all tokens), "

@@ -10,7 +10,12 @@ from llava import data, eval as llava_eval
 from llava import fitprune as lfp
 from llava.embedded import paths
 from llava.model import decoder_layers
-from mmprune.tokens import fitprune as fp
+from mmprune.tokens import scores
+from mmprune.tokens.dropping import forward_dropping
+from mmprune.tokens.flops import DecoderDims, attention_macs, decoder_macs, flops_reduction, post_macs
+from mmprune.tokens.hooks import visual_block
+from mmprune.tokens.recipe import TokenRecipe, load_recipe, save_recipe
+from mmprune.tokens.scores import fit_keep, product_keep, visual_scores
 from mmprune.base.errors import UserInputError
 
 needs_checkpoint = pytest.mark.skipif(not (paths.CHECKPOINT_DIR / "config.json").is_file(),
@@ -21,21 +26,21 @@ needs_checkpoint = pytest.mark.skipif(not (paths.CHECKPOINT_DIR / "config.json")
 
 
 def test_flops_model_reproduces_the_shipped_llava15_recipe():
-    dims = fp.DecoderDims(32, 4096, 11008, 4096, 4096)
+    dims = DecoderDims(32, 4096, 11008, 4096, 4096)
     drops = [14, 33, 89, 36, 36, 20, 55, 21, 18, 4, 7, 5, 2, 5, 7, 4, 26, 5, 11, 24, 4, 18, 2, 1,
              0, 0, 1, 0, 1, 0, 0, 0]
     assert sum(drops) == 449
-    assert fp.flops_reduction(576, drops, dims) == pytest.approx(0.597, abs=0.0005)
+    assert flops_reduction(576, drops, dims) == pytest.approx(0.597, abs=0.0005)
     # counting ≈95 text tokens lowers it towards the spec's ≈51 %
-    assert 0.50 < fp.flops_reduction(576, drops, dims, n_text=95) < 0.53
+    assert 0.50 < flops_reduction(576, drops, dims, n_text=95) < 0.53
 
 
 def test_flops_model_counts_grouped_query_attention():
     d, m, n = 4096, 14336, 10
-    dims = fp.DecoderDims(32, d, m, d, d // 4)
-    assert fp.attention_macs(n, dims) == 1.5 * n * d * d + 2 * n * n * d
-    assert fp.post_macs(n, dims) == n * d * d + 3 * n * d * m
-    assert fp.decoder_macs([n, n - 2], dims) == fp.attention_macs(n, dims) + fp.post_macs(n - 2, dims)
+    dims = DecoderDims(32, d, m, d, d // 4)
+    assert attention_macs(n, dims) == 1.5 * n * d * d + 2 * n * n * d
+    assert post_macs(n, dims) == n * d * d + 3 * n * d * m
+    assert decoder_macs([n, n - 2], dims) == attention_macs(n, dims) + post_macs(n - 2, dims)
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -55,9 +60,9 @@ def _slow_max_probs(query, key, scaling):
 def test_visual_scores_match_the_full_probability_matrix(monkeypatch):
     torch.manual_seed(0)
     query, key = torch.randn(4, 12, 8), torch.randn(2, 12, 8)
-    monkeypatch.setattr(fp, "_ROW_CHUNK", 3)  # several row chunks
+    monkeypatch.setattr(scores, "_ROW_CHUNK", 3)  # several row chunks
     full = _slow_max_probs(query, key, 0.35)
-    s, c, n_text = fp.visual_scores(query, key, v_start=2, n_visual=6, scaling=0.35)
+    s, c, n_text = visual_scores(query, key, v_start=2, n_visual=6, scaling=0.35)
     assert n_text == 4
     torch.testing.assert_close(s, full[2:8, 2:8].sum(0) / 6)
     torch.testing.assert_close(c, full[8:, 2:8].sum(0))
@@ -67,27 +72,27 @@ def test_fit_rule_drops_the_intersection_within_tolerance():
     s = torch.tensor([0.1, 0.4, 0.2, 0.3])
     c = torch.tensor([0.3, 0.1, 0.2, 0.4])
     # s: deleting 0 then 2 leaves 0.7 ≥ 0.7 -> D_s = {0, 2}; c: deleting 1 then 2 leaves 0.7 -> D_c = {1, 2}
-    assert fp.fit_keep(s, c, 1.0, 1.0, alpha=0.3).tolist() == [0, 1, 3]
-    assert fp.fit_keep(s, c, 1.0, 1.0, alpha=0.0).tolist() == [0, 1, 2, 3]
+    assert fit_keep(s, c, 1.0, 1.0, alpha=0.3).tolist() == [0, 1, 3]
+    assert fit_keep(s, c, 1.0, 1.0, alpha=0.0).tolist() == [0, 1, 2, 3]
     # everything deletable: the best token by product stays
-    assert fp.fit_keep(s, c, 1.0, 1.0, alpha=1.0).tolist() == [3]
+    assert fit_keep(s, c, 1.0, 1.0, alpha=1.0).tolist() == [3]
 
 
 def test_product_rule_drops_lowest_products_earliest_first_on_ties():
     s = torch.tensor([1.0, 2.0, 1.0, 3.0, 0.5])
     c = torch.tensor([2.0, 1.0, 2.0, 1.0, 1.0])
-    assert fp.product_keep(s, c, 2).tolist() == [1, 2, 3]  # 0.5 (pos 4), then the tie 2,2,2 -> pos 0
-    assert fp.product_keep(s, c, 0).tolist() == [0, 1, 2, 3, 4]
+    assert product_keep(s, c, 2).tolist() == [1, 2, 3]  # 0.5 (pos 4), then the tie 2,2,2 -> pos 0
+    assert product_keep(s, c, 0).tolist() == [0, 1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------------------------- recipes
 
 
 def test_recipe_counts_round_and_keep_one_token():
-    recipe = fp.TokenRecipe([0.5, 0.25, 0.0])
+    recipe = TokenRecipe([0.5, 0.25, 0.0])
     assert recipe.kept_after(10) == [5, 2, 1]
     assert recipe.drops(10) == [5, 3, 1]
-    assert fp.TokenRecipe.dense(3).drops(7) == [0, 0, 0]
+    assert TokenRecipe.dense(3).drops(7) == [0, 0, 0]
 
 
 @pytest.mark.parametrize("fractions, words", [
@@ -96,25 +101,25 @@ def test_recipe_counts_round_and_keep_one_token():
 ])
 def test_bad_fractions_are_refused(fractions, words):
     with pytest.raises(UserInputError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        fp.TokenRecipe(fractions)
+        TokenRecipe(fractions)
 
 
 def test_recipe_file_round_trip_and_bad_files(tmp_path):
-    recipe = fp.TokenRecipe([0.75, 0.5], {"budget": 0.5})
-    fp.save_recipe(tmp_path / "r.json", recipe)
-    again = fp.load_recipe(tmp_path / "r.json")
+    recipe = TokenRecipe([0.75, 0.5], {"budget": 0.5})
+    save_recipe(tmp_path / "r.json", recipe)
+    again = load_recipe(tmp_path / "r.json")
     assert again.keep_fraction == [0.75, 0.5] and again.meta["budget"] == 0.5
     (tmp_path / "bad.json").write_text('{"keep_fraction": [0.5, 2]}')
     with pytest.raises(UserInputError, match="outside"):
-        fp.load_recipe(tmp_path / "bad.json")
+        load_recipe(tmp_path / "bad.json")
     (tmp_path / "nolist.json").write_text('{"budget": 0.5}')
     with pytest.raises(UserInputError, match="no 'keep_fraction'"):
-        fp.load_recipe(tmp_path / "nolist.json")
+        load_recipe(tmp_path / "nolist.json")
     (tmp_path / "count.json").write_text('{"num_layers": 3, "keep_fraction": [0.5, 0.5]}')
     with pytest.raises(UserInputError, match="num_layers 3"):
-        fp.load_recipe(tmp_path / "count.json")
+        load_recipe(tmp_path / "count.json")
     with pytest.raises(UserInputError, match="does not exist"):
-        fp.load_recipe(tmp_path / "missing.json")
+        load_recipe(tmp_path / "missing.json")
 
 
 # ---------------------------------------------------------------------------------- on the model
@@ -133,11 +138,11 @@ def test_scores_from_captured_qk_match_eager_attention(embedded_llava, embedded_
     inputs = _prompt(processor, embedded_eval_records[0])
     _, layers = decoder_layers(model)
     image = inputs["input_ids"] == model.config.image_token_id
-    start, n_visual = fp.visual_block(image)
+    start, n_visual = visual_block(image)
     seen = []
 
     def decide(query, key):
-        seen.append(fp.visual_scores(query, key, start, n_visual, layers[1].self_attn.scaling))
+        seen.append(visual_scores(query, key, start, n_visual, layers[1].self_attn.scaling))
         return None
 
     captured = {}
@@ -148,7 +153,7 @@ def test_scores_from_captured_qk_match_eager_attention(embedded_llava, embedded_
     finally:
         hook.remove()
     kwargs = {k: v for k, v in captured["kwargs"].items() if k != "past_key_values"}
-    fp.forward_dropping(layers[1], captured["hidden"], decide, **kwargs)
+    forward_dropping(layers[1], captured["hidden"], decide, **kwargs)
 
     model.set_attn_implementation("eager")
     try:
@@ -167,7 +172,7 @@ def test_recipe_without_drops_reproduces_dense_logits_exactly(embedded_llava, em
     model, processor = embedded_llava
     inputs = _prompt(processor, embedded_eval_records[1])
     dense = model(**inputs).logits
-    with lfp.apply_token_recipe(model, fp.TokenRecipe.dense(4)) as handle:
+    with lfp.apply_token_recipe(model, TokenRecipe.dense(4)) as handle:
         same = model(**inputs).logits
     assert handle.last_drops == [0, 0, 0, 0]
     assert torch.equal(dense, same)
@@ -191,7 +196,7 @@ def _greedy_with_cache(model, inputs, steps):
 def test_generation_with_cache_equals_the_same_computation_without_cache(embedded_llava, embedded_eval_records):
     model, processor = embedded_llava
     inputs = _prompt(processor, embedded_eval_records[2])
-    recipe = fp.TokenRecipe([0.6, 0.3, 0.3, 0.15])
+    recipe = TokenRecipe([0.6, 0.3, 0.3, 0.15])
     steps = 4
     with lfp.apply_token_recipe(model, recipe) as handle:
         tokens, cached_logits = _greedy_with_cache(model, inputs, steps)
@@ -225,8 +230,8 @@ def test_generation_with_cache_equals_the_same_computation_without_cache(embedde
         def decide(query, key, keep=keep):
             return keep
 
-        hidden, _ = fp.forward_dropping(layer, hidden, decide, position_embeddings=(cos[:, now], sin[:, now]),
-                                        position_ids=positions[:, now], attention_mask=None)
+        hidden, _ = forward_dropping(layer, hidden, decide, position_embeddings=(cos[:, now], sin[:, now]),
+                                     position_ids=positions[:, now], attention_mask=None)
     reference = model.lm_head(lm.norm(hidden))[0, -steps:]
     assert reference.argmax(-1).tolist() == tokens
     torch.testing.assert_close(reference, cached_logits, rtol=1e-4, atol=1e-4)
@@ -236,15 +241,15 @@ def test_generation_with_cache_equals_the_same_computation_without_cache(embedde
 def test_bad_input_on_the_model(embedded_llava, embedded_eval_records):
     model, processor = embedded_llava
     with pytest.raises(UserInputError, match="recipe has 3 layers but the model has 4"):
-        lfp.apply_token_recipe(model, fp.TokenRecipe([1.0, 0.5, 0.5]))
+        lfp.apply_token_recipe(model, TokenRecipe([1.0, 0.5, 0.5]))
     text_only = {"id": "t", "conversations": [{"from": "human", "value": "what color is it?"},
                                               {"from": "gpt", "value": "red"}]}
     encoded = data.encode_record(processor, text_only, paths.EVAL_IMAGE_FOLDER, with_answer=False)
-    with lfp.apply_token_recipe(model, fp.TokenRecipe([0.5] * 4)):
+    with lfp.apply_token_recipe(model, TokenRecipe([0.5] * 4)):
         with pytest.raises(UserInputError, match="no visual tokens"):
             model(**data.model_inputs(encoded))
         with pytest.raises(UserInputError, match="already applied"):
-            lfp.apply_token_recipe(model, fp.TokenRecipe([0.5] * 4))
+            lfp.apply_token_recipe(model, TokenRecipe([0.5] * 4))
         with pytest.raises(UserInputError, match="input_ids"):
             embeds = model.get_input_embeddings()(_prompt(processor, embedded_eval_records[0])["input_ids"])
             model(inputs_embeds=embeds)
@@ -262,7 +267,7 @@ def test_search_meets_budget_and_eval_runs_with_the_recipe(embedded_llava, tmp_p
     assert recipe.meta["alpha"] == min(t["alpha"] for t in recipe.meta["bisection"] if t["reached"])
     assert len(recipe.meta["bisection"]) == 7
     path = tmp_path / "recipe.json"
-    fp.save_recipe(path, recipe)
+    save_recipe(path, recipe)
     assert json.loads(path.read_text())["num_layers"] == 4
 
     assert llava_eval.main(["--model_path", str(paths.CHECKPOINT_DIR), "--max_samples", "4",
@@ -273,7 +278,7 @@ def test_search_meets_budget_and_eval_runs_with_the_recipe(embedded_llava, tmp_p
     dense = llava_eval.evaluate(model, processor, data.load_records(paths.EVAL_DATA_PATH)[:6],
                                 paths.EVAL_IMAGE_FOLDER, progress=False)
     same = llava_eval.evaluate(model, processor, data.load_records(paths.EVAL_DATA_PATH)[:6],
-                               paths.EVAL_IMAGE_FOLDER, progress=False, token_recipe=fp.TokenRecipe.dense(4))
+                               paths.EVAL_IMAGE_FOLDER, progress=False, token_recipe=TokenRecipe.dense(4))
     assert same["accuracy"] == dense["accuracy"]
     assert same["answer_perplexity"] == pytest.approx(dense["answer_perplexity"], rel=1e-5)
     (tmp_path / "wrong.json").write_text('{"keep_fraction": [0.5, 0.5]}')

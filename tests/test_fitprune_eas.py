@@ -36,8 +36,8 @@ def test_search_on_an_eas_model_drops_nothing_at_the_skipped_layer(eas_model):
 
 def test_a_recipe_dropping_at_a_skipped_layer_is_refused(eas_model):
     model, processor = eas_model
-    from mmprune.tokens import fitprune as fp
+    from mmprune.tokens.recipe import TokenRecipe
     from mmprune.base.errors import UserInputError
 
     with pytest.raises(UserInputError, match="decoder layer 2"):
-        lfp.apply_token_recipe(model, fp.TokenRecipe([1.0, 1.0, 0.5, 0.5]))
+        lfp.apply_token_recipe(model, TokenRecipe([1.0, 1.0, 0.5, 0.5]))

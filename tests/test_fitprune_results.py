@@ -1,20 +1,21 @@
-"""llava.fitprune_results: timing rounds, the linear-layer breakdown and its text, --retime's checks."""
+"""llava.fitprune_results and its measure and section modules: timing rounds, the linear-layer breakdown
+and its text, --retime's checks."""
 
 import pytest
 import torch
 from torch import nn
 
 from llava import fitprune as lfp
-from llava import fitprune_results as fr
+from llava import fitprune_measure as fm, fitprune_results as fr, fitprune_section as fs
 from llava.embedded import paths as embedded
 from mmprune.base.entry import run_main
-from mmprune.tokens.fitprune import TokenRecipe
+from mmprune.tokens.recipe import TokenRecipe
 
 
 def test_linear_clock_counts_rows_of_every_call_by_module_name():
     layers = nn.ModuleList(nn.ModuleDict({"attn": nn.ModuleDict({"q_proj": nn.Linear(4, 4)}),
                                           "mlp": nn.Sequential(nn.Linear(4, 8), nn.ReLU())}) for _ in range(2))
-    clock = fr.LinearClock(layers)
+    clock = fm.LinearClock(layers)
     x = torch.randn(1, 5, 4)
     for layer in layers:
         layer["attn"]["q_proj"](x)
@@ -35,7 +36,7 @@ def test_linear_breakdown_rows_follow_the_recipe(embedded_llava, embedded_eval_r
     model, processor = embedded_llava
     recipe = TokenRecipe([0.75, 0.5, 0.5, 0.25])
     records = embedded_eval_records[:3]
-    prompts = fr.encode_prompts(processor, records)
+    prompts = fm.encode_prompts(processor, records)
     expected_q = expected_mlp = 0
     for inputs in prompts:
         n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -43,7 +44,7 @@ def test_linear_breakdown_rows_follow_the_recipe(embedded_llava, embedded_eval_r
         kept = recipe.kept_after(n_visual)
         expected_q += sum(n_text + v for v in [n_visual] + kept[:-1])
         expected_mlp += sum(n_text + v for v in kept)
-    out = fr.linear_breakdown(model, processor, recipe, records, repeats=1)
+    out = fm.linear_breakdown(model, processor, recipe, records, repeats=1)
     layers = model.config.text_config.num_hidden_layers
     dense_rows = sum(p["input_ids"].shape[1] for p in prompts) * layers / len(prompts)
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -65,11 +66,11 @@ def test_rounds_take_the_median_of_the_round_medians(monkeypatch):
         dense = next(values)
         return {"dense": {"cpu": dense, "decoder_cpu": dense}, "0.5": {"cpu": 60.0, "decoder_cpu": 60.0}}
 
-    monkeypatch.setattr(fr, "time_prefill", one_round)
-    out = fr.time_prefill_rounds(None, None, {"dense": None, "0.5": None}, [], repeats=5, rounds=3)
+    monkeypatch.setattr(fm, "time_prefill", one_round)
+    out = fm.time_prefill_rounds(None, None, {"dense": None, "0.5": None}, [], repeats=5, rounds=3)
     assert out["median"] == {"dense": {"cpu": 100.0, "decoder_cpu": 100.0}, "0.5": {"cpu": 60.0, "decoder_cpu": 60.0}}
     assert [r["dense"]["cpu"] for r in out["rounds"]] == [100.0, 80.0, 120.0]
-    text = fr.round_spread([{"model": "dense", "recipes": {"0.5": {}}, "timing_rounds": out["rounds"]}], 5)
+    text = fs.round_spread([{"model": "dense", "recipes": {"0.5": {}}, "timing_rounds": out["rounds"]}], 5)
     assert "3 rounds, each a median of 5" in text and "dense 0.5: -40.0, -25.0, -50.0." in text
 
 
@@ -79,7 +80,7 @@ def test_breakdown_text_states_rows_time_and_the_fixed_part():
          "dense": {"decoder_ms": 200.0, "linears": linears(50.0, 100.0)},
          "recipe": {"decoder_ms": 150.0, "linears": {"q_proj": {"ms": 40.0, "rows": 80.0},
                                                       "gate_proj": {"ms": 80.0, "rows": 40.0}}}}
-    text = fr.breakdown_text(b, "dense", 5)
+    text = fs.breakdown_text(b, "dense", 5)
     assert "rows through the decoder's linear layers -40.0 %, their time -20.0 % (150.0 -> 120.0 ms" in text
     assert "q_proj -20.0, gate_proj -20.0" in text
     assert "50.0 -> 30.0 ms (-40.0 %)" in text and "200.0 -> 150.0 ms (-25.0 %)" in text
@@ -98,7 +99,7 @@ def test_retime_and_reuse_need_an_earlier_run(tmp_path, capsys):
 
 def test_the_saved_recipe_rebuilds_from_its_keep_fractions():
     result = {"recipes": {"0.5": {"keep_fraction": [0.8, 0.4]}}}
-    assert lfp.as_recipe(fr._recipe_of(result, 0.5)).keep_fraction == [0.8, 0.4]
+    assert lfp.as_recipe(fm.recipe_of(result, 0.5)).keep_fraction == [0.8, 0.4]
 
 
 def test_render_rewrites_the_section_from_the_json_with_its_own_settings(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Pieces of the SmolLM2 LLaVA-NeXT trainer (llava/embedded/train_smol.py), on the tiny model: the
+"""Pieces of the SmolLM2 LLaVA-NeXT trainer (llava/embedded/train_smol*.py), on the tiny model: the
 cached top-layer loss, soft-word targets, count channels, captions, and the LoRA merge."""
 
 import copy
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llava.data import collate
-from llava.embedded import smol, synthetic_vqa as vqa, tiny, train, train_smol
+from llava.embedded import smol, synthetic_vqa as vqa, tiny, train
+from llava.embedded import train_smol_lora, train_smol_stages, train_smol_targets
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,11 @@ def test_cached_top_layers_give_the_whole_decoder_loss(tiny_model):
     assert items[0][0]["input_ids"].shape != items[1][0]["input_ids"].shape  # padding is exercised
     batch = collate([e for e, *_ in items], processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        whole = train_smol.answer_loss(model, batch)
+        whole = train_smol_stages.answer_loss(model, batch)
         for layer in (1, 3):
-            cached = [{"hidden": train_smol.hidden_entering(model, layer, e, bf16=False)} for e, *_ in items]
-            hidden = train_smol.pad_hidden([(c,) for c in cached], batch["input_ids"].shape[1])
-            top = train_smol.top_answer_loss(model, layer, hidden, batch)
+            cached = [{"hidden": train_smol_stages.hidden_entering(model, layer, e, bf16=False)} for e, *_ in items]
+            hidden = train_smol_stages.pad_hidden([(c,) for c in cached], batch["input_ids"].shape[1])
+            top = train_smol_stages.top_answer_loss(model, layer, hidden, batch)
             torch.testing.assert_close(top, whole, rtol=1e-5, atol=1e-6)
     assert len(model.model.language_model.layers) == 4  # the full list is back
 
@@ -40,23 +41,23 @@ def test_count_channels_and_soft_words(tiny_model):
         vqa.Obj("square", "red", (215, 40, 40), 2, 2, 14),
         vqa.Obj("circle", "blue", (40, 80, 215), 44, 44, 16)))
     # hand-checked on 16x16 patches (2x2 per tile): base token 0 is the image's top-left quadrant
-    targets = train_smol.probe_targets(scene, 32, 16)
+    targets = train_smol_targets.probe_targets(scene, 32, 16)
     base = 4
-    assert targets.shape == (base + 16, train_smol.PROBE_CHANNELS)
+    assert targets.shape == (base + 16, train_smol_targets.PROBE_CHANNELS)
     # the default 8x8 patches: 4x4 base tokens, 8x8 crop tokens over the 2x2 tiles
-    fine = train_smol.probe_targets(scene, smol.TILE, smol.PATCH)
-    assert (smol.TILE, smol.PATCH) == (32, 8) and fine.shape == (16 + 64, train_smol.PROBE_CHANNELS)
+    fine = train_smol_targets.probe_targets(scene, smol.TILE, smol.PATCH)
+    assert (smol.TILE, smol.PATCH) == (32, 8) and fine.shape == (16 + 64, train_smol_targets.PROBE_CHANNELS)
     assert fine[:16, train.CHANNELS:].tolist() == [[0.0, 1.0, 0.0]] * 16
     count = targets[:, train.CHANNELS:]
     assert count[:base].tolist() == [[0.0, 1.0, 0.0]] * base  # "two" on every base-view token
     assert bool((count[base:] == 0.5).all())
 
-    basis = train_smol.soft_word_basis(model, processor.tokenizer)
-    words = train_smol.soft_word_targets(targets, basis)
+    basis = train_smol_targets.soft_word_basis(model, processor.tokenizer)
+    words = train_smol_targets.soft_word_targets(targets, basis)
     embeddings = model.get_input_embeddings().weight
 
     def vector(word):
-        return train_smol.word_vector(embeddings, processor.tokenizer, word).detach()
+        return train_smol_targets.word_vector(embeddings, processor.tokenizer, word).detach()
 
     # base token 0 (top-left quadrant) holds the red square, left and top, two objects
     expected = vector("red") + vector("square") + vector("left") + vector("top") + vector("two")
@@ -71,7 +72,7 @@ def test_caption_names_objects_left_to_right_with_clear_sides():
         vqa.Obj("circle", "yellow", (230, 195, 30), 44, 2, 16),
         vqa.Obj("triangle", "green", (40, 160, 60), 2, 30, 16),
         vqa.Obj("square", "red", (215, 40, 40), 26, 16, 14)))  # centred vertically: no top / bottom
-    assert train_smol.caption(scene) == "green triangle bottom left, red square, yellow circle top right"
+    assert train_smol_targets.caption(scene) == "green triangle bottom left, red square, yellow circle top right"
 
 
 def test_lora_merge_matches_peft(tiny_model, tmp_path):
@@ -87,7 +88,7 @@ def test_lora_merge_matches_peft(tiny_model, tmp_path):
             param.data.normal_(0, 0.05)
     reference = copy.deepcopy(peft_model).merge_and_unload()
     peft_model.save_pretrained(tmp_path)
-    merged = train_smol.merge_lora_in_place(peft_model, tmp_path)
+    merged = train_smol_lora.merge_lora_in_place(peft_model, tmp_path)
     for name in names:
         got, want = merged.get_submodule(name).weight, reference.get_submodule(name).weight
         assert not torch.equal(got, tiny_model[0].get_submodule(name).weight)

@@ -219,7 +219,7 @@ def test_cached_lora_run_writes_an_adapter(tmp_path):
 def test_soft_word_targets_name_what_each_media_token_carries(tmp_path):
     import random
 
-    from llava.embedded.train_smol import word_vector
+    from llava.embedded.train_smol_targets import word_vector
 
     tokenizer = smol.build_tokenizer(tiny.build_tokenizer("hard"))
     parts = smol.default_parts_config()

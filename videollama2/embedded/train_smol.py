@@ -45,9 +45,9 @@ import torch
 import transformers
 from tqdm import tqdm
 
-# model-agnostic LoRA helpers of the LLaVA-NeXT SmolLM2 trainer
-from llava.embedded.train_smol import (LORA_TARGETS, layer_indices as _layer_indices, load_adapter, merge_lora_in_place,
-                                       word_vector)
+# model-agnostic pieces of the LLaVA-NeXT SmolLM2 trainer: the LoRA helpers and word vectors
+from llava.embedded.train_smol_lora import LORA_TARGETS, layer_indices as _layer_indices, load_adapter, merge_lora_in_place
+from llava.embedded.train_smol_targets import word_vector
 from mmprune.embedded import smollm2
 from mmprune.base.errors import UserInputError
 from mmprune.base.output import atomic_output_dir, check_output_dir
