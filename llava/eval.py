@@ -30,7 +30,7 @@ from llava.data import encode_record, load_records, model_inputs, reference_answ
 from llava import eas
 from llava.embedded import paths
 from mmprune.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
-from llava.convert import load_pretrained_checked
+from llava.convert import load_pretrained_checked, load_processor
 from mmprune.checks import resolve_device
 from mmprune.errors import UserInputError
 from mmprune.realtext import add_realtext_argument, realtext_perplexity
@@ -205,7 +205,7 @@ def evaluate(model, processor, records: list, image_folder, max_new_tokens: int 
 
 def load_model(model_path, device: str | None = None):
     """(model, processor) from a llava-hf style directory; float32 on CPU, bfloat16 on GPU."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
@@ -213,10 +213,7 @@ def load_model(model_path, device: str | None = None):
                              "LLaVA-NeXT checkpoint directory to --model_path")
     device = resolve_device(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    try:
-        processor = AutoProcessor.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
+    processor = load_processor(model_path)
     model = load_pretrained_checked(LlavaNextForConditionalGeneration, model_path, dtype=dtype)
     eas.install_from_config(model, model_path)  # skipped attention + adapters of an EAS model
     return model.to(device), processor

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from llava.convert import is_llava_hf_checkpoint, load_llava_next
+from llava.convert import check_processor_files, is_llava_hf_checkpoint, load_llava_next, load_processor
 from llava.data import (
     encode_record, has_answer, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task,
 )
@@ -72,6 +72,8 @@ def main(argv=None) -> int:
                                                    args.sparsity_dict, args.eval_data_path, args.eval_image_folder])
     check_eval_samples(args)
     cfg.check_sparsity_dict_file()
+    if is_llava_hf_checkpoint(args.model_path):  # an lmms-lab checkpoint's tokenizer is checked as it converts
+        check_processor_files(args.model_path)
 
     timer = PhaseTimer()
     with timer.phase("load_data"):
@@ -102,12 +104,10 @@ def main(argv=None) -> int:
 def calibration_lengths(args, records) -> dict:
     """Mean and longest calibration sequence in tokens, from the processor alone (no weights), so
     the placement can set their hidden states aside before the model is loaded."""
-    from transformers import AutoProcessor
-
     if not is_llava_hf_checkpoint(args.model_path):
         raise UserInputError(f"--device_map/--max_memory/--offload_folder need a llava-hf checkpoint; convert "
                              f"{args.model_path} once with `python -m llava.convert --src {args.model_path} --dst DIR`")
-    processor = AutoProcessor.from_pretrained(args.model_path)
+    processor = load_processor(args.model_path)
     lengths = [encode_record(processor, r, args.image_folder, with_answer=True)["input_ids"].shape[1] for r in records]
     return {"seqlen": -(-sum(lengths) // max(len(lengths), 1)), "longest": max(lengths, default=1)}
 
