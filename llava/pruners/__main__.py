@@ -15,10 +15,11 @@ import torch
 
 from llava.convert import check_processor_files, is_llava_hf_checkpoint, load_llava_next, load_processor
 from llava.data import (
-    encode_record, has_answer, leave_bos_to_tokenizer, load_image, load_records, record_image, select_task,
+    draw_calibration, encode_record, has_answer, leave_bos_to_tokenizer, load_records, open_record_image, record_image,
 )
 from llava.embedded import paths as embedded
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers, prune_vision_tower
+from llava.parquet_data import input_root, is_parquet_source
 from llava.placed_save import save_placed
 from mmprune.cli import (
     LoadedModel, OneLineErrorParser, add_eval_arguments, add_pruning_arguments, check_eval_samples,
@@ -40,10 +41,12 @@ def parse_args(argv):
     parser = OneLineErrorParser(prog="python -m llava.pruners", description=__doc__)
     data = parser.add_argument_group("model and calibration data")
     data.add_argument("--model_path", default=None, help=f"llava-hf or lmms-lab checkpoint (default {REAL_MODEL})")
-    data.add_argument("--data_path", default=None, help=f"LLaVA-NeXT raw-format JSON (default {REAL_DATA})")
+    data.add_argument("--data_path", default=None, help="LLaVA-NeXT raw-format JSON, or the LLaVA-NeXT-Data parquet "
+                      f"shards (a folder or a glob; the task is their data_source) (default {REAL_DATA})")
     data.add_argument("--image_folder", default=None, help="images are image_folder/<record image> (default: the JSON's folder)")
     data.add_argument("--task_split_path", default=None, help="task_split.json (default: beside the data JSON)")
-    data.add_argument("--task_name", default="sharegpt4v", help="calibration task (first folder of the record images)")
+    data.add_argument("--task_name", default="sharegpt4v",
+                      help="calibration task (first folder of the record images; data_source in parquet shards)")
     add_pruning_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for models under 100M parameters on the CPU)")
@@ -55,9 +58,20 @@ def check_images(records, image_folder) -> None:
     """Open every calibration image now, so a missing or corrupt file stops the run before the
     model is loaded."""
     for record in records:
-        relpath = record_image(record)
-        if relpath is not None:
-            load_image(image_folder, relpath).close()
+        if record_image(record) is not None:
+            open_record_image(record, image_folder).close()
+
+
+def check_parquet_options(args) -> None:
+    """Parquet shards carry their images and name each record's task (data_source): a task split
+    or an image folder given with them is a mistake."""
+    if not is_parquet_source(args.data_path):
+        return
+    given = [flag for flag, value in (("--task_split_path (TASK_SPLIT)", args.task_split_path),
+                                      ("--image_folder (IMAGE_FOLDER)", args.image_folder)) if value]
+    if given:
+        raise UserInputError(f"--data_path {args.data_path} is parquet shards, whose records carry their images and "
+                             f"whose data_source column is the task; drop {' and '.join(given)}")
 
 
 def main(argv=None) -> int:
@@ -68,8 +82,10 @@ def main(argv=None) -> int:
         args.eval = uses_embedded
     output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio, args.sparsity_type)
     args.save_model = output_dir
-    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder, args.task_split_path,
-                                                   args.sparsity_dict, args.eval_data_path, args.eval_image_folder])
+    check_parquet_options(args)
+    check_output_dir(output_dir, args.overwrite, [args.model_path, input_root(args.data_path), args.image_folder,
+                                                   args.task_split_path, args.sparsity_dict, args.eval_data_path,
+                                                   args.eval_image_folder])
     check_eval_samples(args)
     cfg.check_sparsity_dict_file()
     if is_llava_hf_checkpoint(args.model_path):  # an lmms-lab checkpoint's tokenizer is checked as it converts
@@ -77,7 +93,7 @@ def main(argv=None) -> int:
 
     timer = PhaseTimer()
     with timer.phase("load_data"):
-        records = select_task(load_records(args.data_path), args.task_split_path, args.task_name, args.nsamples, args.seed)
+        records = draw_calibration(args.data_path, args.task_split_path, args.task_name, args.nsamples, args.seed)
         check_images(records, args.image_folder)
         check_calibration_records(cfg, records, lambda r: record_image(r) is not None, has_answer, "an image")
         eval_records, eval_folder = None, None
