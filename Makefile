@@ -21,7 +21,7 @@ AV_SMOL_PARTS := $(wildcard checkpoints/embedded/videollama2-av-smol-parts/*)
 setup: $(VENV)/.installed $(SMOL)/assembly.json $(AV_SMOL)/assembly.json
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	bash scripts/lib/setup_venv.sh $(VENV) test,media,train $(LOCK)
+	bash scripts/lib/setup_venv.sh $(VENV) test,media,train,data $(LOCK)
 	touch $@
 
 $(SMOL)/assembly.json: $(VENV)/.installed $(SMOL_PARTS)
@@ -34,7 +34,7 @@ $(AV_SMOL)/assembly.json: $(VENV)/.installed $(AV_SMOL_PARTS)
 
 # Rewrite the lock from the newest releases pyproject.toml allows (in .venv-lock); then run `make test`.
 lock:
-	bash scripts/lib/write_lock.sh .venv-lock test,media,train $(LOCK)
+	bash scripts/lib/write_lock.sh .venv-lock test,media,train,data $(LOCK)
 	rm -rf .venv-peer-lock
 	PEER_LOCK=latest PEER_WRITE_LOCK=locks/peer.txt PEER_SETUP_ONLY=1 bash tests/peer/run_peer_tests.sh .venv-peer-lock
 	rm -rf .venv-lmms-eval-lock
@@ -43,7 +43,7 @@ lock:
 # The suite on the newest releases pyproject.toml allows, in a fresh .venv-latest (not run by CI).
 test-latest:
 	rm -rf .venv-latest
-	bash scripts/lib/setup_venv.sh .venv-latest test,media,train latest
+	bash scripts/lib/setup_venv.sh .venv-latest test,media,train,data latest
 	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

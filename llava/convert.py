@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from mmprune.base.errors import UserInputError
+from mmprune.run.checks import check_tokenizer_files
+from mmprune.base.errors import UserInputError, one_line
 from mmprune.base.interrupt import signals_deferred
 from mmprune.base.output import check_output_location, share_tree
 
@@ -441,14 +442,15 @@ def _load_tokenizer(src: Path):
     # unknown model_type "llava_llama"; sentencepiece-only checkpoints go through AutoTokenizer.
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    check_tokenizer_files(src)
     loader = PreTrainedTokenizerFast if (src / "tokenizer.json").is_file() else AutoTokenizer
     try:
         return loader.from_pretrained(str(src))
     except Exception as exc:
         raise UserInputError(
-            f"cannot load the tokenizer of {src} ({type(exc).__name__}: {exc}); the directory needs the "
+            f"cannot load the tokenizer of {src} ({type(exc).__name__}: {one_line(exc)}); the directory needs the "
             "checkpoint's tokenizer.json and tokenizer_config.json"
-        ) from exc
+        ) from None
 
 
 def _add_llava_tokens(tokenizer) -> tuple[int, int]:
@@ -791,6 +793,33 @@ def load_pretrained_checked(model_class, hf_dir, **kwargs):
     return model
 
 
+def check_processor_files(hf_dir) -> None:
+    """A llava-hf folder's processor files, named in one line when missing: the tokenizer's and
+    the image processor's (preprocessor_config.json, or processor_config.json holding it)."""
+    hf_dir = Path(hf_dir)
+    image_processor = (hf_dir / "preprocessor_config.json").is_file()
+    if not image_processor and (hf_dir / "processor_config.json").is_file():
+        try:
+            image_processor = "image_processor" in json.loads((hf_dir / "processor_config.json").read_text("utf-8"))
+        except (OSError, ValueError, TypeError):
+            raise UserInputError(f"{hf_dir / 'processor_config.json'} is not valid JSON; restore it from the "
+                                 "checkpoint") from None
+    check_tokenizer_files(hf_dir, () if image_processor else
+                          ["preprocessor_config.json (or a processor_config.json holding the image processor)"])
+
+
+def load_processor(hf_dir):
+    """The LlavaNextProcessor of a llava-hf folder, its files checked first."""
+    from transformers import AutoProcessor
+
+    check_processor_files(hf_dir)
+    try:
+        return AutoProcessor.from_pretrained(str(hf_dir))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserInputError(f"cannot load the processor of {hf_dir} ({one_line(exc)}); restore the checkpoint's "
+                             "tokenizer and processor files") from None
+
+
 def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementation="sdpa", convert_cache_dir=None,
                     offload_folder=None):
     """Load a LLaVA-NeXT model and its processor: returns (model, processor), model in eval mode.
@@ -800,7 +829,7 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
     into convert_cache_dir when given -- reused on later calls -- else into a temporary directory).
     dtype: "auto" (the stored dtype), a torch dtype or its name.
     """
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     path = Path(model_path).expanduser()
     expected = (
@@ -822,6 +851,7 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
         what = "has no readable config.json" if cfg is None else f"has model_type {cfg.get('model_type')!r}"
         raise UserInputError(f"model path {path} {what}; {expected}")
 
+    processor = load_processor(hf_dir)  # a missing processor file stops the run before the weights load
     kwargs = {"dtype": load_dtype, "attn_implementation": attn_implementation}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -834,20 +864,13 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
         warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
         model = load_pretrained_checked(LlavaNextForConditionalGeneration, hf_dir, **kwargs)
     eas.install_from_config(model, hf_dir)  # skipped attention + adapters of an EAS model
-    try:
-        processor = AutoProcessor.from_pretrained(str(hf_dir))
-    except (OSError, ValueError) as exc:
-        raise UserInputError(
-            f"cannot load the processor of {hf_dir} ({exc}); the directory needs the llava-hf processor "
-            "files (tokenizer, preprocessor_config.json, processor_config.json)"
-        ) from exc
     model.eval()
     return model, processor
 
 
 def load_model(model_path, device: str | None = None):
     """(model, processor) from a llava-hf style directory; float32 on CPU, bfloat16 on GPU."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     from llava import eas
     from mmprune.run.checks import resolve_device
@@ -858,10 +881,7 @@ def load_model(model_path, device: str | None = None):
                              "LLaVA-NeXT checkpoint directory to --model_path")
     device = resolve_device(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    try:
-        processor = AutoProcessor.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"cannot load the model from {model_path}: {exc}") from None
+    processor = load_processor(model_path)
     model = load_pretrained_checked(LlavaNextForConditionalGeneration, model_path, dtype=dtype)
     eas.install_from_config(model, model_path)  # skipped attention + adapters of an EAS model
     return model.to(device), processor

@@ -6,6 +6,9 @@ embedded synthetic default alike. A raw-format file is a JSON list of records
     {"id": ..., "image": "<task>/<file>", "conversations": [
         {"from": "human", "value": "<image>\\n<question>"}, {"from": "gpt", "value": "<answer>"}]}
 
+Records read from the LLaVA-NeXT-Data parquet shards (llava/parquet_data.py) carry their image
+bytes under IMAGE_BYTES; `open_record_image` reads either kind.
+
 `encode_record` renders a record with the processor's chat template and returns model inputs plus
 `labels` (answer tokens only) and `modality_ids` (TEXT or IMAGE per token position).
 
@@ -17,6 +20,7 @@ images is an error (one image per record, as in LLaVA-NeXT's fine-tuning data).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -35,6 +39,8 @@ IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
+# A parquet record's image bytes (llava/parquet_data.py); its "image" is then only a name.
+IMAGE_BYTES = "image_bytes"
 # Keys of an encoded record that the model's forward accepts (the rest are ours).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
@@ -150,12 +156,26 @@ def load_image(image_folder, relpath) -> Image.Image:
     """The image as RGB, fully decoded now so that a corrupt file fails here, naming its path."""
     path = require_file(Path(image_folder) / relpath, "image", "check --image_folder and the record's 'image' "
                         "(images are looked up as image_folder/<record image>)")
+    return decode_image(path, path)
+
+
+def decode_image(source, name) -> Image.Image:
+    """An image file or file-like object (e.g. the bytes of a parquet shard) as RGB, decoded now;
+    `name` says which image in an error."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
-            return image_to_rgb(image, path)
+            return image_to_rgb(image, name)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unreadable data
-        raise UserInputError(f"image {path} cannot be read ({exc}); replace or remove it") from None
+        raise UserInputError(f"image {name} cannot be read ({exc}); replace or remove it") from None
+
+
+def open_record_image(record: dict, image_folder) -> Image.Image:
+    """A record's image: the bytes a parquet record carries, else image_folder/<record image>."""
+    data = record.get(IMAGE_BYTES)
+    if data is not None:
+        return decode_image(io.BytesIO(data), f"{record_image(record)} of record {record.get('id')!r}")
+    return load_image(image_folder, record_image(record))
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,8 +413,7 @@ def encode_record(processor, record: dict, image_folder, with_answer: bool = Tru
     (1, L) int8, IMAGE where input_ids is the processor's image token (base, grid and newline
     positions, since the processor expands `<image>`), TEXT elsewhere.
     """
-    relpath = record_image(record)
-    image = load_image(image_folder, relpath) if relpath is not None else None
+    image = open_record_image(record, image_folder) if record_image(record) is not None else None
     return encode_conversation(processor, record, image, with_answer, add_generation_prompt)
 
 

@@ -374,6 +374,66 @@ def test_weights_shaped_for_another_config_are_named(tmp_path):
         load_llava_next(model)
 
 
+def last_stderr_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Loading weights" not in err, err[-2000:]  # stopped before the weights
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("tree", ["llava", "videollama2"])
+def test_model_folder_without_tokenizer_files_is_one_line_naming_them(tmp_path, capsys, tree):
+    from mmprune.base.entry import run_main
+    from videollama2.embedded import paths as vl_paths
+
+    if tree == "llava":
+        from llava.pruners.__main__ import main
+        source = llava_paths.CHECKPOINT_DIR
+    else:
+        from videollama2.pruners.__main__ import main
+        source = vl_paths.CHECKPOINT_DIR
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    argv = ["--no_eval", "--method", "magnitude", "--model_path", str(model), "--save_model", str(tmp_path / "out")]
+    assert run_main(main, argv) == 2
+    assert last_stderr_line(capsys) == (
+        f"error: model folder {model} lacks tokenizer.json (or tokenizer.model, or vocab.json with merges.txt) and "
+        f"tokenizer_config.json; {checks.TOKENIZER_FILES_FIX}")
+    shutil.copy(Path(source) / "tokenizer.json", model / "tokenizer.json")  # no config: no BOS/EOS, refused too
+    assert run_main(main, argv) == 2
+    assert last_stderr_line(capsys) == f"error: model folder {model} lacks tokenizer_config.json; " \
+                                       f"{checks.TOKENIZER_FILES_FIX}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_llava_folder_without_its_image_processor_is_named_by_every_loader(tmp_path, capsys):
+    from llava.convert import load_llava_next
+    from llava.eval import load_model
+    from llava.pruners.__main__ import main
+    from mmprune.base.entry import run_main
+
+    model = llava_copy(tmp_path)
+    (model / "processor_config.json").unlink()
+    needle = (f"model folder {model} lacks preprocessor_config.json (or a processor_config.json holding the image "
+              f"processor); {checks.TOKENIZER_FILES_FIX}")
+    for load in (load_llava_next, load_model):
+        with pytest.raises(UserInputError) as caught:
+            load(model)
+        assert str(caught.value) == needle
+    assert run_main(main, ["--no_eval", "--model_path", str(model), "--save_model", str(tmp_path / "out")]) == 2
+    assert last_stderr_line(capsys) == f"error: {needle}"
+
+
+def test_a_multi_line_loader_message_becomes_one_line():
+    from mmprune.base.errors import one_line
+
+    assert one_line(ValueError("Couldn't build it from:\n(1) a file,\n(2) another.\n")) == \
+        "Couldn't build it from: (1) a file, (2) another."
+    assert one_line(OSError("x" * 400), 20) == "x" * 17 + "..."
+    assert one_line(KeyError()) == "KeyError"
+
+
 def test_loading_info_allows_eas_gaps_and_warns_once_about_unused_tensors(capsys):
     info = {"missing_keys": {"model.language_model.layers.2.self_attn.q_proj.weight"},
             "unexpected_keys": {"model.language_model.layers.2.eas_pia.A_weight"}, "mismatched_keys": set()}

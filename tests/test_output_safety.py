@@ -353,6 +353,46 @@ def test_relative_output_under_a_file_of_the_callers_folder_fails_up_front(tmp_p
     assert (tmp_path / "blocker").read_text() == NOTES
 
 
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("script,variable", [
+    ("scripts/prune/tamp.sh", "OUTPUT_DIR"), ("scripts_videollama2/prune/tamp.sh", "OUTPUT_DIR"),
+    ("scripts/prune/tamp.sh", "OFFLOAD_FOLDER"),
+])
+def test_output_under_proc_is_one_error_line(tmp_path, script, variable):
+    # /proc passes the permission check for root but takes no new entries
+    env = {variable: "/proc/mmprune-out/run"}
+    if variable == "OFFLOAD_FOLDER":
+        env.update(OUTPUT_DIR=str(tmp_path / "out"), MAX_MEMORY="cpu:1GiB", NSAMPLES="4")
+    else:
+        env["MODEL_PATH"] = "no_such_model"  # checked after the output: never reached
+    proc = run_from(tmp_path, script, "0.5", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: output /proc/mmprune-out/run cannot be created: ") and "choose another" in last, last
+    assert not os.path.lexists("/proc/mmprune-out") and list(tmp_path.iterdir()) == []
+
+
+@needs_proc
+@pytest.mark.parametrize("entry,flag", [(llava_pruners, "--save_model"), (videollama2_pruners, "--save_model"),
+                                        (eas_train, "--output_dir"), (fitprune, "--output")])
+def test_entry_points_refuse_an_output_where_nothing_can_be_created(tmp_path, capsys, entry, flag):
+    target = "/proc/mmprune-out" if flag != "--output" else "/sys/mmprune-recipe.json"
+    assert entry([flag, target, "--no_eval"] if entry is not fitprune else [flag, target]) == 2
+    line = last_error(capsys)
+    assert line.startswith(f"error: output {target} cannot be created: ") and "choose another" in line, line
+    assert not os.path.lexists(target)
+
+
+def test_the_creation_probe_leaves_nothing_behind(tmp_path):
+    output.check_output_location(str(tmp_path / "a" / "b"), [], "--save_model")
+    output.check_output_dir(str(tmp_path / "out"), False, [])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_relative_sparsity_dict_flag_is_the_callers(tmp_path):
     (tmp_path / "blocker").write_text(NOTES)
     proc = run_from(tmp_path, "scripts/prune/wanda.sh", "0.5", "--sparsity_dict", "plan.yaml", "--save_model",

@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mmprune.run.checks import weight_files
-from mmprune.base.errors import UserInputError
+from mmprune.run.checks import check_tokenizer_files, weight_files
+from mmprune.base.errors import UserInputError, one_line
 from mmprune.place.offload import offloaded_value, track_copy
 from videollama2.config import VideoLLaMA2Config
 
@@ -555,12 +555,13 @@ def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
+    check_tokenizer_files(model_dir)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # some versions warn that config.json's model_type is not a tokenizer's
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError) as exc:
-        raise UserInputError(f"cannot load the tokenizer of {model_dir}: {str(exc).splitlines()[0][:200]}") from None
+        raise UserInputError(f"cannot load the tokenizer of {model_dir}: {one_line(exc, 200)}") from None
     finally:
         logging.set_verbosity(verbosity)
 

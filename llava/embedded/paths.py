@@ -67,8 +67,11 @@ def resolve_model_and_data(args) -> bool:
             args.data_path = str(DATA_PATH)
             args.image_folder = args.image_folder or str(IMAGE_FOLDER)
             notes.append(f"data:  {REAL_DATA} not found -> EMBEDDED synthetic VQA {args.data_path}")
-    data_dir = os.path.dirname(os.path.abspath(args.data_path))
-    args.image_folder = args.image_folder or data_dir
-    args.task_split_path = args.task_split_path or os.path.join(data_dir, "task_split.json")
+    from llava.parquet_data import is_parquet_source
+
+    if not is_parquet_source(args.data_path):  # parquet shards hold their images and tasks
+        data_dir = os.path.dirname(os.path.abspath(args.data_path))
+        args.image_folder = args.image_folder or data_dir
+        args.task_split_path = args.task_split_path or os.path.join(data_dir, "task_split.json")
     announce(notes)
     return embedded_model

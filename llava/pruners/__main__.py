@@ -13,14 +13,16 @@ import sys
 import torch
 
 from llava.adapter import ADAPTER
-from llava.convert import is_llava_hf_checkpoint
+from llava.convert import check_processor_files, is_llava_hf_checkpoint, load_processor
 from llava.data import (
-    encode_record, has_answer, load_image, load_records, record_image, select_task,
+    encode_record, has_answer, load_records, open_record_image, record_image,
 )
 from llava.embedded import paths as embedded
 from llava.model import prune_vision_tower
+from llava.parquet_data import draw_calibration, input_root, is_parquet_source
 from mmprune.run.cli import (
-    LoadedModel, add_eval_arguments, add_pruning_arguments, check_eval_samples, default_output_dir, prune_config_from_args, run_and_save, run_summary, set_cpu_threads, shard_bytes,
+    LoadedModel, add_eval_arguments, add_pruning_arguments, check_eval_samples, default_output_dir,
+    prune_config_from_args, run_and_save, run_summary, set_cpu_threads, shard_bytes,
 )
 from mmprune.base.entry import OneLineErrorParser, run_main
 from mmprune.run.checks import check_calibration_records
@@ -38,10 +40,12 @@ def parse_args(argv):
     parser = OneLineErrorParser(prog="python -m llava.pruners", description=__doc__)
     data = parser.add_argument_group("model and calibration data")
     data.add_argument("--model_path", default=None, help=f"llava-hf or lmms-lab checkpoint (default {REAL_MODEL})")
-    data.add_argument("--data_path", default=None, help=f"LLaVA-NeXT raw-format JSON (default {REAL_DATA})")
+    data.add_argument("--data_path", default=None, help="LLaVA-NeXT raw-format JSON, or the LLaVA-NeXT-Data parquet "
+                      f"shards (a folder or a glob; the task is their data_source) (default {REAL_DATA})")
     data.add_argument("--image_folder", default=None, help="images are image_folder/<record image> (default: the JSON's folder)")
     data.add_argument("--task_split_path", default=None, help="task_split.json (default: beside the data JSON)")
-    data.add_argument("--task_name", default="sharegpt4v", help="calibration task (first folder of the record images)")
+    data.add_argument("--task_name", default="sharegpt4v",
+                      help="calibration task (first folder of the record images; data_source in parquet shards)")
     add_pruning_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for models under 100M parameters on the CPU)")
@@ -53,9 +57,20 @@ def check_images(records, image_folder) -> None:
     """Open every calibration image now, so a missing or corrupt file stops the run before the
     model is loaded."""
     for record in records:
-        relpath = record_image(record)
-        if relpath is not None:
-            load_image(image_folder, relpath).close()
+        if record_image(record) is not None:
+            open_record_image(record, image_folder).close()
+
+
+def check_parquet_options(args) -> None:
+    """Parquet shards carry their images and name each record's task (data_source): a task split
+    or an image folder given with them is a mistake."""
+    if not is_parquet_source(args.data_path):
+        return
+    given = [flag for flag, value in (("--task_split_path (TASK_SPLIT)", args.task_split_path),
+                                      ("--image_folder (IMAGE_FOLDER)", args.image_folder)) if value]
+    if given:
+        raise UserInputError(f"--data_path {args.data_path} is parquet shards, whose records carry their images and "
+                             f"whose data_source column is the task; drop {' and '.join(given)}")
 
 
 def main(argv=None) -> int:
@@ -66,14 +81,18 @@ def main(argv=None) -> int:
         args.eval = uses_embedded
     output_dir = args.save_model or default_output_dir(args.model_path, cfg.name, args.llm_sparsity_ratio, args.sparsity_type)
     args.save_model = output_dir
-    check_output_dir(output_dir, args.overwrite, [args.model_path, args.data_path, args.image_folder, args.task_split_path,
-                                                   args.sparsity_dict, args.eval_data_path, args.eval_image_folder])
+    check_parquet_options(args)
+    check_output_dir(output_dir, args.overwrite, [args.model_path, input_root(args.data_path), args.image_folder,
+                                                   args.task_split_path, args.sparsity_dict, args.eval_data_path,
+                                                   args.eval_image_folder])
     check_eval_samples(args)
     cfg.check_sparsity_dict_file()
+    if is_llava_hf_checkpoint(args.model_path):  # an lmms-lab checkpoint's tokenizer is checked as it converts
+        check_processor_files(args.model_path)
 
     timer = PhaseTimer()
     with timer.phase("load_data"):
-        records = select_task(load_records(args.data_path), args.task_split_path, args.task_name, args.nsamples, args.seed)
+        records = draw_calibration(args.data_path, args.task_split_path, args.task_name, args.nsamples, args.seed)
         check_images(records, args.image_folder)
         check_calibration_records(cfg, records, lambda r: record_image(r) is not None, has_answer, "an image")
         eval_records, eval_folder = None, None
@@ -100,12 +119,10 @@ def main(argv=None) -> int:
 def calibration_lengths(args, records) -> dict:
     """Mean and longest calibration sequence in tokens, from the processor alone (no weights), so
     the placement can set their hidden states aside before the model is loaded."""
-    from transformers import AutoProcessor
-
     if not is_llava_hf_checkpoint(args.model_path):
         raise UserInputError(f"--device_map/--max_memory/--offload_folder need a llava-hf checkpoint; convert "
                              f"{args.model_path} once with `python -m llava.convert --src {args.model_path} --dst DIR`")
-    processor = AutoProcessor.from_pretrained(args.model_path)
+    processor = load_processor(args.model_path)
     lengths = [encode_record(processor, r, args.image_folder, with_answer=True)["input_ids"].shape[1] for r in records]
     return {"seqlen": -(-sum(lengths) // max(len(lengths), 1)), "longest": max(lengths, default=1)}
 

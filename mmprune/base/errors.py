@@ -7,3 +7,10 @@ class UserInputError(Exception):
 
 class NonFiniteActivationError(UserInputError):
     """A calibration activation holds NaN or inf."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (libraries such as transformers write several), cut to
+    `limit` characters, so that an `error:` line stays the last line of stderr."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -57,7 +57,7 @@ def share_tree(path: str) -> None:
 
 def check_output_location(path: str, protected, flag: str) -> None:
     """`path` neither is, lies inside nor holds any of `protected`, and it can be created: the
-    nearest existing folder above it is a folder (not a regular file) and writable."""
+    nearest existing folder above it is a folder (not a regular file) that takes new entries."""
     for input_path in protected:
         if input_path and (_inside(path, input_path) or _inside(input_path, path)):
             raise UserInputError(
@@ -72,6 +72,13 @@ def check_output_location(path: str, protected, flag: str) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserInputError(f"output {path} cannot be created: no write permission in {parent}; "
                              f"choose another {flag}")
+    # permission bits do not tell everything (/proc and /sys, a read-only mount, a full disk): try,
+    # with a probe folder removed at once
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mmprune-probe-", dir=parent))
+    except OSError as exc:
+        raise UserInputError(f"output {path} cannot be created: {parent} does not accept new files or folders "
+                             f"({exc.strerror or exc.__class__.__name__}); choose another {flag}") from None
 
 
 def is_own_output_dir(path: str) -> bool:

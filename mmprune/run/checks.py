@@ -150,6 +150,32 @@ def weight_files(folder) -> list[Path]:
     return files
 
 
+# a tokenizer's vocabulary comes in one of these forms (transformers converts the last two);
+# tokenizer_config.json names its special tokens: without it BOS, EOS and pad silently become None
+_VOCABULARY_FORMS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+TOKENIZER_FILES_FIX = "copy the missing files from the checkpoint the model was made from (e.g. its base model)"
+
+
+def missing_tokenizer_files(folder) -> list[str]:
+    """The tokenizer files a checkpoint folder lacks, as names to show (empty when complete)."""
+    folder = Path(folder)
+    missing = []
+    if not any(all((folder / name).is_file() for name in form) for form in _VOCABULARY_FORMS):
+        missing.append("tokenizer.json (or tokenizer.model, or vocab.json with merges.txt)")
+    if not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    return missing
+
+
+def check_tokenizer_files(folder, missing: Sequence[str] = ()) -> None:
+    """Refuse, in one line, a model folder without its tokenizer files (plus `missing`, other
+    files the caller found absent): transformers would fail with a long message, or load a
+    tokenizer without its special tokens."""
+    missing = [*missing_tokenizer_files(folder), *missing]
+    if missing:
+        raise UserInputError(f"model folder {folder} lacks {' and '.join(missing)}; {TOKENIZER_FILES_FIX}")
+
+
 def check_loaded_weights(info: dict, model_path, expected_missing: Sequence[str] = (),
                          expected_unexpected: Sequence[str] = ()) -> None:
     """transformers' loading info: every parameter must come from the checkpoint with its shape

@@ -23,7 +23,7 @@ from mmprune.run.cli import (
     LoadedModel, add_eval_arguments, add_pruning_arguments, check_eval_samples, default_output_dir, prune_config_from_args, run_and_save, run_summary, set_cpu_threads, shard_bytes,
 )
 from mmprune.base.entry import OneLineErrorParser, run_main
-from mmprune.run.checks import check_calibration_records, check_draw
+from mmprune.run.checks import check_calibration_records, check_draw, check_tokenizer_files
 from mmprune.embedded.defaults import announce
 from mmprune.base.errors import UserInputError
 from mmprune.place.offload import is_dispatched
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
 
     timer = PhaseTimer()
     config = VideoLLaMA2Config.from_dir(args.model_path)
+    check_tokenizer_files(args.model_path)  # before the data and the weights
     if vit_ratio > 0 and not config.has_vision:
         raise UserInputError("--vit_sparsity_ratio is set but the checkpoint has no vision tower")
     if aud_ratio > 0 and not config.has_audio:
