@@ -19,9 +19,10 @@ def test_graph_matches_slow_knn():
     unit = normalize_rows(f)
     graph = build_graph(unit, 3, chunk_size=7)
     for t in range(40):
-        dist = [(1 - float(unit[t] @ unit[u]), u) for u in range(40) if u != t]
-        expected = [u for _, u in sorted(dist)[:3]]
-        assert sorted(graph.neighbours[t].tolist()) == sorted(expected)
+        dist = sorted((1 - float(unit[t] @ unit[u]), u) for u in range(40) if u != t)
+        got = graph.neighbours[t].tolist()
+        # one dot product at a time here, chunked matmuls there: the same set, or a near-tie at the 3rd
+        assert sorted(got) == sorted(u for _, u in dist[:3]) or max(d for d, u in dist if u in got) - dist[2][0] <= 1e-6
     assert torch.allclose(graph.cosine, unit @ unit.T, atol=1e-6)
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from near_ties import greedy_agreement
 
 from mmprune.skip import eas
 from mmprune.base.errors import UserInputError
@@ -194,8 +195,11 @@ def test_fused_and_unfused_give_the_same_outputs(embedded_model):
             model.eas_state.fuse = fuse
             outputs.append(model.generate(**model_inputs(encoded), max_new_tokens=6, do_sample=False,
                                           output_logits=True, return_dict_in_generate=True))
-        assert torch.equal(outputs[0].sequences, outputs[1].sequences)
-        for a, b in zip(outputs[0].logits, outputs[1].logits):
+        # the same tokens, unless rounding swaps two logits within the 1e-4 the two paths agree to
+        prompt = encoded["input_ids"].shape[1]
+        fused, unfused = (o.sequences[0, prompt:].tolist() for o in outputs)
+        agree = greedy_agreement(fused, unfused, torch.cat(outputs[1].logits), 2e-4)
+        for a, b in list(zip(outputs[0].logits, outputs[1].logits))[:agree + 1]:  # same contexts
             assert torch.allclose(a, b, atol=1e-4)
 
 

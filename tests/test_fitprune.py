@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from near_ties import argmax_near_ties, greedy_agreement
 
 from llava import data, eval as llava_eval
 from llava import fitprune as lfp
@@ -204,7 +205,9 @@ def test_generation_with_cache_equals_the_same_computation_without_cache(embedde
         generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
                                    eos_token_id=None)
     assert sum(handle.last_drops) > 0
-    assert generated[0, inputs["input_ids"].shape[1]:].tolist() == tokens
+    # the paths round differently: logits closer than twice the 1e-4 they are held to below may swap
+    near_tie = 2e-4 * (1 + float(cached_logits.abs().max()))
+    greedy_agreement(generated[0, inputs["input_ids"].shape[1]:].tolist(), tokens, cached_logits, near_tie)
 
     # reference: the whole sequence at once, no cache, every layer on its kept prompt tokens + new tokens
     prompt_len = inputs["input_ids"].shape[1]
@@ -233,8 +236,8 @@ def test_generation_with_cache_equals_the_same_computation_without_cache(embedde
         hidden, _ = forward_dropping(layer, hidden, decide, position_embeddings=(cos[:, now], sin[:, now]),
                                      position_ids=positions[:, now], attention_mask=None)
     reference = model.lm_head(lm.norm(hidden))[0, -steps:]
-    assert reference.argmax(-1).tolist() == tokens
     torch.testing.assert_close(reference, cached_logits, rtol=1e-4, atol=1e-4)
+    argmax_near_ties(reference, cached_logits, near_tie)  # each step's context is `tokens` on both sides
 
 
 @needs_checkpoint

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from near_ties import inversion
 from transformers import LlamaConfig, LlamaModel
 
 from mmprune.prune.selection.amia import AMIAConfig
@@ -37,10 +38,15 @@ def test_wanda_mask_equals_slow_recomputation_on_first_block():
     ln_inputs = torch.cat([layer.input_layernorm(h)[0] for h in store.hidden])
     expected_norm = ln_inputs.pow(2).mean(dim=0).sqrt()
     q = layer.self_attn.q_proj.weight.detach().clone()
-    expected_mask = unstructured_row_mask(q.abs() * expected_norm, 0.5)
+    expected_score = (q.abs() * expected_norm).detach()
+    expected_mask = unstructured_row_mask(expected_score, 0.5)
     pruner = WandaPruner("layers", SparsityPattern(), plan(model, 0.5))
     sweep(model.layers, store, pruner, "cpu", "test")
-    assert torch.equal(layer.self_attn.q_proj.weight == 0, expected_mask)
+    got = layer.self_attn.q_proj.weight == 0
+    # the pruner sums ||x||^2 sample by sample, this mean runs over all tokens at once: rounding may
+    # decide a near-tie (relative gap ~1e-7) either way, nothing wider
+    assert torch.equal(got.sum(1), expected_mask.sum(1))
+    assert float(inversion(got, expected_score).max()) <= 1e-5
     assert all(abs(r.achieved - 0.5) < 1e-9 for r in pruner.results)
 
 

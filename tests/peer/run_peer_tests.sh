@@ -7,8 +7,9 @@
 # Creates VENV if missing, installs torch first (TORCH_SPEC, default torch==2.13.0: the CPU build on
 # CPU machines, as in the Makefile), then llmcompressor==0.14.0.1 (brings transformers 5.17), then
 # this package (-e .[test] --no-deps) and those of its runtime dependencies that are missing, and
-# runs `python -m pytest -q tests/peer`. If llmcompressor cannot be installed it says why in one
-# line and runs pytest anyway, which then reports the test as skipped. Exit status: pytest's.
+# runs `python -m pytest -q tests/peer` (on OMP_NUM_THREADS threads, default 1). If llmcompressor
+# cannot be installed it says why in one line and runs pytest anyway, which then reports the test
+# as skipped. Exit status: pytest's.
 # Every install is held to the exact versions of locks/peer.txt (PEER_LOCK; "latest" for none);
 # PEER_WRITE_LOCK=FILE writes the versions this venv ended with (`make lock` does, with latest).
 set -u
@@ -97,4 +98,7 @@ fi
 # PEER_SETUP_ONLY=1: build the venv and stop (`make bench` runs its peer side there)
 [ "${PEER_SETUP_ONLY:-0}" = 1 ] && exit 0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# one thread unless OMP_NUM_THREADS says otherwise (the tiny model's ops are too small to split);
+# the module runs every computation, ours included, on that count
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$PY" -m pytest -q tests/peer
