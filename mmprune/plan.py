@@ -77,7 +77,10 @@ def empty_model(model_path) -> tuple[nn.Module, str, list[str]]:
     if not path.is_file():
         raise UserInputError(f"{model_path} has no config.json; pass a checkpoint folder to --model_path")
     model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    with init_empty_weights():
+    # everything made on the meta device: a weight tied in the constructor stays one parameter, so
+    # accelerate counts it once and places its modules together (with buffers kept real, each
+    # parameter assignment would make a new one)
+    with init_empty_weights(include_buffers=True):
         if model_type == "llava_next":
             from transformers import AutoConfig, LlavaNextForConditionalGeneration
 
@@ -148,6 +151,18 @@ def disjoint_map(model: nn.Module, device_map: dict) -> dict:
             out.setdefault(f"{name}.{part}" if name else part, device)
 
 
+def check_ties_together(model: nn.Module, device_map: dict) -> None:
+    """Tied weights are one tensor (stored once): their modules need one device."""
+    from accelerate.utils import find_tied_parameters
+
+    for group in find_tied_parameters(model):
+        devices = {name: device_of(name, device_map) for name in group}
+        if len(set(map(str, devices.values()))) > 1:
+            shown = ", ".join(f"{name.rsplit('.', 1)[0]} on {device}" for name, device in devices.items())
+            raise UserInputError(f"--device_map splits weights that are tied (one tensor): {shown}; give these "
+                                 "modules the same device")
+
+
 def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", method="tamp",
               nsamples: int = 128, seqlen: int = 2048, offload_activations: bool = False,
               shard_bytes: int = 5 * GiB, compute_device=None, longest: int | None = None) -> MemoryPlan:
@@ -196,6 +211,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
             raise UserInputError(f"--device_map places no device for {len(missing)} weights of the model (e.g. "
                                  f"{', '.join(missing[:3])}); add their modules, or an entry \"\" for the rest")
         placement = disjoint_map(model, placement)
+        check_ties_together(model, placement)
     else:
         with _quiet_accelerate():
             if device_map in ("auto", "balanced") and len(gpus) > 1:
