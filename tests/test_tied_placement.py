@@ -6,7 +6,8 @@ Llama-3.2-1B; issue 23): the checkpoint holds that matrix once, under the embedd
   perplexity (dense and pruned), and save the tie (no head tensor, a reload shares the matrix).
 * The plan keeps a tied head with its embedding; a map that splits them is one `error:` line.
 * `materialized` reads the shared weight once, gives both modules the same tensor and writes it
-  back once; a change made through the head is what the embedding reads next.
+  back once; a change made through the head is what the embedding reads next. The same holds for
+  a module that is not a transformers model, offloaded to a store in memory.
 """
 
 import json
@@ -178,3 +179,45 @@ def test_a_placement_that_splits_a_tie_is_refused_at_load(tied, tmp_path):
     with pytest.raises(UserInputError, match="lm_head.weight is tied to model.language_model.embed_tokens.weight"):
         load_llava_next(paths["llava"], dtype=torch.float32, device_map=llava_map("cpu", "disk"),
                         offload_folder=tmp_path / "off")
+
+
+class _TiedToy(nn.Module):
+    """Not a transformers model: the head is tied by assignment."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
+
+
+def test_any_tied_module_offloaded_to_a_memory_store_holds_the_weight_once():
+    from accelerate import cpu_offload
+
+    from mmprune.offload import bind_tied_weights, tied_weights
+
+    torch.manual_seed(0)
+    model = _TiedToy().eval()
+    ids = torch.tensor([[1, 2, 3, 10]])
+    with torch.no_grad():
+        expected = model(ids)
+    original = model.embed.weight.detach().clone()
+    ties = tied_weights(model)  # read before the hooks give each module a meta tensor of its own
+    assert ties == {"head.weight": "embed.weight"}
+    cpu_offload(model, execution_device="cpu")
+    bind_tied_weights(model, ties)
+    store = model.head._hf_hook.weights_map.dataset
+    assert "head.weight" not in store.state_dict and "embed.weight" in store.state_dict
+    assert model.head.weight is model.embed.weight and model.head.weight.is_meta
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+    with materialized(nn.ModuleList([model.embed, model.head]), "cpu"):
+        assert model.head.weight is model.embed.weight and not model.head.weight.is_meta
+        with torch.no_grad():
+            model.head.weight.mul_(2)
+    for name in ("embed.weight", "head.weight"):  # one stored tensor, changed once
+        assert torch.equal(offloaded_value(model, name), 2 * original)
