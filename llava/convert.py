@@ -863,6 +863,10 @@ def load_llava_next(model_path, dtype="auto", device_map=None, attn_implementati
         # a placement names parameters such as model.image_newline; accelerate says they are not modules
         warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
         model = load_pretrained_checked(LlavaNextForConditionalGeneration, hf_dir, **kwargs)
+    if device_map is not None:
+        from mmprune.place.offload import bind_tied_weights
+
+        bind_tied_weights(model)  # an offloaded tied head reads the embedding's entry
     eas.install_from_config(model, hf_dir)  # skipped attention + adapters of an EAS model
     model.eval()
     return model, processor

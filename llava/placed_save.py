@@ -15,7 +15,7 @@ import os
 
 from torch import nn
 
-from mmprune.place.offload import offloaded_value, track_copy
+from mmprune.place.offload import offloaded_value, share_tied_weights, track_copy
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
@@ -27,6 +27,7 @@ def saved_names(model: nn.Module) -> dict[str, str] | None:
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    share_tied_weights(model)  # ties are found by identity: an offloaded head is saved as the plain save does
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     runtime_of = {id(t): name for name, t in state.items()}
     reverted = revert_weight_conversion(model, state)

@@ -106,12 +106,14 @@ def tiny_vision_config() -> CLIPVisionConfig:
     )
 
 
-def build_tiny_llava_next(tmp_dir) -> Path:
+def build_tiny_llava_next(tmp_dir, tie_word_embeddings: bool = False) -> Path:
     """Write a tiny random llava-hf LLaVA-NeXT model + processor under tmp_dir; return its path.
 
-    A 40x56 image gives pixel_values (1, 5, 3, 28, 28) and 14 image tokens.
+    A 40x56 image gives pixel_values (1, 5, 3, 28, 28) and 14 image tokens. With
+    tie_word_embeddings the LM head is the input embedding (SmolLM2, Qwen2-0.5B, Llama-3.2-1B):
+    the checkpoint holds that matrix once.
     """
-    out = Path(tmp_dir) / "tiny-llava-next-hf"
+    out = Path(tmp_dir) / ("tiny-llava-next-hf-tied" if tie_word_embeddings else "tiny-llava-next-hf")
     tok = make_tiny_tokenizer(with_image_tokens=True)
     image_id = tok.convert_tokens_to_ids("<image>")
     text_config = LlamaConfig(
@@ -127,7 +129,7 @@ def build_tiny_llava_next(tmp_dir) -> Path:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     vision_config = tiny_vision_config()
     config = LlavaNextConfig(
@@ -138,7 +140,7 @@ def build_tiny_llava_next(tmp_dir) -> Path:
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(config).eval()

@@ -33,11 +33,12 @@ VIDEO_TOKENS = 8
 AUDIO_TOKENS = 24
 
 
-def tiny_config_dict(tokenizer) -> dict:
+def tiny_config_dict(tokenizer, tie_word_embeddings: bool = False) -> dict:
     raw = tiny.build_config(tokenizer).raw
     raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, hidden_size_a=64, num_frames=4, stc_depth=1,
-               audio_seconds=0.55, audio_clips=8, audio_clip_seconds=0.0625)
+               audio_seconds=0.55, audio_clips=8, audio_clip_seconds=0.0625,
+               tie_word_embeddings=tie_word_embeddings)
     raw["vision_config"] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=70, patch_size=14, num_channels=3, hidden_act="gelu_pytorch_tanh",
                                 layer_norm_eps=1e-6)
@@ -49,10 +50,10 @@ def tiny_config_dict(tokenizer) -> dict:
     return raw
 
 
-def build_tiny_model(seed: int = 0):
+def build_tiny_model(seed: int = 0, tie_word_embeddings: bool = False):
     tokenizer = tiny.build_tokenizer()
     torch.manual_seed(seed)
-    config = VideoLLaMA2Config(tiny_config_dict(tokenizer), "fixture")
+    config = VideoLLaMA2Config(tiny_config_dict(tokenizer, tie_word_embeddings), "fixture")
     model = VideoLLaMA2ForCausalLM(config, vision_head=True, audio_predictor=True)
     with torch.no_grad():  # make every parameter distinct from its init (LayerNorms, gates, ...)
         for param in model.parameters():
@@ -60,9 +61,10 @@ def build_tiny_model(seed: int = 0):
     return model.eval(), tokenizer
 
 
-def build_tiny_videollama2(folder, seed: int = 0) -> Path:
+def build_tiny_videollama2(folder, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """With tie_word_embeddings the LM head is the input embedding, saved once (as SmolLM2's)."""
     folder = Path(folder)
-    model, tokenizer = build_tiny_model(seed)
+    model, tokenizer = build_tiny_model(seed, tie_word_embeddings)
     save_model(model, folder, max_shard_bytes=200_000)
     tokenizer.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_id}))

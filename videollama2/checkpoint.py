@@ -331,8 +331,6 @@ def load_model(cls, model_dir, dtype="auto", device="cpu", device_map=None, offl
     del state
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-        if "model.embed_tokens.weight" in index:  # the offloaded head reads the embedding's entry
-            index["lm_head.weight"] = index["model.embed_tokens.weight"]
     for module in model.modules():  # buffers built on the CPU keep their dtype; match the weights
         for name, buf in module._buffers.items():
             if buf is not None and buf.is_floating_point() and name != "inv_freq":
@@ -352,6 +350,7 @@ def _dispatch(model, device_map: dict, offload_dir, index: dict, main_device):
     GPU as main device) or "disk" are offloaded and read from their store for each forward."""
     from accelerate import dispatch_model
 
+    from mmprune.place.offload import bind_tied_weights, tied_weights
     from mmprune.place.plan import disjoint_map
 
     device_map = disjoint_map(model, device_map)
@@ -359,9 +358,12 @@ def _dispatch(model, device_map: dict, offload_dir, index: dict, main_device):
     if len(devices) == 1 and "disk" not in devices:
         return model.to(_torch_device(devices.pop()))
     kwargs = {"main_device": main_device} if main_device is not None else {}  # an index or "cpu", as in the map
+    ties = tied_weights(model)  # read before the hooks give each module its own meta tensor
     # an index (possibly empty) keeps accelerate from offloading the meta weights a second time
-    return dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir) if offload_dir else None,
-                          offload_index=index if "disk" in devices else None, **kwargs)
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir) if offload_dir else None,
+                           offload_index=index if "disk" in devices else None, **kwargs)
+    bind_tied_weights(model, ties)
+    return model
 
 
 def _shard(keys: list[str], sizes: dict[str, int], max_bytes: int, fmt: str) -> dict[str, str]:

@@ -202,9 +202,10 @@ def windows_nll(model: nn.Module, windows: list[list[int]], device=None) -> floa
     move_except(decoder, blocks, device)  # embedding and rotary tables; the blocks move one at a time
     if tied:  # move_except made a new embedding parameter: keep the head on it
         head.lm_head.weight = embed.weight
-    store = capture_block_inputs(
-        blocks[0], lambda w: decoder(input_ids=torch.tensor([w], device=device), use_cache=False), windows,
-        modality_ids_of=None, store_device=str(device), total=len(windows), desc="real-text windows")
+    with on_device(embed, device, keep_changes=False):  # an offloaded embedding is read once, not per window
+        store = capture_block_inputs(
+            blocks[0], lambda w: decoder(input_ids=torch.tensor([w], device=device), use_cache=False), windows,
+            modality_ids_of=None, store_device=str(device), total=len(windows), desc="real-text windows")
     sweep(blocks, store, _Replay(), device, desc="real-text perplexity")
     total = 0.0
     with on_device(head.final_norm, device, keep_changes=False), on_device(head.lm_head, device, keep_changes=False):

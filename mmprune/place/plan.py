@@ -76,7 +76,10 @@ def empty_model(model_path) -> tuple[nn.Module, str, list[str]]:
     from accelerate import init_empty_weights
 
     adapter = adapter_for_checkpoint(model_path)
-    with init_empty_weights():
+    # everything made on the meta device: a weight tied in the constructor stays one parameter, so
+    # accelerate counts it once and places its modules together (with buffers kept real, each
+    # parameter assignment would make a new one)
+    with init_empty_weights(include_buffers=True):
         model = adapter.empty_model(Path(model_path))
     model_type = adapter.model_type
     # every element of a `layers` list stays whole: decoder blocks and tower layers
@@ -137,6 +140,18 @@ def disjoint_map(model: nn.Module, device_map: dict) -> dict:
             out.setdefault(f"{name}.{part}" if name else part, device)
 
 
+def check_ties_together(model: nn.Module, device_map: dict) -> None:
+    """Tied weights are one tensor (stored once): their modules need one device."""
+    from accelerate.utils import find_tied_parameters
+
+    for group in find_tied_parameters(model):
+        devices = {name: device_of(name, device_map) for name in group}
+        if len(set(map(str, devices.values()))) > 1:
+            shown = ", ".join(f"{name.rsplit('.', 1)[0]} on {device}" for name, device in devices.items())
+            raise UserInputError(f"--device_map splits weights that are tied (one tensor): {shown}; give these "
+                                 "modules the same device")
+
+
 def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", method="tamp",
               nsamples: int = 128, seqlen: int = 2048, offload_activations: bool = False,
               shard_bytes: int = 5 * GiB, compute_device=None, longest: int | None = None) -> MemoryPlan:
@@ -185,6 +200,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
             raise UserInputError(f"--device_map places no device for {len(missing)} weights of the model (e.g. "
                                  f"{', '.join(missing[:3])}); add their modules, or an entry \"\" for the rest")
         placement = disjoint_map(model, placement)
+        check_ties_together(model, placement)
     else:
         with _quiet_accelerate():
             if device_map in ("auto", "balanced") and len(gpus) > 1:
