@@ -65,13 +65,17 @@ test-fast: setup
 # Every method x sparsity x seed on the embedded LLaVA-NeXT -> docs/results.md. On the SmolLM2 default a
 # run costs 2-4 min on one core, so the default 132-run grid takes several hours on 2 CPU cores (docs/results.md
 # names the smaller settings of its table); EMBEDDED_MODEL=tiny make quality: the tiny model's section, ~16 min.
+# CALIBRATION=cross-kind or generic: calibration that differs from the evaluated questions (docs/method.md,
+# "Calibration settings of the quality grids"), in its own section; in-task (default) is the task's own data.
+CALIBRATION ?= in-task
 quality: setup
-	$(PY) -m llava.quality
+	$(PY) -m llava.quality --calibration $(CALIBRATION)
 
 # The same grid on the embedded VideoLLaMA2-AV (hard task; per-kind accuracy, DAS terms of the 6 modality
-# pairs) -> docs/results.md section av-weight-pruning. Hours on 2 CPU cores for the default grid, like `quality`.
+# pairs) -> docs/results.md section av-weight-pruning (CALIBRATION as for `quality`: av-weight-pruning-cross-kind,
+# ...). Hours on 2 CPU cores for the default grid, like `quality`.
 quality-av: setup
-	$(PY) -m videollama2.quality
+	$(PY) -m videollama2.quality --calibration $(CALIBRATION)
 
 # FitPrune recipes, accuracy and prefill timing on the embedded LLaVA-NeXT -> docs/results.md (minutes).
 fitprune-results: setup

@@ -19,7 +19,7 @@ from torch import nn
 
 from fixtures_llava import build_tiny_llava_next
 from fixtures_videollama2 import build_tiny_videollama2
-from mmprune.run.cli import run_main
+from mmprune.base.entry import run_main
 from mmprune.base.errors import UserInputError
 from mmprune.place.offload import materialized, metering, offloaded_value
 from script_runs import load_tensors

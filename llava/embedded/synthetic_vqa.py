@@ -302,6 +302,34 @@ def make_conversation(rng: random.Random, max_objects: int, max_turns: int) -> t
         return scene, [questions[i] for i in chosen]
 
 
+DESCRIBE_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
+
+
+def _place_words(obj: Obj, scene: Scene) -> str:
+    """Where an object sits, in words: "at the top left", "on the right", "in the middle"."""
+    horizontal = _position_answer(obj, scene, "horizontal")
+    vertical = _position_answer(obj, scene, "vertical")
+    if horizontal and vertical:
+        return f"at the {vertical} {horizontal}"
+    if horizontal:
+        return f"on the {horizontal}"
+    return f"at the {vertical}" if vertical else "in the middle"
+
+
+def describe_scene(rng: random.Random, scene: Scene) -> tuple:
+    """(prompt, caption): an image-description turn (not a question of the VQA task), naming each
+    object's colour, shape and place, in one of two sentence forms."""
+    items = [f"a {o.color} {o.shape} {_place_words(o, scene)}" for o in scene.objects]
+    listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    n = len(scene.objects)
+    if rng.random() < 0.5:
+        amount = "a single shape" if n == 1 else f"{COUNT_WORDS[n]} shapes"
+        caption = f"The image shows {amount} on a plain light background: {listed}."
+    else:
+        caption = f"{listed[0].upper()}{listed[1:]} {'stands' if n == 1 else 'stand'} on a plain light background."
+    return rng.choice(DESCRIBE_PROMPTS), caption
+
+
 def conversation_record(turns: list, task: str, index: int) -> dict:
     """A multi-turn raw-format record; the image placeholder opens the first question."""
     conversations = []

@@ -6,6 +6,12 @@ an evaluation) and the words of their section; everything else lives here once.
 
 Each run starts from the same dense weights (restored in memory) and the same captured calibration
 inputs for its seed, so differences between methods come from the methods alone.
+
+`--calibration` picks where the calibration data comes from: `in-task` (the evaluation's own task,
+as before) or a transfer setting the adapter generates from each seed (`cross-kind`: questions of
+other kinds than the evaluated ones; `generic`: conversations that are not the task's questions).
+The setting names every table, goes into the output names (in-task keeps the old ones) and is part
+of each saved worker result, so results of different settings never mix.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from mmprune.run.report import block_term_means, toolkit_commit, update_markdown
 from mmprune.prune.sparsity import SparsityPattern
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp"]
+CALIBRATIONS = ("in-task", "cross-kind", "generic")
+DEFAULT_CALIBRATION = "in-task"
 
 
 @dataclass
@@ -61,10 +69,32 @@ class Section:
     meta: dict = field(default_factory=dict)  # extra fields of the JSON's meta
     kinds: dict = field(default_factory=dict)  # question kind -> its table's words, e.g. {"both": "questions on both streams"}
     das_terms: bool = False  # a table of the DAS terms of one TAMP run
+    setting: str = DEFAULT_CALIBRATION  # the --calibration setting, named in the heading and every table
+    evaluation: str = ""  # which held-out questions, e.g. "count and position questions" ("": all of them)
 
 
-def add_grid_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, module: str) -> None:
-    """The grid's own flags (the adapters add their model and data flags)."""
+def section_heading(what: str, setting: str, title: str) -> str:
+    """"## Weight pruning, cross-kind calibration: <model>": the setting is part of every heading."""
+    return f"## {what}, {setting} calibration: {title}"
+
+
+def make_defaults(target: str, setting: str, words: str) -> str:
+    """What `make <target>` runs, for the section's regenerate line (a transfer setting through
+    the Makefile's CALIBRATION variable)."""
+    extra = "" if setting == DEFAULT_CALIBRATION else f" CALIBRATION={setting}"
+    return f"`make {target}{extra}` runs the defaults: {words}"
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, module: str,
+                       calibrations: dict | None = None) -> None:
+    """The grid's own flags (the adapters add their model and data flags); `calibrations` maps each
+    --calibration setting to the adapter's words for its --help."""
+    words = calibrations or {}
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION,
+                        help="where the calibration data comes from (default %(default)s; docs/method.md, "
+                             "\"Calibration settings of the quality grids\"): "
+                             + "; ".join(f"{name}: {words.get(name, '')}".rstrip(": ") for name in CALIBRATIONS)
+                             + ". Each setting writes its own section, JSON and plot")
     parser.add_argument("--eval_samples", type=int, default=None)
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
                         help="greedy answer length (default %(default)s); the embedded answers are a few tokens, so a "
@@ -88,9 +118,12 @@ def add_grid_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, mod
     parser.set_defaults(grid_module=module)
 
 
-def output_names(section: str, stem: str, suffix: str) -> dict:
+def output_names(section: str, stem: str, suffix: str, calibration: str = DEFAULT_CALIBRATION) -> dict:
     """Section, JSON and plot names of a results family; a model's `suffix` ("_tiny") keeps its
-    results beside the default model's."""
+    results beside the default model's, and a transfer setting's beside the in-task ones (which
+    keep the names they had before the settings existed)."""
+    if calibration != DEFAULT_CALIBRATION:
+        suffix = "_" + calibration.replace("-", "_") + suffix
     return {"section": section + suffix.replace("_", "-"), "json": f"{stem}{suffix}.json",
             "plot": f"{stem}_accuracy{suffix}.png"}
 
@@ -117,8 +150,9 @@ def setting_label(sparsity: float, pattern: SparsityPattern) -> str:
 
 
 def run_grid(args, grid: GridModel) -> dict:
-    """{"dense", "runs", "minutes"}: the dense evaluation (unless --skip_dense), then every
-    (seed, method, setting) of args (--only_seed: that seed only)."""
+    """{"calibration", "dense", "runs", "minutes"}: the dense evaluation (unless --skip_dense), then
+    every (seed, method, setting) of args (--only_seed: that seed only), calibrated as
+    args.calibration says."""
     dense_state = {k: v.clone() for k, v in grid.model.state_dict().items()}
     started = time.perf_counter()
     dense = None if args.skip_dense else grid.evaluate()
@@ -143,9 +177,9 @@ def run_grid(args, grid: GridModel) -> dict:
                                         grid.head, dense_sweeps)
                 result = grid.evaluate()
                 run = {"method": method, "setting": setting_label(sparsity, pattern), "seed": seed,
-                       "achieved_sparsity": outcome.achieved, "accuracy": result["accuracy"],
-                       "answer_perplexity": result["answer_perplexity"], "per_kind": result["per_kind"],
-                       "realtext": result.get("realtext"), "prune_seconds": sum(timer.seconds.values())}
+                       "calibration": calibration_of(args), "achieved_sparsity": outcome.achieved,
+                       "accuracy": result["accuracy"], "answer_perplexity": result["answer_perplexity"],
+                       "per_kind": result["per_kind"], "realtext": result.get("realtext"), "prune_seconds": sum(timer.seconds.values())}
                 if outcome.das is not None:
                     run["das_block_terms"] = block_term_means(outcome.das.group_terms)
                 runs.append(run)
@@ -153,7 +187,8 @@ def run_grid(args, grid: GridModel) -> dict:
                       f"{result['answer_perplexity']:.3f} real-text ppl {realtext_text(result)} "
                       f"({run['prune_seconds']:.1f}s)", file=sys.stderr)
     grid.model.load_state_dict(dense_state)
-    return {"dense": dense, "runs": runs, "minutes": (time.perf_counter() - started) / 60}
+    return {"calibration": calibration_of(args), "dense": dense, "runs": runs,
+            "minutes": (time.perf_counter() - started) / 60}
 
 
 def work_units(args) -> list[tuple[int, str]]:
@@ -197,23 +232,41 @@ def run_in_workers(args, argv: list[str]) -> dict:
             raise
         loaded = [json.load(open(path)) for path in paths]
     runs = [run for part in loaded for run in part["runs"]]
-    return {"dense": loaded[0]["dense"], "runs": runs, "minutes": (time.perf_counter() - started) / 60}
+    return {"calibration": calibration_of(args), "dense": loaded[0]["dense"], "runs": runs,
+            "minutes": (time.perf_counter() - started) / 60}
+
+
+def calibration_of(args) -> str:
+    """args' --calibration setting (in-task for argument objects made without it)."""
+    return getattr(args, "calibration", DEFAULT_CALIBRATION)
+
+
+def partial_calibration(part: dict) -> str:
+    """The --calibration setting a saved worker result was measured with (results saved before the
+    option existed are in-task)."""
+    return part.get("calibration", DEFAULT_CALIBRATION)
 
 
 def merge_partials(args, files: list) -> dict:
-    """{dense, runs, minutes} from worker results saved by separate runs: runs in table order (seed,
-    then --methods order), the dense result from the worker that has it, minutes summed."""
+    """{calibration, dense, runs, minutes} from worker results saved by separate runs: runs in table
+    order (seed, then --methods order), the dense result from the worker that has it, minutes
+    summed. Every file must have been measured with args.calibration."""
     loaded = []
     for path in files:
         with open(path, encoding="utf-8") as handle:
             loaded.append(json.load(handle))
+        if partial_calibration(loaded[-1]) != calibration_of(args):
+            raise UserInputError(f"--from_partials {path} was measured with --calibration "
+                                 f"{partial_calibration(loaded[-1])}, this run asks for --calibration "
+                                 f"{calibration_of(args)}; pass the partials of one setting with its --calibration")
     dense = [part["dense"] for part in loaded if part.get("dense")]
     if not dense:
         raise UserInputError("none of --from_partials holds the dense result (run one worker without --skip_dense)")
     order = {(seed, method): i for i, (seed, method) in enumerate(work_units(args))}
     runs = sorted((run for part in loaded for run in part["runs"]),
                   key=lambda run: order.get((run["seed"], run["method"]), len(order)))
-    return {"dense": dense[0], "runs": runs, "minutes": sum(part["minutes"] for part in loaded), "merged": True}
+    return {"calibration": calibration_of(args), "dense": dense[0], "runs": runs,
+            "minutes": sum(part["minutes"] for part in loaded), "merged": True}
 
 
 def run(args, argv: list[str], load: Callable[[object], GridModel], write: Callable[[object, dict], None]) -> dict:
@@ -273,7 +326,7 @@ def table(title: str, labels: list, dense_value: str, methods: list, by_key: dic
     return lines
 
 
-def realism_check(results: dict, by_key: dict) -> list:
+def realism_check(results: dict, by_key: dict, tag: str = "") -> list:
     """The literature's ordering on real LLMs: at 0.5 unstructured, Wanda's real-text perplexity is
     below magnitude's. Stated from the measured numbers, whichever way they fall."""
     dense = realtext_value(results["dense"])
@@ -284,7 +337,7 @@ def realism_check(results: dict, by_key: dict) -> list:
     holds = statistics.mean(wanda) < statistics.mean(mag)
     verdict = ("holds: Wanda's is below magnitude's, as on real LLMs" if holds else
                "does NOT hold: Wanda's is not below magnitude's, unlike real LLMs")
-    return ["", "### Realism check", "",
+    return ["", f"### Realism check{tag}", "",
             f"Real-text perplexity at 0.5 unstructured: dense {dense:.1f}, magnitude {statistics.mean(mag):.1f}, "
             f"Wanda {statistics.mean(wanda):.1f} (mean over seeds). The ordering {verdict}."]
 
@@ -294,7 +347,7 @@ def kind_accuracy(run: dict, kind: str):
     return None if entry is None else 100 * entry["accuracy"]
 
 
-def das_terms_lines(runs: list, plot_name: str | None) -> list:
+def das_terms_lines(runs: list, plot_name: str | None, tag: str = "") -> list:
     """The DAS diversity terms of the first TAMP run at 0.5 (else the first run that has terms):
     per block, the mean over its linears, and their mean over blocks."""
     chosen = next((r for r in runs if r["method"] == "tamp" and r["setting"] == "0.5" and r.get("das_block_terms")),
@@ -306,7 +359,7 @@ def das_terms_lines(runs: list, plot_name: str | None) -> list:
     order = sorted(blocks, key=int)
     shown = sorted({order[0], order[len(order) // 4], order[len(order) // 2], order[3 * len(order) // 4], order[-1]},
                    key=int)
-    lines = ["", f"### DAS diversity terms ({chosen['method']} {chosen['setting']}, seed {chosen['seed']})", "",
+    lines = ["", f"### DAS diversity terms ({chosen['method']} {chosen['setting']}, seed {chosen['seed']}){tag}", "",
              f"Mean over each block's linears of each of the {len(names)} intra/inter-modality terms of the dense "
              "sweep (larger: more diverse outputs, so less pruning); all blocks"
              + (f" in `{plot_name}`" if plot_name else "") + ".", "",
@@ -319,12 +372,20 @@ def das_terms_lines(runs: list, plot_name: str | None) -> list:
     return lines
 
 
+def dense_split_text(dense: dict, kinds: dict) -> str:
+    """The dense model's accuracy on the evaluation split, overall and per question kind."""
+    per_kind = [f"{kind} {kind_accuracy(dense, kind):.1f}%" for kind in kinds if kind in dense.get("per_kind", {})]
+    return f"dense accuracy {100 * dense['accuracy']:.1f}%" + (f" ({', '.join(per_kind)})" if per_kind else "")
+
+
 def write_section(args, results: dict, section: Section) -> None:
     """docs/results.md's section, the raw JSON and the plot(s) of a grid's results."""
     os.makedirs(args.out_dir, exist_ok=True)
     labels = [setting_label(s, p) for s, p in settings(args)]
     dense = results["dense"]
-    meta = {"date": _dt.date.today().isoformat(), "commit": toolkit_commit(), "versions": versions(), **section.meta,
+    tag = f" ({section.setting} calibration)"  # every table names the setting
+    meta = {"date": _dt.date.today().isoformat(), "commit": toolkit_commit(), "versions": versions(),
+            "calibration": section.setting, **section.meta,
             "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
             "eval_samples": dense["n"], "max_new_tokens": args.max_new_tokens,
             "realtext_tokens": args.realtext_tokens, "minutes": round(results["minutes"], 1)}
@@ -341,12 +402,14 @@ def write_section(args, results: dict, section: Section) -> None:
         + (f"{results['minutes']:.0f} worker-minutes (one process per method, one thread each) on this machine's CPU."
            if results.get("merged") else f"{results['minutes']:.1f} minutes on this machine's CPU."),
         "",
-        f"Model `{meta.get('model_path')}`; calibration: {section.calibration}, {args.nsamples} samples, seeds "
+        f"Model `{meta.get('model_path')}`; calibration setting **{section.setting}**: {section.calibration}, "
+        f"{args.nsamples} samples, seeds "
         f"{', '.join(map(str, args.seeds))} (mean ± half the range over seeds; magnitude reads no data, one run"
         + (f"; ECoFLaP's zeroth-order scores from {args.ecoflap_samples} of the samples" if args.ecoflap_samples else "")
         + "); "
-        f"evaluation: {dense['n']} held-out samples of `{meta.get('eval_data_path')}`, greedy exact match "
-        f"(at most {args.max_new_tokens} new tokens).",
+        f"evaluation: {dense['n']} held-out samples{f' ({section.evaluation})' if section.evaluation else ''} of "
+        f"`{meta.get('eval_data_path')}`, greedy exact match (at most {args.max_new_tokens} new tokens); "
+        f"{dense_split_text(dense, section.kinds)}.",
     ]
     missing = [m for m in args.methods if m not in methods]
     if missing:
@@ -355,20 +418,20 @@ def write_section(args, results: dict, section: Section) -> None:
         lines += ["", f"Real-text perplexity: the language decoder alone on {realtext['tokens']:,} tokens of English "
                       f"text from Python's standard library (`mmprune/evaluate/realtext.py`, sha256 `{realtext['sha256'][:12]}…`, "
                       f"windows of {realtext['window']}); \"diverged\" marks runs whose loss overflowed."]
-    lines += table("Accuracy (%)", labels, f"{100 * dense['accuracy']:.1f}", methods, by_key,
+    lines += table(f"Accuracy (%){tag}", labels, f"{100 * dense['accuracy']:.1f}", methods, by_key,
                    lambda r: 100 * r["accuracy"], 1)
     for kind, words in section.kinds.items():
         if kind in dense.get("per_kind", {}):
-            lines += table(f"Accuracy (%), {words}", labels, f"{kind_accuracy(dense, kind):.1f}", methods,
+            lines += table(f"Accuracy (%), {words}{tag}", labels, f"{kind_accuracy(dense, kind):.1f}", methods,
                            by_key, lambda r, kind=kind: kind_accuracy(r, kind), 1)
-    lines += table("Answer-token perplexity", labels, f"{dense['answer_perplexity']:.3f}", methods,
+    lines += table(f"Answer-token perplexity{tag}", labels, f"{dense['answer_perplexity']:.3f}", methods,
                    by_key, lambda r: r["answer_perplexity"], 3)
     if realtext.get("tokens"):
-        lines += table("Real-text perplexity", labels, realtext_text(dense), methods, by_key, realtext_value, 1)
-        lines += realism_check(results, by_key)
+        lines += table(f"Real-text perplexity{tag}", labels, realtext_text(dense), methods, by_key, realtext_value, 1)
+        lines += realism_check(results, by_key, tag)
     terms_plot = section.plot_name.replace(".png", "_das_terms.png") if section.das_terms else None
     if section.das_terms:
-        terms = das_terms_lines(results["runs"], terms_plot)
+        terms = das_terms_lines(results["runs"], terms_plot, tag)
         lines += terms
         if not terms:
             terms_plot = None
@@ -376,14 +439,15 @@ def write_section(args, results: dict, section: Section) -> None:
              f"--patterns {' '.join(args.patterns)} "
              f"--seeds {' '.join(map(str, args.seeds))} --nsamples {args.nsamples} --eval_samples {dense['n']} "
              f"--max_new_tokens {args.max_new_tokens} --realtext_tokens {args.realtext_tokens}"
-             + (f" --ecoflap_samples {args.ecoflap_samples}" if args.ecoflap_samples else ""))
+             + (f" --ecoflap_samples {args.ecoflap_samples}" if args.ecoflap_samples else "")
+             + f" --calibration {section.setting}")
     lines += ["", f"![accuracy and real-text perplexity against sparsity]({section.plot_name})", "",
               f"Regenerate with `{section.command_prefix}{section.producer} {flags}` ({section.defaults}); raw runs "
               "(per seed, per question kind, achieved sparsity, pruning time) are in "
               f"`{os.path.join(os.path.basename(os.path.normpath(args.out_dir)), section.json_name)}`.", ""]
     update_markdown_section(os.path.join(args.out_dir, "results.md"), section.name, "\n".join(lines),
                             title=section.results_title)
-    title = section.heading.lstrip("# ").split(": ", 1)[-1].replace("`", "")
+    title = section.heading.lstrip("# ").split(": ", 1)[-1].replace("`", "") + tag
     plot(args, results, by_key, methods, os.path.join(args.out_dir, section.plot_name), title)
     if terms_plot:
         plot_das_terms(results["runs"], os.path.join(args.out_dir, terms_plot), title)

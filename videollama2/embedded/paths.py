@@ -31,9 +31,11 @@ class EmbeddedData:
     eval_data_path: Path
     media_folder: Path
     title: str
+    variant: str = "basic"  # synthetic_av's task variant, for data generated on the fly
 
 
-DATA = {"smol": EmbeddedData(HARD_DATA_PATH, HARD_EVAL_DATA_PATH, HARD_MEDIA_FOLDER, "hard synthetic audio-visual QA"),
+DATA = {"smol": EmbeddedData(HARD_DATA_PATH, HARD_EVAL_DATA_PATH, HARD_MEDIA_FOLDER, "hard synthetic audio-visual QA",
+                             "hard"),
         "tiny": EmbeddedData(DATA_PATH, EVAL_DATA_PATH, MEDIA_FOLDER, "synthetic audio-visual QA")}
 
 

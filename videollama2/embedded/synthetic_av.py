@@ -231,6 +231,29 @@ def draw_question(rng: random.Random, spec, kind: str) -> tuple[str, str]:
     return rng.choice(questions_for(spec, kind))
 
 
+DESCRIBE_PROMPTS = ("Describe the clip.", "What happens in this video?", "Describe what you see and hear.")
+
+
+def describe_clip(rng: random.Random, spec) -> tuple[str, str]:
+    """(prompt, caption): a clip-description turn (not a question of the task) naming the shapes in
+    the order they appear and when each sound is heard, for either variant's spec."""
+    shapes = [f"a {s.color} {s.shape}" for s in spec.shapes]
+    sequence = ", then ".join(shapes)
+    seen = (f"{sequence[0].upper()}{sequence[1:]} move across the screen, one after the other." if rng.random() < 0.5
+            else f"The clip shows {sequence} crossing a dark screen.")
+    if isinstance(spec, HardClipSpec):
+        if spec.overlap:
+            heard = (f"A {spec.sounds[0].sound} and a {spec.sounds[1].sound} sound together in the "
+                     f"{SLOTS[spec.sounds[0].slot]} part.")
+        else:
+            first, second = sorted(spec.sounds, key=lambda s: s.slot)
+            heard = (f"A {first.sound} sounds in the {SLOTS[first.slot]} part and a {second.sound} in the "
+                     f"{SLOTS[second.slot]} part.")
+    else:
+        heard = f"A {spec.sound} sounds {spec.timing} in the clip."
+    return rng.choice(DESCRIBE_PROMPTS), f"{seen} {heard}"
+
+
 def raw_annotation(video_id: str, question: str, answer: str, kind: str) -> dict:
     """One AVInstruct (Bay-CAT) style annotation."""
     return {"video_id": video_id, "kind": kind, "conversations": [
