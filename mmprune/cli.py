@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmprune.amia import AMIAConfig
+from mmprune.atv import GROUPINGS, ATVConfig
 from mmprune.calibration import CalibrationStore
 from mmprune.das import DASConfig
 from mmprune.checks import check_seed, resolve_device
@@ -72,6 +73,12 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--amia_features", choices=["output", "input"], default="output")
     ours.add_argument("--amia_scope", choices=["linear", "block"], default="linear")
     ours.add_argument("--amia_knn", type=int, default=3)
+    ours.add_argument("--atv_alpha", type=float, default=1.0,
+                      help="ATV: visual tokens per sample k = round(min(1, alpha * mean drift) * n_text), at most "
+                           "n_visual (default 1, the paper's; 0 counts text tokens only)")
+    ours.add_argument("--atv_modalities", choices=GROUPINGS, default="separate",
+                      help="ATV with several non-text modalities (VideoLLaMA2: video, audio): each on its own "
+                           "drift and k (separate, default) or all as one visual set (pooled)")
     ours.add_argument("--row_rounding", choices=["distribute", "floor"], default="distribute",
                       help="per-row prune counts: exact total per matrix (default) or floor(C*s) per row (Wanda)")
     ours.add_argument("--magnitude_group", choices=["matrix", "row"], default="matrix",
@@ -177,6 +184,7 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
         max_sparsity_per_layer=cap,
         das=DASConfig(similarity_mode=mode, granularity=das_granularity(args), allocation=args.allocation),
         amia=AMIAConfig(knn=args.amia_knn, similarity_mode=mode, features=args.amia_features, scope=args.amia_scope),
+        atv=ATVConfig(alpha=args.atv_alpha, grouping=args.atv_modalities),
         row_rounding=args.row_rounding,
         sparsity_dict_path=args.sparsity_dict,
         device=default_device(args.device),
