@@ -34,7 +34,7 @@ from mmprune.place.options import DEVICE_MAP_MODES, parse_device_map, parse_max_
 
 GiB = 1024 ** 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_WANDA_FAMILY = ("tamp", "wanda", "owl", "ecoflap", "das", "amia", "magnitude")
+_WANDA_FAMILY = ("tamp", "wanda", "owl", "ecoflap", "das", "amia", "atv", "magnitude")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 For each decoder block: move it to the compute device, run every calibration sample through it
 with hooks on its linears (a visitor collects statistics), let the visitor prune, then run the
 pruned block again to produce the next block's inputs. Only one block is on the device at a time;
-the captured states may stay on the CPU.
+the captured states may stay on the CPU. A visitor may ask for one more dense pass, without hooks,
+before the statistics (ATV ranks tokens by a drift averaged over all samples).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class BlockVisitor(Protocol):
 
     def end_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> None: ...
 
+    # optional: a visitor with `prescans = True` also gets prescan(index, sample, block_input,
+    # block_output, modality_ids) for every sample, then end_prescan(index), before observe()
+
 
 @contextmanager
 def on_device(module: nn.Module, device: torch.device | str, keep_changes: bool = True):
@@ -119,6 +123,13 @@ def sweep(
         with on_device(block, device, keep_changes=visitor.modifies_block):
             linears = block_linears(block)
             visitor.begin_block(index, block, linears)
+            if getattr(visitor, "prescans", False):
+                # a dense pass before the statistics, for a rule that needs every sample's output first (ATV)
+                for sample in range(len(store)):
+                    hidden, kwargs = store.inputs(sample, device)
+                    visitor.prescan(index, sample, hidden, block_output(block, hidden, kwargs),
+                                    store.modality_ids[sample].to(device))
+                visitor.end_prescan(index)
             with LinearTaps(linears, visitor.keep_outputs) as taps:
                 for sample in tqdm(range(len(store)), desc=f"block {index}", unit="sample", leave=False):
                     hidden, kwargs = store.inputs(sample, device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mmprune.prune.selection.amia import AMIAConfig
+from mmprune.prune.selection.atv import ATVConfig
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.allocation.rules import allocate
 from mmprune.prune.allocation.das import DASConfig, DASResult, DiversitySweep, block_name, das_allocation, linear_name
@@ -39,6 +40,7 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     "das": ("das", "wanda", "all"),
     "amia": ("uniform", "wanda", "amia"),
     "tamp": ("das", "wanda", "amia"),
+    "atv": ("uniform", "wanda", "atv"),
 }
 
 
@@ -50,6 +52,7 @@ class PruneConfig:
     max_sparsity_per_layer: float | None = None  # default: target + 0.1, as the public scripts
     das: DASConfig = field(default_factory=DASConfig)
     amia: AMIAConfig = field(default_factory=AMIAConfig)
+    atv: ATVConfig = field(default_factory=ATVConfig)
     owl: OWLConfig = field(default_factory=OWLConfig)
     ecoflap: ECoFLaPConfig = field(default_factory=ECoFLaPConfig)
     row_rounding: str = "distribute"
@@ -110,6 +113,10 @@ class PruneConfig:
     @property
     def uses_amia(self) -> bool:
         return PRESETS[self.method][2] == "amia"
+
+    @property
+    def uses_atv(self) -> bool:
+        return PRESETS[self.method][2] == "atv"
 
     @property
     def needs_calibration(self) -> bool:
@@ -259,11 +266,15 @@ def prune_decoder(
     if cfg.pruner == "sparsegpt":
         pruner = SparseGPTPruner(prefix, cfg.pattern, plan)
     else:
-        pruner = WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
+        pruner = WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding,
+                             cfg.atv if cfg.uses_atv else None, modality_names)
     with timer.phase("prune_sweep"):
         sweep(blocks, store, pruner, cfg.device, desc=f"prune ({cfg.method})")
     if cfg.pruner == "sparsegpt":
         details["sparsegpt"] = {"blocksize": pruner.blocksize, "percdamp": pruner.percdamp,
                                 "raised_damping": pruner.damping, "reconstruction_loss": pruner.losses}
         return PruneOutcome(pruner.results, plan, das_result, None, details)
+    if pruner.atv is not None:
+        details["atv"] = {"alpha": cfg.atv.alpha, "modalities": cfg.atv.grouping,
+                          "per_block": {str(i): b for i, b in pruner.atv.report.items()}}
     return PruneOutcome(pruner.results, plan, das_result, pruner.selection if cfg.uses_amia else None, details)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmprune.prune.selection.amia import AMIAConfig
+from mmprune.prune.selection.atv import GROUPINGS, ATVConfig
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.allocation.das import DASConfig
 from mmprune.run.checks import check_seed, resolve_device
@@ -24,10 +25,10 @@ from mmprune.place.offload import folder_bytes, metering
 from mmprune.base.output import atomic_output_dir
 from mmprune.place.placement import Placement, add_placement_arguments, placement_report
 from mmprune.place.options import parse_device_map, parse_max_memory, parse_size
+from mmprune.base.memory import peak_memory
 from mmprune.prune.pipeline import (
     PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, file_plan, prune_decoder,
 )
-from mmprune.base.memory import peak_memory
 from mmprune.evaluate.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.run.report import build_report, plot_sparsity, write_report
 from mmprune.prune.sparsity import SparsityPattern, check_ratio
@@ -63,6 +64,12 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--amia_features", choices=["output", "input"], default="output")
     ours.add_argument("--amia_scope", choices=["linear", "block"], default="linear")
     ours.add_argument("--amia_knn", type=int, default=3)
+    ours.add_argument("--atv_alpha", type=float, default=1.0,
+                      help="ATV: visual tokens per sample k = round(min(1, alpha * mean drift) * n_text), at most "
+                           "n_visual (default 1, the paper's; 0 counts text tokens only)")
+    ours.add_argument("--atv_modalities", choices=GROUPINGS, default="separate",
+                      help="ATV with several non-text modalities (VideoLLaMA2: video, audio): each on its own "
+                           "drift and k (separate, default) or all as one visual set (pooled)")
     ours.add_argument("--row_rounding", choices=["distribute", "floor"], default="distribute",
                       help="per-row prune counts: exact total per matrix (default) or floor(C*s) per row (Wanda)")
     ours.add_argument("--magnitude_group", choices=["matrix", "row"], default="matrix",
@@ -168,6 +175,7 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
         max_sparsity_per_layer=cap,
         das=DASConfig(similarity_mode=mode, granularity=das_granularity(args), allocation=args.allocation),
         amia=AMIAConfig(knn=args.amia_knn, similarity_mode=mode, features=args.amia_features, scope=args.amia_scope),
+        atv=ATVConfig(alpha=args.atv_alpha, grouping=args.atv_modalities),
         row_rounding=args.row_rounding,
         sparsity_dict_path=args.sparsity_dict,
         device=default_device(args.device),

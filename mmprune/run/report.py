@@ -174,4 +174,14 @@ def modality_summary(report: dict) -> str:
         for index in sorted(blocks, key=int):
             cells = [blocks[index].get(n, float("nan")) for n in names]
             lines.append(f"  {int(index):5d} " + " ".join(f"{c:13.4f}" for c in cells))
+    atv = report.get("atv", {}).get("per_block")
+    if atv:
+        names = list(next(iter(atv.values()))["mean_drift"])
+        lines.append("ATV per block: mean drift and share of each modality's tokens counted in ||X||")
+        lines.append("  block " + " ".join(f"{n + ' drift':>14} {n + ' kept':>13}" for n in names)
+                     + "   all tokens counted")
+        for index in sorted(atv, key=int):
+            b = atv[index]
+            cells = " ".join(f"{b['mean_drift'][n]:14.4f} {b['visual_kept_share'][n]:13.3f}" for n in names)
+            lines.append(f"  {int(index):5d} {cells} {b['counted_token_share']:20.3f}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Wanda pruning (|W| * ||X||, per-row groups or N:M), with pluggable per-linear sparsity (uniform,
-DAS, OWL, ...) and pluggable tokens in ||X|| (all tokens, or AMIA's representative set)."""
+DAS, OWL, ...) and pluggable tokens in ||X|| (all tokens, AMIA's representative set, or ATV's
+text plus highest-drift visual tokens)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from mmprune.prune.selection.amia import AMIAConfig, select_tokens
+from mmprune.prune.selection.atv import ATVConfig, DriftSelection, token_drift
 from mmprune.prune.attention import last_token_attention
 from mmprune.prune.allocation.das import linear_name
 from mmprune.prune.driver import LinearTaps
@@ -65,6 +67,8 @@ class WandaPruner:
         sparsity: dict[str, float],
         amia: AMIAConfig | None = None,
         row_rounding: str = "distribute",
+        atv: ATVConfig | None = None,
+        modality_names: dict[int, str] | None = None,
     ):
         self.prefix = prefix
         self.pattern = pattern
@@ -76,12 +80,29 @@ class WandaPruner:
         self.selection = SelectionStats()
         self._norms = InputNorms()
         self._block: nn.Module | None = None
+        if atv is not None and amia is not None:
+            raise ValueError("AMIA and ATV are two token rules; give one")
+        self.atv = DriftSelection(atv, modality_names or {}) if atv is not None else None
+        self.prescans = self.atv is not None  # the driver runs prescan() over every sample first
 
     def begin_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> None:
         self._norms = InputNorms()
         self._block = block
+        if self.atv is not None:
+            self.atv.begin_block()
+
+    def prescan(self, index, sample, block_input, block_output, modality_ids) -> None:
+        self.atv.add(sample, token_drift(block_input, block_output), modality_ids)
+
+    def end_prescan(self, index: int) -> None:
+        self.atv.finish_block(index)
 
     def observe(self, index, sample, block_input, block_output, taps: LinearTaps, modality_ids, kwargs) -> None:
+        if self.atv is not None:
+            kept = self.atv.kept(sample)  # one selection per block, shared by its linears
+            for rel, x in taps.inputs.items():
+                self._norms.add(rel, x[kept.to(x.device)])
+            return
         if self.amia is None or getattr(self._block, "self_attn", None) is None:
             # no attention to rank tokens by (e.g. an EAS block that skips it): all tokens
             for rel, x in taps.inputs.items():

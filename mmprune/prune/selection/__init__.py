@@ -1,2 +1,2 @@
-"""Token selections: which calibration tokens a pruner's statistic is taken over (AMIA), one file each.
+"""Token selections: which calibration tokens a pruner's statistic is taken over (AMIA, ATV), one file each.
 May import mmprune.base and the rest of mmprune.prune."""
