@@ -37,7 +37,7 @@ from mmprune.evaluate.realtext import add_realtext_argument
 from mmprune.run.report import block_term_means, toolkit_commit, update_markdown_section, versions
 from mmprune.prune.sparsity import SparsityPattern
 
-METHODS = ["magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp", "atv"]
 CALIBRATIONS = ("in-task", "cross-kind", "generic")
 DEFAULT_CALIBRATION = "in-task"
 
