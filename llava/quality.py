@@ -107,7 +107,8 @@ def calibration_words(args) -> tuple[str, str, dict]:
                 f"passages, sha256 `{english['sha256'][:12]}…`, disjoint from the real-text corpus), generated from "
                 "each seed (llava/transfer.py)", "", {"english_text": english})
     return (f"task `{args.task_name}` of `{embedded.shown(args.data_path)}` (single questions of every kind, the "
-            "evaluation's distribution)", "", {"data_path": embedded.shown(args.data_path), "task_name": args.task_name})
+            "evaluation's distribution)", "",
+            {"data_path": embedded.shown(args.data_path), "task_name": args.task_name})
 
 
 def write_outputs(args, results: dict) -> None:
@@ -119,8 +120,8 @@ def write_outputs(args, results: dict) -> None:
         producer="python -m llava.quality",
         command_prefix="EMBEDDED_MODEL=tiny " if embedded.is_tiny(args.model_path) else "",
         calibration=calibration, setting=args.calibration, evaluation=evaluation, kinds=KINDS,
-        defaults=grid.make_defaults("quality", args.calibration, "seeds 42 43 44, 128 samples, every held-out question, "
-                                    "4,096 real-text tokens"),
+        defaults=grid.make_defaults("quality", args.calibration, "seeds 42 43 44, 128 samples, every held-out "
+                                    "question, 4,096 real-text tokens"),
         results_title=RESULTS_TITLE,
         meta={"model_path": embedded.shown(args.model_path), "eval_data_path": embedded.shown(args.eval_data_path),
               **meta})

@@ -33,8 +33,8 @@ MAX_CALIBRATION_SEED = 10_000
 def clip_seeds(n: int, seed: int) -> list[int]:
     """The clip seeds of calibration seed `seed`'s n clips (a block of their own per seed)."""
     if not 0 <= seed < MAX_CALIBRATION_SEED or n > SEEDS_PER_CALIBRATION_SEED:
-        raise UserInputError(f"the transfer calibration draws clips for seeds 0..{MAX_CALIBRATION_SEED - 1} and at most "
-                             f"{SEEDS_PER_CALIBRATION_SEED:,} samples, got seed {seed} and {n} samples; change "
+        raise UserInputError(f"the transfer calibration draws clips for seeds 0..{MAX_CALIBRATION_SEED - 1} and "
+                             f"at most {SEEDS_PER_CALIBRATION_SEED:,} samples, got seed {seed} and {n} samples; change "
                              "--seeds / --nsamples")
     base = CLIP_SEED_OFFSET + seed * SEEDS_PER_CALIBRATION_SEED
     return [base + i for i in range(n)]

@@ -179,7 +179,8 @@ def run_grid(args, grid: GridModel) -> dict:
                 run = {"method": method, "setting": setting_label(sparsity, pattern), "seed": seed,
                        "calibration": calibration_of(args), "achieved_sparsity": outcome.achieved,
                        "accuracy": result["accuracy"], "answer_perplexity": result["answer_perplexity"],
-                       "per_kind": result["per_kind"], "realtext": result.get("realtext"), "prune_seconds": sum(timer.seconds.values())}
+                       "per_kind": result["per_kind"], "realtext": result.get("realtext"),
+                       "prune_seconds": sum(timer.seconds.values())}
                 if outcome.das is not None:
                     run["das_block_terms"] = block_term_means(outcome.das.group_terms)
                 runs.append(run)
