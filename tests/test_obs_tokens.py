@@ -15,7 +15,7 @@ from mmprune.prune.calibration import CalibrationStore, capture_block_inputs
 from mmprune.prune.driver import sweep
 from mmprune.prune.masks import nm_pattern_holds
 from mmprune.prune.methods import sparsegpt as sgpt
-from mmprune.prune.methods.sparsegpt import HessianAccumulator, SparseGPTPruner, sparsegpt_prune_
+from mmprune.prune.methods.sparsegpt import HessianAccumulator, SparseGPTPruner, eigenvalues_above, sparsegpt_prune_
 from mmprune.prune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
 from mmprune.prune.selection.token_rules import AttentionWeightConfig, SelectorRule, attention_weights
 from mmprune.prune.sparsity import SparsityPattern
@@ -79,6 +79,23 @@ def test_attention_weights_hand_checked():
             AttentionWeightConfig(floor, cap)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigenvalues_above_a_level_equal_counting_the_eigenvalues(dtype):
+    g = torch.Generator().manual_seed(1)
+    for n, rank in ((7, 7), (40, 40), (40, 9), (64, 3)):
+        x = torch.randn(rank, n, generator=g, dtype=dtype)
+        psd = x.T @ x
+        indefinite = torch.randn(n, n, generator=g, dtype=dtype)
+        indefinite = indefinite + indefinite.T  # Bunch-Kaufman takes 2x2 pivots on these
+        for matrix in (psd, indefinite, torch.zeros(n, n, dtype=dtype)):
+            eig = torch.linalg.eigvalsh(matrix)
+            for level in (-1.0, 0.0, 1e-3, float(eig.median()), float(eig.max()) + 1):
+                gaps = (eig - level).abs()
+                if float(gaps.min()) < 1e-4 * max(float(eig.abs().max()), 1.0):
+                    continue  # an eigenvalue at the level itself: either answer is rounding
+                assert eigenvalues_above(matrix, level) == int((eig > level).sum()), (n, rank, level)
+
+
 def _hessian_spy(monkeypatch):
     """Records the Hessian (and dead columns) each linear is pruned with; the real function runs."""
     seen = []
@@ -140,7 +157,9 @@ def test_pruner_hessian_is_the_slow_sum_over_the_rule_tokens(monkeypatch, kind):
     fact = pruner.hessians["layers.0.self_attn.q_proj"]
     assert fact["linears"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     assert fact["tokens"] == tokens and fact["total_tokens"] == sum(x.shape[0] for x in xs)
-    assert fact["rank"] == int(torch.linalg.matrix_rank(expected.float(), hermitian=True))
+    delta = 0.01 * float(q_hessian.diagonal().mean())  # the damping SparseGPT added
+    assert fact["rank"] == int((torch.linalg.eigvalsh(q_hessian) > delta).sum())
+    assert fact["rank_bound"] == min(tokens, 32)
 
 
 def last_token_only(features, attention, modality_ids):
@@ -158,7 +177,7 @@ def test_too_small_selection_is_damped_as_sparsegpt_damps_and_reported(monkeypat
     assert len(pruner.hessians) == 4 * len(model.model.layers)
     for fact in pruner.hessians.values():
         assert fact["tokens"] == len(store) < fact["columns"]
-        assert fact["rank"] <= len(store) and fact["rank_above_damping"] <= len(store)
+        assert fact["rank"] <= fact["rank_bound"] == len(store)
         assert fact["damping"] == 0.01  # H + 0.01 mean(diag) I factors: no raised damping
     assert not pruner.damping
     # the damping SparseGPT adds: the same call on the same Hessian gives the same weights
@@ -252,6 +271,7 @@ def test_token_report_in_the_outcome():
     _, outcome = _prune_tiny("amia-sparsegpt")
     tokens = outcome.details["sparsegpt"]["tokens"]
     assert tokens["rule"] == "amia" and tokens["kind"] == "subset" and tokens["features"] == "input"
+    assert tokens["scope"] == "block"
     assert 0 < tokens["summary"]["token_share"] < 1 and tokens["summary"]["hessians"] == 4 * 3
     _, outcome = _prune_tiny("attn-sparsegpt")
     tokens = outcome.details["sparsegpt"]["tokens"]
