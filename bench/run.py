@@ -198,7 +198,9 @@ def render(r: dict) -> str:
             f"{m} **{_f(r['extrapolated'])}x** ({_f(r['per_sample'])}x, {_f(r['per_block'])}x)" for m, r in ratios.items())
             + f". Target <= 1.2x: {_target(ok)}. The token presets add AMIA's selection (or the attention row) per "
             "sample, and one LDL^T factorisation per distinct Hessian per block (the rank in the report); the AMIA "
-            "subset makes the Hessian updates cheaper (fewer rows).")
+            "subset makes the Hessian updates cheaper (fewer rows). das-sparsegpt and tamp-obs also pay DAS's dense "
+            "sweep, TAMP's own cost: the public code's `positive` similarities are O(N^2 d) for every linear output "
+            "(`--similarity_mode mean` is O(N d)).")
     for method in methods:
         x = s[method]
         phases = ", ".join(f"{k} {_f(v)} s" for k, v in x["phases_s"].items())
