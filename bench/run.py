@@ -157,7 +157,10 @@ def render(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     limit = b["limit_1_5x"]
-    for method in ("wanda", "sparsegpt", "tamp"):
+    from bench.scale import OBS_METHODS  # results written before the OBS presets lack them
+
+    methods = [m for m in ("wanda", "sparsegpt", "tamp", *OBS_METHODS) if m in s]
+    for method in methods:
         x = s[method]
         lines.append(f"| {method} | {_f(x['per_sample_s'])} s | {_f(x['per_block_s'])} s | {_hours(x['extrapolated_s'])} | "
                      f"{_f(x['peak_without_store_mb'])} MB | {_f(x['peak_without_store_mb'] / limit * 1.5)}x of the sum: "
@@ -188,10 +191,22 @@ def render(r: dict) -> str:
                      "alive (the damped copy and its Cholesky factor, then H^-1 and its factor); the bound's terms hold "
                      "no Hessian. (This work removed the identity matrix and the Hessian copy the factorisation made: "
                      "seven such matrices alive at once before, the accumulated Hessian included, three now.)")
-    for method in ("wanda", "sparsegpt", "tamp"):
+    if s.get("obs_ratios"):
+        ratios = s["obs_ratios"]
+        ok = all(r["extrapolated"] <= 1.2 for r in ratios.values())
+        lines.append("- OBS presets against SparseGPT (extrapolated time ratio; per sample, per block): " + ", ".join(
+            f"{m} **{_f(r['extrapolated'])}x** ({_f(r['per_sample'])}x, {_f(r['per_block'])}x)" for m, r in ratios.items())
+            + f". Target <= 1.2x: {_target(ok)}. The token presets add AMIA's selection (or the attention row) per "
+            "sample, and one LDL^T factorisation per distinct Hessian per block (the rank in the report); the AMIA "
+            "subset makes the Hessian updates cheaper (fewer rows). das-sparsegpt and tamp-obs also pay DAS's dense "
+            "sweep, TAMP's own cost: the public code's `positive` similarities are O(N^2 d) for every linear output "
+            "(`--similarity_mode mean` is O(N d)).")
+    for method in methods:
         x = s[method]
         phases = ", ".join(f"{k} {_f(v)} s" for k, v in x["phases_s"].items())
         extra = f"; AMIA kept {100 * x['amia_selected_fraction']:.1f} % of the tokens" if x.get("amia_selected_fraction") else ""
+        if x.get("token_share") is not None:
+            extra = f"; {100 * x['token_share']:.1f} % of the tokens in the Hessians"
         lines.append(f"- {method}: total {_f(x['total_s'])} s for {x['samples']} sample(s) ({phases}); achieved sparsity "
                      f"{_f(x['achieved_sparsity'], 4)}{extra}.")
     lines.append("")

@@ -6,10 +6,18 @@ Per method: time per block per sample (everything that repeats per sample: forwa
 statistics, DAS/AMIA) and the per-block constant (mask / OBS after the samples), so that
 32 blocks x 128 samples extrapolate as 32 * (128 * per_sample + per_block). The floor is the dense
 forward of one sample through one block, timed the same way, and its FLOPs.
+
+The OBS presets with TAMP's signals (das-sparsegpt, amia-sparsegpt, tamp-obs, attn-sparsegpt) run
+the same way; `obs_ratios` gives their extrapolated time against SparseGPT's (goal: within 1.2x).
+Only that part, on a chosen block shape:
+
+    python -m bench.scale --obs [--shape 8b|smol] [--samples 1]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 
 import torch
@@ -17,21 +25,23 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from bench.common import MB, measure, rss_mb
+from bench.common import MB, measure, rss_mb, single_thread
 from bench.micro import N_TOKENS, synthetic_tokens
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.driver import block_linears, block_output, sweep
 from mmprune.prune.methods.sparsegpt import SparseGPTPruner
 from mmprune.prune.methods.wanda import WandaPruner
-from mmprune.prune.pipeline import PhaseTimer, PruneConfig, plan_sparsity
+from mmprune.prune.pipeline import PhaseTimer, PruneConfig, make_pruner, plan_sparsity
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+OBS_METHODS = ("das-sparsegpt", "amia-sparsegpt", "tamp-obs", "attn-sparsegpt")
 FULL_BLOCKS, FULL_SAMPLES = 32, 128
 PREFIX = "layers"
 
 
-def config_8b(attn: str = "sdpa") -> LlamaConfig:
-    config = LlamaConfig(**SHAPE, num_hidden_layers=1, rope_theta=5e5, vocab_size=32, max_position_embeddings=8192)
+def config_8b(attn: str = "sdpa", shape: dict = SHAPE) -> LlamaConfig:
+    config = LlamaConfig(**shape, num_hidden_layers=1, rope_theta=5e5, vocab_size=32, max_position_embeddings=8192)
     config._attn_implementation = attn
     return config
 
@@ -106,11 +116,7 @@ def prune_blocks(method: str, blocks: nn.ModuleList, store: CalibrationStore, de
     cfg = PruneConfig(method=method, sparsity=0.5, device=device)
     timer = PhaseTimer()
     plan, _, _ = plan_sparsity(blocks, PREFIX, store, cfg, {0: "text", 1: "image"}, timer, None)
-    if cfg.pruner == "sparsegpt":
-        pruner = SparseGPTPruner(PREFIX, cfg.pattern, plan)
-    else:
-        pruner = WandaPruner(PREFIX, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding)
-    visitor = TimedVisitor(pruner)
+    visitor = TimedVisitor(make_pruner(cfg, PREFIX, plan))
     with timer.phase("prune_sweep"):
         sweep(blocks, store, visitor, device, desc=desc)
     return visitor, timer, cfg
@@ -145,6 +151,10 @@ def run_method(method: str, config: LlamaConfig, samples: int, device: str = "cp
         out["peak_without_store_mb"] = out["peak_mb"]  # the store lives on the CPU, outside this peak
     if pruner.__class__ is WandaPruner and pruner.amia is not None:
         out["amia_selected_fraction"] = pruner.selection.fractions().get(0)
+    if pruner.__class__ is SparseGPTPruner and pruner.tokens is not None:
+        facts = list(pruner.hessians.values())
+        out["token_share"] = sum(f["tokens"] for f in facts) / sum(f["total_tokens"] for f in facts)
+        out["min_rank_fraction"] = min((f["rank"] / f["columns"] for f in facts if f["rank"] is not None), default=None)
     out["extrapolated_s"] = FULL_BLOCKS * (FULL_SAMPLES * out["per_sample_s"] + out["per_block_s"])
     del block, blocks, store, pruner, visitor
     return out
@@ -171,7 +181,16 @@ def dense_forward(config: LlamaConfig, samples: int, device: str = "cpu", dtype=
             "extrapolated_s": FULL_BLOCKS * FULL_SAMPLES * per_sample}
 
 
-def bench_scale(samples: int = 2, methods=("wanda", "sparsegpt", "tamp")) -> dict:
+def obs_ratios(results: dict) -> dict:
+    """Each OBS preset's time against SparseGPT's, extrapolated to 32 blocks x 128 samples and per part."""
+    base = results["sparsegpt"]
+    return {m: {"extrapolated": results[m]["extrapolated_s"] / base["extrapolated_s"],
+                "per_sample": results[m]["per_sample_s"] / base["per_sample_s"],
+                "per_block": results[m]["per_block_s"] / base["per_block_s"]}
+            for m in OBS_METHODS if m in results}
+
+
+def bench_scale(samples: int = 2, methods=("wanda", "sparsegpt", "tamp", *OBS_METHODS)) -> dict:
     config = config_8b()
     out = {"N": N_TOKENS, "shape": SHAPE, "samples": samples, "dtype": "float32"}
     out["floor"] = dense_forward(config, samples)
@@ -182,4 +201,27 @@ def bench_scale(samples: int = 2, methods=("wanda", "sparsegpt", "tamp")) -> dic
     out["bound_mb"]["limit_1_5x"] = 1.5 * sum(out["bound_mb"].values())
     for method in methods:
         out[method] = run_method(method, config, samples)
+    if "sparsegpt" in out:
+        out["obs_ratios"] = obs_ratios(out)
     return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description="part 5 of make bench, or its OBS part")
+    parser.add_argument("--obs", action="store_true", help="only SparseGPT and the OBS presets, ratios printed")
+    parser.add_argument("--shape", choices=["8b", "smol"], default="8b",
+                        help="block shape: LLaVA-NeXT-8B's decoder or the embedded SmolLM2 default's")
+    parser.add_argument("--samples", type=int, default=1)
+    args = parser.parse_args()
+    single_thread()
+    if not args.obs:
+        print(json.dumps(bench_scale(args.samples), indent=1, default=str))
+        return
+    config = config_8b(shape=SHAPE if args.shape == "8b" else SMOL_SHAPE)
+    results = {m: run_method(m, config, args.samples) for m in ("sparsegpt", *OBS_METHODS)}
+    print(json.dumps({"shape": args.shape, "N": N_TOKENS, "samples": args.samples, "results": results,
+                      "obs_ratios": obs_ratios(results)}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """Composition of the core pieces into one pruning run of a decoder, model-agnostic.
 
 Presets (scripts' method names): how sparsity is spread over layers, which weight pruner runs,
-and which tokens count in Wanda's ||X||. The adapters of each model only provide the blocks, the captured inputs and the
-modality names.
+and which tokens count in its statistic (Wanda's ||X||, SparseGPT's Hessian). The adapters of each
+model only provide the blocks, the captured inputs and the modality names.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 
 from mmprune.prune.selection.amia import AMIAConfig
 from mmprune.prune.selection.atv import ATVConfig
+from mmprune.prune.selection.token_rules import AttentionWeightConfig, SelectorRule, amia_rule, attention_rule
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.allocation.rules import allocate
 from mmprune.prune.allocation.das import DASConfig, DASResult, DiversitySweep, block_name, das_allocation, linear_name
@@ -30,7 +31,8 @@ from mmprune.prune.sparsity_dict import load_sparsity_dict, read_sparsity_dict
 
 MAX_DEFAULT_LAYER_SPARSITY = 0.99  # default cap of the layer-wise allocators: no layer pruned whole
 
-# method -> (layer-wise sparsity, weight pruner, tokens in ||X||)
+# method -> (layer-wise sparsity, weight pruner, tokens in ||X|| or the Hessian); tokens "attention"
+# weighs every token by the last token's attention (SparseGPT's Hessian only)
 PRESETS: dict[str, tuple[str, str, str]] = {
     "magnitude": ("uniform", "magnitude", "none"),
     "wanda": ("uniform", "wanda", "all"),
@@ -41,7 +43,24 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     "amia": ("uniform", "wanda", "amia"),
     "tamp": ("das", "wanda", "amia"),
     "atv": ("uniform", "wanda", "atv"),
+    # OBS reconstruction (SparseGPT) with TAMP's layer and token signals (docs/method.md)
+    "das-sparsegpt": ("das", "sparsegpt", "all"),
+    "owl-sparsegpt": ("owl", "sparsegpt", "all"),
+    "ecoflap-sparsegpt": ("ecoflap", "sparsegpt", "all"),
+    "amia-sparsegpt": ("uniform", "sparsegpt", "amia"),
+    "attn-sparsegpt": ("uniform", "sparsegpt", "attention"),
+    "tamp-obs": ("das", "sparsegpt", "amia"),
+    "tamp-obs-attn": ("das", "sparsegpt", "attention"),
 }
+
+
+def default_amia(pruner: str) -> AMIAConfig:
+    """AMIA's settings when none are given: the public code's (tokens ranked on each linear's
+    output) for Wanda; for SparseGPT one selection per block and sample, ranked on the block's
+    input: every Hessian of the block is taken over the same representative tokens, linears that
+    share an input share one Hessian as in SparseGPT, and one selection costs a quarter of one per
+    distinct input (the O(N^2 d) graph is most of AMIA's time)."""
+    return AMIAConfig(features="input", scope="block") if pruner == "sparsegpt" else AMIAConfig()
 
 
 @dataclass
@@ -51,7 +70,8 @@ class PruneConfig:
     pattern: SparsityPattern = field(default_factory=SparsityPattern)
     max_sparsity_per_layer: float | None = None  # default: target + 0.1, as the public scripts
     das: DASConfig = field(default_factory=DASConfig)
-    amia: AMIAConfig = field(default_factory=AMIAConfig)
+    amia: AMIAConfig | None = None  # None: default_amia(pruner)
+    token_weights: AttentionWeightConfig = field(default_factory=AttentionWeightConfig)
     atv: ATVConfig = field(default_factory=ATVConfig)
     owl: OWLConfig = field(default_factory=OWLConfig)
     ecoflap: ECoFLaPConfig = field(default_factory=ECoFLaPConfig)
@@ -66,6 +86,10 @@ class PruneConfig:
         if self.method not in PRESETS:
             raise UserInputError(f"unknown method {self.method!r}; choose one of {', '.join(PRESETS)}")
         self.pattern.check_against_ratio(self.sparsity)
+        if self.amia is None:
+            self.amia = default_amia(self.pruner)
+        if self.tokens == "attention" and self.pruner != "sparsegpt":
+            raise UserInputError(f"{self.method}: attention token weights apply to the SparseGPT Hessian only")
         if self.sparsity_dict_path:
             if self.pattern.is_nm:
                 raise UserInputError(
@@ -111,12 +135,16 @@ class PruneConfig:
         return f"{self.method}+{self.layerwise}"
 
     @property
+    def tokens(self) -> str:
+        return PRESETS[self.method][2]
+
+    @property
     def uses_amia(self) -> bool:
-        return PRESETS[self.method][2] == "amia"
+        return self.tokens == "amia"
 
     @property
     def uses_atv(self) -> bool:
-        return PRESETS[self.method][2] == "atv"
+        return self.tokens == "atv"
 
     @property
     def needs_calibration(self) -> bool:
@@ -245,6 +273,49 @@ def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer
     raise UserInputError(f"unknown layer-wise allocation {layerwise!r}")
 
 
+def token_rule(cfg: PruneConfig) -> SelectorRule | None:
+    """The preset's token rule for SparseGPT's Hessian (None: every token, weight 1)."""
+    if cfg.tokens == "amia":
+        return amia_rule(cfg.amia)
+    if cfg.tokens == "attention":
+        return attention_rule(cfg.token_weights)
+    return None
+
+
+def make_pruner(cfg: PruneConfig, prefix: str, plan: dict[str, float], modality_names: dict[int, str] | None = None):
+    """The block visitor that prunes with the preset's pruner and tokens, to `plan`."""
+    if cfg.pruner == "sparsegpt":
+        return SparseGPTPruner(prefix, cfg.pattern, plan, tokens=token_rule(cfg))
+    return WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding,
+                       cfg.atv if cfg.uses_atv else None, modality_names)
+
+
+def token_report(cfg: PruneConfig, pruner: SparseGPTPruner) -> dict:
+    """The token rule's settings, a summary over the decoder and every Hessian's facts."""
+    facts = pruner.hessians.values()
+    tokens, total = sum(f["tokens"] for f in facts), sum(f["total_tokens"] for f in facts)
+    full = [f for f in facts if f["rank"] is not None]
+    summary = {
+        "hessians": len(facts),
+        "token_share": tokens / max(total, 1),
+        "rank_deficient": sum(f["rank"] < f["columns"] - f["dead_columns"] for f in full),
+        "rank_bound_below_columns": sum(f["rank_bound"] < f["columns"] - f["dead_columns"] for f in facts),
+        "min_rank_fraction": min((f["rank"] / max(f["columns"] - f["dead_columns"], 1) for f in full), default=None),
+        "raised_damping": sum(f["damping"] != pruner.percdamp for f in facts),
+        "dead_columns": sum(f["dead_columns"] for f in facts),
+        "unseen_columns": sum(f["unseen_columns"] for f in facts),
+    }
+    settings: dict = {"rule": pruner.tokens.name, "kind": pruner.tokens.kind}
+    if cfg.tokens == "amia":
+        settings.update(features=cfg.amia.features, scope=cfg.amia.scope, knn=cfg.amia.knn,
+                        mmd_scale=cfg.amia.mmd_scale)
+    else:
+        shares = [f["effective_token_share"] for f in facts if "effective_token_share" in f]
+        summary["effective_token_share"] = sum(shares) / len(shares) if shares else None
+        settings.update(floor=cfg.token_weights.floor, cap=cfg.token_weights.cap)
+    return {**settings, "summary": summary, "per_hessian": dict(pruner.hessians)}
+
+
 def prune_decoder(
     blocks: nn.ModuleList,
     prefix: str,
@@ -263,16 +334,14 @@ def prune_decoder(
         with timer.phase("prune"):
             results = magnitude_prune(blocks, prefix, cfg.pattern, plan, cfg.magnitude_group, cfg.device)
         return PruneOutcome(results, plan, das_result, None, details)
-    if cfg.pruner == "sparsegpt":
-        pruner = SparseGPTPruner(prefix, cfg.pattern, plan)
-    else:
-        pruner = WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding,
-                             cfg.atv if cfg.uses_atv else None, modality_names)
+    pruner = make_pruner(cfg, prefix, plan, modality_names)
     with timer.phase("prune_sweep"):
         sweep(blocks, store, pruner, cfg.device, desc=f"prune ({cfg.method})")
     if cfg.pruner == "sparsegpt":
         details["sparsegpt"] = {"blocksize": pruner.blocksize, "percdamp": pruner.percdamp,
                                 "raised_damping": pruner.damping, "reconstruction_loss": pruner.losses}
+        if pruner.tokens is not None:
+            details["sparsegpt"]["tokens"] = token_report(cfg, pruner)
         return PruneOutcome(pruner.results, plan, das_result, None, details)
     if pruner.atv is not None:
         details["atv"] = {"alpha": cfg.atv.alpha, "modalities": cfg.atv.grouping,

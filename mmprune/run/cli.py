@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from mmprune.prune.selection.amia import AMIAConfig
 from mmprune.prune.selection.atv import GROUPINGS, ATVConfig
+from mmprune.prune.selection.token_rules import AttentionWeightConfig
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.allocation.das import DASConfig
 from mmprune.run.checks import check_seed, resolve_device
@@ -27,7 +27,7 @@ from mmprune.place.placement import Placement, add_placement_arguments, placemen
 from mmprune.place.options import parse_device_map, parse_max_memory, parse_size
 from mmprune.base.memory import peak_memory
 from mmprune.prune.pipeline import (
-    PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, file_plan, prune_decoder,
+    PRESETS, LanguageHead, PhaseTimer, PruneConfig, PruneOutcome, default_amia, file_plan, prune_decoder,
 )
 from mmprune.evaluate.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.run.report import build_report, plot_sparsity, write_report
@@ -43,7 +43,8 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     public.add_argument("--vit_sparsity_ratio", default="0", help="Wanda sparsity of the vision tower's linears (0: untouched)")
     public.add_argument("--sparsity_type", default="unstructured", help="unstructured, 2:4 or 4:8 (any N:M with N/M = ratio)")
     public.add_argument("--prune_method", default="wanda", help="public code's method name (wanda); see --method")
-    public.add_argument("--token_selection", default="naive", help="naive (all tokens) or amia")
+    public.add_argument("--token_selection", default="naive",
+                        help="naive (all tokens) or amia (with --prune_method sparsegpt: AMIA's tokens in the Hessian)")
     public.add_argument("--score_method", default=None, help="density_sum selects DAS (public code)")
     public.add_argument("--sparsity_ratio_granularity", default=None, help="layer (per linear) or block, for DAS")
     public.add_argument("--max_sparsity_per_layer", type=float, default=None, help="cap of the allocation (default T + 0.1)")
@@ -61,9 +62,16 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
                       help="score each linear on its output (public code) or each block on its output")
     ours.add_argument("--allocation", choices=["waterfill", "inverse"], default="waterfill",
                       help="DAS allocation: waterfill (public code) or sparsity proportional to 1/score (paper)")
-    ours.add_argument("--amia_features", choices=["output", "input"], default="output")
-    ours.add_argument("--amia_scope", choices=["linear", "block"], default="linear")
+    ours.add_argument("--amia_features", choices=["output", "input"], default=None,
+                      help="rank tokens on each linear's output (default with Wanda) or input (default with SparseGPT)")
+    ours.add_argument("--amia_scope", choices=["linear", "block"], default=None, help="default linear")
     ours.add_argument("--amia_knn", type=int, default=3)
+    ours.add_argument("--amia_mmd_scale", type=float, default=0.1,
+                      help="AMIA stops when MMD^2 < scale * sqrt(1 - rho); 0 keeps every token")
+    ours.add_argument("--token_weight_floor", type=float, default=0.1,
+                      help="attention token weights (attn-sparsegpt, tamp-obs-attn): N a clamped to [floor, cap], "
+                           "then scaled to mean 1; floor > 0 keeps every token")
+    ours.add_argument("--token_weight_cap", type=float, default=10.0)
     ours.add_argument("--atv_alpha", type=float, default=1.0,
                       help="ATV: visual tokens per sample k = round(min(1, alpha * mean drift) * n_text), at most "
                            "n_visual (default 1, the paper's; 0 counts text tokens only)")
@@ -109,9 +117,14 @@ def resolve_method(args: argparse.Namespace) -> tuple[str, str | None, str | Non
         )
     layerwise = _PUBLIC_SCORE_METHODS[args.score_method]
     amia = args.token_selection == "amia"
+    if args.prune_method == "sparsegpt" and amia:  # AMIA's tokens in SparseGPT's Hessian
+        if layerwise == "das":
+            return "tamp-obs", None, None
+        return "amia-sparsegpt", None if layerwise == "uniform" else layerwise, None
     if args.prune_method != "wanda":
         if amia:
-            raise UserInputError("--token_selection amia only applies to --prune_method wanda")
+            raise UserInputError("--token_selection amia applies to --prune_method wanda or sparsegpt, not "
+                                 f"{args.prune_method}")
         if layerwise == "uniform":
             return args.prune_method, None, None
         return args.prune_method, layerwise, None  # e.g. OWL allocation with SparseGPT
@@ -147,11 +160,17 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
         raise UserInputError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.amia_knn < 1:
         raise UserInputError(f"--amia_knn must be at least 1, got {args.amia_knn}")
+    if not args.amia_mmd_scale >= 0 or args.amia_mmd_scale == float("inf"):
+        raise UserInputError(f"--amia_mmd_scale must be a finite number >= 0 (0 keeps every token), got {args.amia_mmd_scale}")
+    token_weights = AttentionWeightConfig(floor=args.token_weight_floor, cap=args.token_weight_cap)
     cap = args.max_sparsity_per_layer
     if cap is not None and not 0 < cap <= 1:
         raise UserInputError(f"--max_sparsity_per_layer must be in (0, 1], got {cap}")
     mode = args.similarity_mode
     method, layerwise, pruner = resolve_method(args)
+    amia = default_amia(pruner or PRESETS[method][1])
+    amia = replace(amia, knn=args.amia_knn, similarity_mode=mode, mmd_scale=args.amia_mmd_scale,
+                   features=args.amia_features or amia.features, scope=args.amia_scope or amia.scope)
     if args.ecoflap_samples is not None and args.ecoflap_samples < 1:
         raise UserInputError(f"--ecoflap_samples must be at least 1, got {args.ecoflap_samples}")
     if not args.ecoflap_epsilon > 0:
@@ -174,7 +193,8 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
         pattern=pattern,
         max_sparsity_per_layer=cap,
         das=DASConfig(similarity_mode=mode, granularity=das_granularity(args), allocation=args.allocation),
-        amia=AMIAConfig(knn=args.amia_knn, similarity_mode=mode, features=args.amia_features, scope=args.amia_scope),
+        amia=amia,
+        token_weights=token_weights,
         atv=ATVConfig(alpha=args.atv_alpha, grouping=args.atv_modalities),
         row_rounding=args.row_rounding,
         sparsity_dict_path=args.sparsity_dict,
@@ -255,6 +275,7 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
         options["layerwise_resolved"] = cfg.layerwise
         options["pruner_resolved"] = cfg.pruner
         options["das_granularity_resolved"] = cfg.das.granularity
+        options["amia_resolved"] = {"features": cfg.amia.features, "scope": cfg.amia.scope}
         options["max_sparsity_per_layer_resolved"] = cfg.max_sparsity_per_layer
         options["device_resolved"] = cfg.device
         with timer.phase("save"), atomic_output_dir(output_dir, args.overwrite) as staging:

@@ -1,17 +1,15 @@
 """Wanda pruning (|W| * ||X||, per-row groups or N:M), with pluggable per-linear sparsity (uniform,
-DAS, OWL, ...) and pluggable tokens in ||X|| (all tokens, AMIA's representative set, or ATV's
-text plus highest-drift visual tokens)."""
+DAS, OWL, ...) and pluggable tokens in ||X|| (all tokens, or AMIA's representative set)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from mmprune.prune.selection.amia import AMIAConfig, select_tokens
+from mmprune.prune.selection.amia import AMIAConfig
 from mmprune.prune.selection.atv import ATVConfig, DriftSelection, token_drift
-from mmprune.prune.attention import last_token_attention
+from mmprune.prune.selection.token_rules import amia_rule
 from mmprune.prune.allocation.das import linear_name
 from mmprune.prune.driver import LinearTaps
 from mmprune.prune.masks import mask_for_pattern
@@ -46,15 +44,6 @@ class SelectionStats:
         return {b: self.selected[b] / self.total[b] for b in self.selected}
 
 
-def _tapped_keys(block: nn.Module, taps: LinearTaps) -> torch.Tensor | None:
-    """k_proj's output from the block's forward, if the taps kept it (spares recomputing it)."""
-    k_proj = getattr(getattr(block, "self_attn", None), "k_proj", None)
-    for rel, linear in taps.linears.items():
-        if linear is k_proj:
-            return taps.outputs.get(rel)
-    return None
-
-
 class WandaPruner:
     """Block visitor for the sequential driver: statistics, then masks, block by block."""
 
@@ -75,7 +64,8 @@ class WandaPruner:
         self.sparsity = sparsity
         self.amia = amia
         self.row_rounding = row_rounding
-        self.keep_outputs = amia is not None and amia.features == "output" and amia.scope == "linear"
+        self.tokens = amia_rule(amia) if amia is not None else None  # the selection path SparseGPT shares
+        self.keep_outputs = self.tokens is not None and self.tokens.keep_outputs
         self.results: list[LinearResult] = []
         self.selection = SelectionStats()
         self._norms = InputNorms()
@@ -103,33 +93,16 @@ class WandaPruner:
             for rel, x in taps.inputs.items():
                 self._norms.add(rel, x[kept.to(x.device)])
             return
-        if self.amia is None or getattr(self._block, "self_attn", None) is None:
-            # no attention to rank tokens by (e.g. an EAS block that skips it): all tokens
-            for rel, x in taps.inputs.items():
-                self._norms.add(rel, x)
-            return
-        keys = _tapped_keys(self._block, taps)
-        with taps.paused():  # the row calls q/k_proj, which must not replace the kept inputs
-            attention = last_token_attention(
-                self._block, block_input, kwargs["position_embeddings"], kwargs.get("attention_mask"), keys
-            )
-        cfg = self.amia
-        if cfg.scope == "block":
-            features = (block_output if cfg.features == "output" else block_input)[0]
-            chosen = select_tokens(features, attention, modality_ids, cfg)
-            for rel, x in taps.inputs.items():
-                self._norms.add(rel, x[chosen])
-                self.selection.add(index, chosen.numel(), x.shape[0])
-            return
-        cache: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share one input tensor
+        chosen = None
+        if self.tokens is not None:
+            chosen = self.tokens.choose(index, sample, self._block, block_input, block_output, taps, modality_ids,
+                                        kwargs)
         for rel, x in taps.inputs.items():
-            features = taps.outputs[rel] if cfg.features == "output" else x
-            key = features.data_ptr()
-            if key not in cache:
-                cache[key] = select_tokens(features, attention, modality_ids, cfg)
-            chosen = cache[key]
-            self._norms.add(rel, x[chosen])
-            self.selection.add(index, chosen.numel(), x.shape[0])
+            if chosen is None:  # no AMIA, or no attention to rank tokens by: all tokens
+                self._norms.add(rel, x)
+                continue
+            self._norms.add(rel, x[chosen[rel]])
+            self.selection.add(index, chosen[rel].numel(), x.shape[0])
 
     def end_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> None:
         for rel, linear in linears.items():
