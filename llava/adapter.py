@@ -12,6 +12,7 @@ from llava.data import leave_bos_to_tokenizer
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from llava.placed_save import save_placed
 from mmprune.base.adapters import ModelAdapter, register
+from mmprune.base.sparse_format import SparseWriter, check_save_format, format_for
 
 
 def empty_model(model_path: Path):
@@ -59,16 +60,37 @@ def llava_hf_names(model) -> dict[str, str]:
     return {llava_hf_name(name): name for name in state}
 
 
-def save_weights(model, folder, max_shard_size=None) -> dict:
+def decoder_linear_names(model) -> set[str]:
+    """llava-hf names of the decoder linears' weights (what the pruners prune)."""
+    from torch import nn
+
+    prefix, layers = decoder_layers(model)
+    return {llava_hf_name(f"{prefix}.{i}.{name}.weight") for i, layer in enumerate(layers)
+            for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
+def save_weights(model, folder, max_shard_size=None, save_format="dense", sparsity_type="unstructured") -> dict:
     """config.json, generation_config.json and the weights in the llava-hf layout, from a model on the
     CPU or placed by accelerate (shard by shard): every LLaVA-NeXT checkpoint the project writes
-    (pruned, EAS, the embedded models) goes through here. Returns the tensor bytes written."""
-    return save_placed(model, folder, llava_hf_names(model), max_shard_size=max_shard_size or "50GB")
+    (pruned, EAS, the embedded models) goes through here. save_format "compressed" writes the
+    decoder linears in compressed-tensors' sparse format for `sparsity_type` (mmprune.base.sparse_format).
+    Returns the tensor bytes written (and the compression summary)."""
+    writer = None
+    if save_format == "compressed":
+        writer = SparseWriter(format_for(sparsity_type), decoder_linear_names(model))
+    elif save_format != "dense":
+        check_save_format(save_format)
+    tensor_bytes = save_placed(model, folder, llava_hf_names(model), max_shard_size=max_shard_size or "50GB",
+                               transform=writer)
+    info = {"save_format": save_format, "tensor_bytes": tensor_bytes}
+    if writer is not None:
+        info["compression"] = writer.write_config(folder)
+    return info
 
 
-def save(model, processor, folder, max_shard_size=None) -> dict:
+def save(model, processor, folder, max_shard_size=None, save_format="dense", sparsity_type="unstructured") -> dict:
     """The checkpoint (`save_weights`) and the processor with a chat template that writes no BOS."""
-    info = save_weights(model, folder, max_shard_size)
+    info = save_weights(model, folder, max_shard_size, save_format, sparsity_type)
     # one BOS for tools that tokenise the rendered template with special tokens (lmms-eval)
     if leave_bos_to_tokenizer(processor):
         print("mmprune: the saved chat template no longer writes BOS (the tokenizer adds it)", file=sys.stderr)
