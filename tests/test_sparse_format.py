@@ -203,3 +203,25 @@ def test_scripts_pass_save_format(tmp_path):
                                   capture_output=True, text=True, check=True).stdout.splitlines()
             pairs = list(zip(args, args[1:]))
             assert (("--save_format", "compressed") in pairs) == bool(value) and ("--sparsity_type", "2:4") in pairs
+
+
+def test_eval_scripts_get_the_dense_copy(saves, tmp_path):
+    """scripts/lib/dense_copy.sh (lmms_eval.sh, vllm_generate.sh): a compressed checkpoint becomes its
+    dense copy in a temporary folder, a dense one is used as it is."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    compressed, _ = saves[("compressed", "unstructured")]
+    dense, _ = saves[("dense", "unstructured")]
+    for model, expect_copy in ((compressed, True), (dense, False)):
+        done = subprocess.run(["bash", "-c", 'source scripts/lib/dense_copy.sh; dense_model_dir "$1"; '
+                               'echo "$DENSE_MODEL_DIR"; echo "$DENSE_TMP"', "-", str(model)], cwd=root,
+                              env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, check=True)
+        used, tmp = done.stdout.splitlines()
+        assert (used != str(model)) == expect_copy and bool(tmp) == expect_copy
+        assert (Path(used) / "model.safetensors").read_bytes() == (dense / "model.safetensors").read_bytes()
+        if tmp:
+            assert Path(used).parent == Path(tmp)
+            subprocess.run(["rm", "-rf", tmp], check=True)
