@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="the first N records only")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="vLLM's compute dtype (default float32, as llava.eval runs on the CPU)")
-    parser.add_argument("--max_model_len", type=int, default=1024,
-                        help="longest prompt plus answer in tokens (default 1024; real checkpoints need more)")
+    parser.add_argument("--max_model_len", type=int, default=None,
+                        help="longest prompt plus answer in tokens (default: the decoder's context length); on "
+                             "the CPU, vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE GiB, 1 by default here) must hold it")
     parser.add_argument("--predictions", type=Path, default=None, help="write one JSON line per record here")
     return parser.parse_args(argv)
 
@@ -109,8 +110,9 @@ def run(argv=None) -> dict:
 
     start = time.monotonic()
     # eager mode: no graph capture to pay for on the CPU; one image per prompt, as the records hold
-    llm = vllm.LLM(model=str(args.model_path), dtype=args.dtype, max_model_len=args.max_model_len,
-                   enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0)
+    length = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    llm = vllm.LLM(model=str(args.model_path), dtype=args.dtype, enforce_eager=True,
+                   limit_mm_per_prompt={"image": 1}, seed=0, **length)
     loaded = time.monotonic()
     sampling = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS,
                                    stop_token_ids=stop_token_ids(processor.tokenizer))
