@@ -26,8 +26,8 @@ def load(model_path, dtype="auto", device_map=None, offload_folder=None):
     return load_llava_next(model_path, dtype=dtype, device_map=device_map, offload_folder=offload_folder)
 
 
-# The llava-hf checkpoints' names (the hub's llava-hf LLaVA-NeXT releases; what vLLM's loader and every
-# transformers version read), by the runtime module that holds the weight in transformers 5.x.
+# The llava-hf checkpoints' names (the hub's llava-hf LLaVA-NeXT releases, which vLLM's loader needs and
+# transformers reads), by the runtime module that holds the weight in transformers 5.x.
 # transformers reads them through its checkpoint conversion mapping (entries `llava_next` and
 # `CLIPVisionModel`, the latter dropping `vision_model.`), but its own save of a model built from a
 # config writes the CLIP tower without `vision_model.`, which vLLM refuses: names are set here, not

@@ -118,6 +118,10 @@ def run(argv=None) -> dict:
                                    stop_token_ids=stop_token_ids(processor.tokenizer))
     outputs = llm.generate(batch, sampling, use_tqdm=False)
     generated = time.monotonic()
+    del llm  # the engine processes end (and log) now, before the summary line is printed
+    import gc
+
+    gc.collect()
     # decoded as llava.eval decodes its greedy tokens
     answers = [processor.tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True) for o in outputs]
     summary, predictions = score(records, answers)

@@ -81,7 +81,8 @@ def vllm_predictions(model_dir, tmp_path) -> tuple:
                "--predictions", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # the summary line; vLLM may log to stdout around it
+    result = next(json.loads(line) for line in reversed(done.stdout.splitlines()) if line.startswith('{"model_path"'))
     with open(out, encoding="utf-8") as f:
         return result, [json.loads(line) for line in f]
 
