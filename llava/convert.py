@@ -771,13 +771,17 @@ def load_pretrained_checked(model_class, hf_dir, **kwargs):
     """from_pretrained with the weight files checked first (an index naming a missing shard, a
     truncated file) and every parameter required to come from them: transformers would otherwise
     start missing ones from random values and go on with a long load report. The report is
-    muted: check_loaded_weights says what matters in one line."""
+    muted: check_loaded_weights says what matters in one line. A checkpoint saved with
+    --save_format compressed is read through its dense copy (mmprune.base.sparse_format), since
+    transformers 5.x cannot load compressed-tensors' sparse formats."""
     from transformers.utils import logging as hf_logging
 
     from llava import eas
+    from mmprune.base.sparse_format import dense_checkpoint
     from mmprune.run.checks import check_loaded_weights, weight_files
 
     weight_files(hf_dir)
+    hf_dir = dense_checkpoint(hf_dir)
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

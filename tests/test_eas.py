@@ -228,6 +228,7 @@ def test_skipped_layers_drop_attention_and_decode_matches_full_pass(embedded_mod
 
 @torch.no_grad()
 def test_saved_model_reloads_with_the_same_logits(embedded_model, tmp_path):
+    from llava.adapter import save_weights
     from llava.data import model_inputs
     from llava.convert import load_model
     from llava.convert import load_llava_next
@@ -235,7 +236,7 @@ def test_saved_model_reloads_with_the_same_logits(embedded_model, tmp_path):
     model, processor = _eas_model(embedded_model)
     encoded = _inputs(processor, n=1)[0]
     before = model(**model_inputs(encoded)).logits
-    model.save_pretrained(tmp_path)
+    save_weights(model, tmp_path)  # as scripts/eas/train.sh saves
     processor.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["eas"]["skipped_layers"] == [2, 3]
     for loader in (lambda p: load_model(p, "cpu"), load_llava_next):
@@ -245,10 +246,11 @@ def test_saved_model_reloads_with_the_same_logits(embedded_model, tmp_path):
 
 
 def test_incomplete_checkpoint_is_refused(embedded_model, tmp_path):
+    from llava.adapter import save_weights
     from llava.convert import load_model
 
     model, processor = _eas_model(embedded_model)
-    model.save_pretrained(tmp_path)
+    save_weights(model, tmp_path)  # as scripts/eas/train.sh saves
     processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["eas"]["skipped_layers"] = [1, 2, 3]

@@ -29,6 +29,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from llava.adapter import save_weights
 from llava.convert import load_llava_next
 from llava.data import collate, encode_conversation, encode_record, load_records, model_inputs, select_task
 from llava.eas import settings_of, write_settings
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
               "adapter_parameters": sum(p.numel() for p in eas.adapter_parameters(layers)),
               "evaluation": evaluation or None}
     with atomic_output_dir(args.output_dir, args.overwrite) as staging:
-        model.to("cpu").save_pretrained(staging)
+        save_weights(model, staging)  # llava-hf layout
         processor.save_pretrained(staging)
         with open(os.path.join(staging, "eas_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

@@ -206,7 +206,9 @@ def source_hashes(parts_dir: Path) -> dict:
     for name in (PARTS_CONFIG, PARTS_TENSORS, ADAPTER_CONFIG, ADAPTER_TENSORS, TRAINING_INFO):
         if (parts_dir / name).is_file():
             files[name] = sha256_of(parts_dir / name)
-    return {"sources": files, "torch": torch.__version__, "transformers": transformers.__version__}
+    # "layout": outputs of an older save (transformers' flat CLIP names) are assembled again
+    return {"sources": files, "torch": torch.__version__, "transformers": transformers.__version__,
+            "layout": "llava-hf"}
 
 
 def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path | None = None,
@@ -243,11 +245,12 @@ def assemble(out: Path = OUT_DIR, parts_dir: Path = PARTS_DIR, cache_dir: Path |
     model.tie_weights()
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(config.text_config, key))
+    from llava.adapter import save_weights
     from mmprune.base.output import atomic_output_dir
 
     progress(f"writing {layout.shown(out)}")
     with atomic_output_dir(str(out), overwrite=True) as staging:
-        model.save_pretrained(staging)
+        save_weights(model, staging)  # llava-hf layout
         processor.save_pretrained(staging)
         if (parts_dir / TRAINING_INFO).is_file():
             shutil.copyfile(parts_dir / TRAINING_INFO, Path(staging) / TRAINING_INFO)

@@ -328,8 +328,10 @@ def train_vqa(model, head, tap: FeatureTap, layout, processor, pool: SamplePool,
 
 def save_checkpoint(model, processor, out: Path, info: dict) -> None:
     """Write model, processor and training_info.json, replacing `out` only once all is written."""
+    from llava.adapter import save_weights
+
     with atomic_output_dir(str(out), overwrite=True) as staging:
-        model.save_pretrained(staging)  # safetensors, llava-hf key layout
+        save_weights(model, staging)  # safetensors, llava-hf key layout
         processor.save_pretrained(staging)
         with open(Path(staging) / "training_info.json", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)

@@ -155,7 +155,8 @@ def prune_and_save(args, cfg, records, eval_records, eval_folder, output_dir, ti
             return prune_vision_tower(model, samples(), vit_ratio, cfg.device, store_device, len(records))
 
     def save(folder):
-        ADAPTER.save(model, processor, folder, max_shard_size=shard_bytes(args))
+        return ADAPTER.save(model, processor, folder, max_shard_size=shard_bytes(args), save_format=args.save_format,
+                            sparsity_type=str(cfg.pattern))
 
     loaded = LoadedModel(
         name=os.path.basename(os.path.normpath(args.model_path)), path=args.model_path, kind="llava_next",

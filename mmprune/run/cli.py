@@ -23,6 +23,7 @@ from mmprune.prune.allocation.owl import OWLConfig
 from mmprune.base.errors import UserInputError
 from mmprune.place.offload import folder_bytes, metering
 from mmprune.base.output import atomic_output_dir
+from mmprune.base.sparse_format import SAVE_FORMATS, check_save_format, weight_bytes
 from mmprune.place.placement import Placement, add_placement_arguments, placement_report
 from mmprune.place.options import parse_device_map, parse_max_memory, parse_size
 from mmprune.base.memory import peak_memory
@@ -94,6 +95,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--offload_activations", action="store_true",
                      help="keep captured hidden states on the CPU between blocks (large models)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--save_format", default="dense", choices=list(SAVE_FORMATS),
+                     help="dense (zeros stored) or compressed: the decoder linears in compressed-tensors' sparse "
+                          "format (bitmask; 2:4 for --sparsity_type 2:4), mmprune/base/sparse_format.py")
     add_placement_arguments(parser)
 
 
@@ -182,6 +186,7 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
     if args.device_map is not None:
         parse_device_map(args.device_map)
     shard_bytes(args)
+    check_save_format(getattr(args, "save_format", "dense"))
     return PruneConfig(
         method=method,
         layerwise_override=layerwise,
@@ -224,7 +229,7 @@ class LoadedModel:
     prefix: str  # runtime name of the decoder layer list
     modality_names: dict[int, str]
     capture: Callable[[str, str], CalibrationStore]  # (device, store_device) -> store
-    save: Callable[[str], None]  # writes the checkpoint (and processor files) into a folder
+    save: Callable[[str], dict | None]  # writes the checkpoint (and processor files) into a folder
     prune_extra: Callable[[PhaseTimer], dict] | None = None  # e.g. vision-tower pruning
     evaluate: Callable[[], dict] | None = None
     head: LanguageHead | None = None  # final norm + LM head (ECoFLaP's loss)
@@ -280,8 +285,10 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
         options["device_resolved"] = cfg.device
         with timer.phase("save"), atomic_output_dir(output_dir, args.overwrite) as staging:
             meter.reset_copies()
-            loaded.save(staging)
+            saved = loaded.save(staging) or {}
             save_copies_peak = meter.copies_peak  # weights copied into memory to write them
+            checkpoint = {"save_format": getattr(args, "save_format", "dense"), **saved,
+                          "weight_file_bytes": weight_bytes(staging)}
             write_sparsity_dict(os.path.join(staging, "sparsity_dict.yaml"), outcome.plan)
             plot_sparsity(os.path.join(staging, "sparsity.png"), outcome,
                           f"{loaded.name}: {cfg.name} T={cfg.sparsity:g} {cfg.pattern}")
@@ -289,7 +296,7 @@ def run_and_save(loaded: LoadedModel, cfg: PruneConfig, args: argparse.Namespace
                 outcome, method=cfg.name, options=options, calibration=calibration, timings=timer.seconds,
                 memory=peak_memory(), model={"name": loaded.name, "path": loaded.path, "kind": loaded.kind},
                 evaluation=evaluation or None,
-                extra={**outcome.details, **extra,
+                extra={**outcome.details, **extra, "checkpoint": checkpoint,
                        "placement": placement_report(loaded.placement, meter, save_copies_peak)},
             )
             write_report(os.path.join(staging, "pruning_report.json"), report)

@@ -21,7 +21,9 @@
 # build); transformers then uses its PIL image processors. Every install is held to the exact
 # versions of locks/lmms-eval.txt (LMMS_EVAL_LOCK; "latest" for none); LMMS_EVAL_WRITE_LOCK=FILE writes
 # the versions the venv ended with (`make lock` does, with latest); LMMS_EVAL_SETUP_ONLY=1 stops after
-# the setup. Setup is skipped when the venv was set up from the same lock, TORCH_SPEC and script.
+# the setup. Setup is skipped when the venv was set up from the same lock, TORCH_SPEC and script. A
+# checkpoint saved with --save_format compressed is evaluated through its dense copy
+# (scripts/lib/dense_copy.sh).
 set -euo pipefail
 
 LMMS_EVAL_SPEC="lmms-eval==0.7.3"
@@ -127,7 +129,10 @@ if [ -n "${LMMS_EVAL_WRITE_LOCK:-}" ]; then
 fi
 [ "${LMMS_EVAL_SETUP_ONLY:-0}" = 1 ] && exit 0
 
-ARGS=(--model_path "$MODEL_DIR")
+# a --save_format compressed checkpoint is read through its dense copy (scripts/lib/dense_copy.sh)
+source scripts/lib/dense_copy.sh
+dense_model_dir "$MODEL_DIR"
+ARGS=(--model_path "$DENSE_MODEL_DIR")
 [ -n "$TASKS" ] && ARGS+=(--tasks "$TASKS")
 [ -n "${DATA_PATH:-}" ] && ARGS+=(--data_path "$DATA_PATH")
 [ -n "${IMAGE_FOLDER:-}" ] && ARGS+=(--image_folder "$IMAGE_FOLDER")
@@ -135,4 +140,8 @@ ARGS=(--model_path "$MODEL_DIR")
 [ -n "${LIMIT:-}" ] && ARGS+=(--limit "$LIMIT")
 [ -n "${OUTPUT_PATH:-}" ] && ARGS+=(--output_path "$OUTPUT_PATH")
 [ -n "${PREDICTIONS:-}" ] && ARGS+=(--predictions "$PREDICTIONS")
-exec "$PY" -m llava.lmms_task "${ARGS[@]}"
+if [ -z "$DENSE_TMP" ]; then exec "$PY" -m llava.lmms_task "${ARGS[@]}"; fi
+status=0
+"$PY" -m llava.lmms_task "${ARGS[@]}" || status=$?
+rm -rf "$DENSE_TMP"
+exit "$status"

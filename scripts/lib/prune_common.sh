@@ -6,8 +6,9 @@
 # (scripts/lib/paths.sh), moves to the repository root and sets
 #   PY           the python to run (PYTHON, else .venv/bin/python, else python3)
 #   COMMON_ARGS  the flags every entry point takes, from the positionals and the environment
-#                (SEED, NSAMPLES, MODEL_PATH, DATA_PATH, OUTPUT_DIR, DEVICE, OVERWRITE=1, and the
-#                placement: DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER; docs/memory-plan.md)
+#                (SEED, NSAMPLES, MODEL_PATH, DATA_PATH, OUTPUT_DIR, DEVICE, OVERWRITE=1,
+#                SAVE_FORMAT=dense|compressed, and the placement: DEVICE_MAP, MAX_MEMORY, OFFLOAD_FOLDER;
+#                docs/memory-plan.md)
 #   REST_ARGS    the remaining arguments, passed on unchanged
 #   SPARSITY_ARG, TYPE_ARG
 set -euo pipefail
@@ -33,6 +34,7 @@ prune_setup() {
   if [ -n "${OUTPUT_DIR:-}" ]; then COMMON_ARGS+=(--save_model "$OUTPUT_DIR"); fi
   if [ -n "${DEVICE:-}" ]; then COMMON_ARGS+=(--device "$DEVICE"); fi
   if [ "${OVERWRITE:-0}" = "1" ]; then COMMON_ARGS+=(--overwrite); fi
+  if [ -n "${SAVE_FORMAT:-}" ]; then COMMON_ARGS+=(--save_format "$SAVE_FORMAT"); fi
   if [ -n "${DEVICE_MAP:-}" ]; then COMMON_ARGS+=(--device_map "$DEVICE_MAP"); fi
   if [ -n "${MAX_MEMORY:-}" ]; then COMMON_ARGS+=(--max_memory "$MAX_MEMORY"); fi
   if [ -n "${OFFLOAD_FOLDER:-}" ]; then COMMON_ARGS+=(--offload_folder "$OFFLOAD_FOLDER"); fi

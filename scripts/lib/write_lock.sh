@@ -2,11 +2,11 @@
 # Refresh locks/main.txt: install the newest releases pyproject.toml allows into a fresh VENV and
 # write their exact versions (torch excluded, see setup_venv.sh). Run `make test` afterwards.
 #
-#   bash scripts/lib/write_lock.sh [VENV=.venv-lock] [EXTRAS=test,media,train,data] [OUT=locks/main.txt]
+#   bash scripts/lib/write_lock.sh [VENV=.venv-lock] [EXTRAS=test,media,train,data,sparse] [OUT=locks/main.txt]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 VENV="${1:-.venv-lock}"
-EXTRAS="${2:-test,media,train,data}"
+EXTRAS="${2:-test,media,train,data,sparse}"
 OUT="${3:-locks/main.txt}"
 
 rm -rf "$VENV"

@@ -95,6 +95,9 @@ def image_size_of(config: VideoLLaMA2Config) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.save_format != "dense":  # before any work; the released layout is what its loaders read
+        raise UserInputError(f"--save_format {args.save_format} is for LLaVA-NeXT checkpoints; VideoLLaMA2-AV "
+                             "outputs keep the released layout with dense weights: drop --save_format (or SAVE_FORMAT)")
     cfg = prune_config_from_args(args)
     aud_ratio = check_ratio(args.aud_sparsity_ratio, "--aud_sparsity_ratio")
     vit_ratio = float(args.vit_sparsity_ratio)
