@@ -82,11 +82,4 @@ def check_args(calibration: str, nsamples: int, seeds: list) -> None:
 
 def evaluation_records(records: list, calibration: str) -> list:
     """The held-out records a setting is evaluated on (cross-kind: the kinds it did not calibrate on)."""
-    if calibration != "cross-kind":
-        return records
-    kept = [r for r in records if r.get("kind") in CROSS_KIND_EVALUATION]
-    if not kept:
-        raise UserInputError(f"--calibration cross-kind evaluates on the {' and '.join(CROSS_KIND_EVALUATION)} "
-                             "questions, and the held-out file has no record of those kinds (field \"kind\"); use "
-                             "the embedded held-out split, or --calibration in-task or generic")
-    return kept
+    return transfer.cross_kind_records(records, calibration, CROSS_KIND_EVALUATION)

@@ -130,3 +130,16 @@ def interleave(media: list, text: list, seed: int) -> list:
     out = list(media) + list(text)
     random.Random(f"transfer:mix:{seed}").shuffle(out)
     return out
+
+
+def cross_kind_records(records: list, calibration: str, evaluated_kinds) -> list:
+    """The held-out records a setting is evaluated on: all of them, or under cross-kind calibration
+    those of the kinds it did not calibrate on (`evaluated_kinds`)."""
+    if calibration != "cross-kind":
+        return records
+    kept = [r for r in records if r.get("kind") in evaluated_kinds]
+    if not kept:
+        raise UserInputError(f"--calibration cross-kind evaluates on the {' and '.join(evaluated_kinds)} "
+                             "questions, and the held-out file has none of them (field \"kind\"); use "
+                             "the embedded held-out split, or --calibration in-task or generic")
+    return kept
