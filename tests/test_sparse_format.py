@@ -1,7 +1,7 @@
 """--save_format compressed: the decoder linears in compressed-tensors' sparse formats, read back to the
 very weights of the dense save.
 
-The tiny embedded LLaVA-NeXT is pruned twice with the same settings, saved dense and compressed; the
+The tiny embedded LLaVA-NeXT is pruned twice with TAMP 50% (unstructured and 2:4), saved dense and compressed; the
 compressed checkpoint's dense copy (mmprune.base.sparse_format.write_dense_copy, the compressed-tensors
 library's decompression) must have the dense save's weight file and config.json byte for byte, the
 project's loaders must give the same tensors, and the decoder linears must take at most 0.6x their
@@ -30,7 +30,7 @@ DECODER_LINEARS = 4 * 7  # the tiny model: 4 decoder layers of 7 linears
 def prune(out: Path, save_format: str, pattern: str = "unstructured", extra=()) -> dict:
     from llava.pruners.__main__ import main
 
-    argv = ["--method", "wanda", "--llm_sparsity_ratio", "0.5", "--sparsity_type", pattern, "--nsamples", "8",
+    argv = ["--method", "tamp", "--llm_sparsity_ratio", "0.5", "--sparsity_type", pattern, "--nsamples", "8",
             "--no_eval", "--realtext_tokens", "0", "--model_path", str(layout.CHECKPOINT_DIR),
             "--save_model", str(out), "--save_format", save_format, "--device", "cpu", *extra]
     assert main(argv) == 0
