@@ -354,3 +354,28 @@ def test_impossible_transfer_draws_stop_before_anything_is_made(model, tmp_path,
     transfer_module = llava_transfer if model == "llava" else av_transfer
     with pytest.raises(UserInputError, match="--calibration cross-kind evaluates on the"):
         transfer_module.evaluation_records([{"kind": "color"}, {"kind": "video"}, {}], "cross-kind")
+
+
+def test_partials_of_single_settings_merge_into_one_table(tmp_path):
+    """A worker may measure one setting (empty --patterns or --sparsities), so a long grid resumes
+    in small units; the merged table holds every setting, and a grid of no setting is refused."""
+    threads = torch.get_num_threads()
+    base = ["--seeds", "1", "--nsamples", "4", "--eval_samples", "4", "--realtext_tokens", "0",
+            "--calibration", "generic", "--methods", "wanda"]
+    parts = [str(tmp_path / "u.json"), str(tmp_path / "nm.json")]
+    try:
+        assert run_main(llava_quality.main, base + ["--sparsities", "0.5", "--patterns", "--only_seed", "1",
+                                                   "--partial", parts[0]]) == 0
+        assert run_main(llava_quality.main, base + ["--sparsities", "--patterns", "2:4", "--only_seed", "1",
+                                                   "--skip_dense", "--partial", parts[1]]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert [[r["setting"] for r in json.loads(open(p).read())["runs"]] for p in parts] == [["0.5"], ["2:4"]]
+    out = tmp_path / "docs"
+    merged = base + ["--sparsities", "0.5", "--patterns", "2:4", "--from_partials", *parts, "--out_dir", str(out)]
+    assert run_main(llava_quality.main, merged) == 0
+    saved = json.loads((out / "results_generic_tiny.json").read_text())
+    assert sorted(r["setting"] for r in saved["runs"]) == ["0.5", "2:4"]
+    none = base + ["--sparsities", "--patterns", "--out_dir", str(tmp_path / "none")]
+    assert run_main(llava_quality.main, none) == 2
+    assert not (tmp_path / "none").exists()

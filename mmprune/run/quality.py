@@ -100,8 +100,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, mod
                         help="greedy answer length (default %(default)s); the embedded answers are a few tokens, so a "
                              "small cap scores them the same and saves the decode steps of broken models")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(PRESETS))
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
-    parser.add_argument("--patterns", nargs="+", default=["2:4", "4:8"])
+    parser.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7, 0.8],
+                        help="unstructured settings (none: only --patterns)")
+    parser.add_argument("--patterns", nargs="*", default=["2:4", "4:8"], help="N:M settings (none: only --sparsities)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--ecoflap_samples", type=int, default=None, help="default: all calibration samples")
@@ -129,7 +130,10 @@ def output_names(section: str, stem: str, suffix: str, calibration: str = DEFAUL
 
 
 def check_outputs(args, names: dict, inputs: list) -> None:
-    """Before any run: the outputs neither overwrite nor land inside an input, and can be created."""
+    """Before any run: there is something to measure, and the outputs neither overwrite nor land
+    inside an input, and can be created."""
+    if not args.sparsities and not args.patterns:
+        raise UserInputError("--sparsities and --patterns are both empty; give at least one setting")
     for name in ("results.md", names["json"], names["plot"]):
         check_output_location(args.partial or os.path.join(args.out_dir, name), inputs, "--out_dir")
 
