@@ -230,36 +230,23 @@ LONG_QUESTION = " ".join(["what color is the cat in this picture ?"] * 8)  # mor
 
 @pytest.fixture(scope="module")
 def llava_fixture(tmp_path_factory):
-    from fixtures_llava import build_tiny_llava_next, make_test_image
+    from fixtures_llava import build_tiny_llava_next, write_image_data
 
     root = tmp_path_factory.mktemp("atv_llava")
     hf = build_tiny_llava_next(root / "hf")
     data = root / "data"
-    (data / "sharegpt4v").mkdir(parents=True)
-    records = []
-    for i, (h, w) in enumerate([(40, 56), (56, 56), (56, 40), (28, 28)]):
-        make_test_image(h, w).save(data / "sharegpt4v" / f"{i}.png")
-        records.append({"id": i, "image": f"sharegpt4v/{i}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{LONG_QUESTION}"}, {"from": "gpt", "value": "red"}]})
-    (data / "data.json").write_text(json.dumps(records))
-    (data / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
+    write_image_data(data, [(40, 56), (56, 56), (56, 40), (28, 28)], LONG_QUESTION)
     return hf, data
 
 
 @pytest.fixture(scope="module")
 def videollama2_fixture(tmp_path_factory):
-    from fixtures_videollama2 import build_tiny_videollama2, write_clip
+    from fixtures_videollama2 import build_tiny_videollama2, write_clip_data
 
     root = tmp_path_factory.mktemp("atv_vl2")
     model_dir = build_tiny_videollama2(root / "model")
     data = root / "data"
-    data.mkdir()
-    records = []
-    for i in range(4):
-        write_clip(data / f"clip{i}.mp4", seed=i)
-        records.append({"id": i, "video": f"clip{i}.mp4", "audio": f"clip{i}.mp4", "conversations": [
-            {"from": "human", "value": f"<video>\n{LONG_QUESTION}"}, {"from": "gpt", "value": "hum"}]})
-    (data / "data.json").write_text(json.dumps(records))
+    write_clip_data(data, 4, LONG_QUESTION)
     return model_dir, data
 
 
