@@ -1,7 +1,8 @@
 """OBS (SparseGPT) with TAMP's token and layer signals, and with ATV-Pruning's tokens (atv-obs): the
-token Hessians against slow explicit sums, the presets against SparseGPT when every token counts with weight 1 at a uniform allocation
-(both trees, bit for bit), selections too small for a full-rank Hessian damped as SparseGPT damps,
-exact N:M patterns and unstructured counts, the presets' scripts and flags."""
+token Hessians against slow explicit sums, the presets against SparseGPT when every token counts with
+weight 1 at a uniform allocation (both trees, bit for bit), selections too small for a full-rank
+Hessian damped as SparseGPT damps, exact N:M patterns and unstructured counts, the presets' scripts
+and flags."""
 
 import json
 
