@@ -7,7 +7,8 @@ statistics, DAS/AMIA) and the per-block constant (mask / OBS after the samples),
 32 blocks x 128 samples extrapolate as 32 * (128 * per_sample + per_block). The floor is the dense
 forward of one sample through one block, timed the same way, and its FLOPs.
 
-The OBS presets with TAMP's signals (das-sparsegpt, amia-sparsegpt, tamp-obs, attn-sparsegpt) run
+The OBS presets with TAMP's or ATV's signals (das-sparsegpt, amia-sparsegpt, tamp-obs, attn-sparsegpt,
+atv-obs) run
 the same way; `obs_ratios` gives their extrapolated time against SparseGPT's (goal: within 1.2x).
 Only that part, on a chosen block shape:
 
@@ -35,7 +36,7 @@ from mmprune.prune.pipeline import PhaseTimer, PruneConfig, make_pruner, plan_sp
 
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
 SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
-OBS_METHODS = ("das-sparsegpt", "amia-sparsegpt", "tamp-obs", "attn-sparsegpt")
+OBS_METHODS = ("das-sparsegpt", "amia-sparsegpt", "tamp-obs", "attn-sparsegpt", "atv-obs")
 FULL_BLOCKS, FULL_SAMPLES = 32, 128
 PREFIX = "layers"
 
@@ -100,6 +101,16 @@ class TimedVisitor:
     def observe(self, *args):
         self.inner.observe(*args)
 
+    @property
+    def prescans(self) -> bool:  # ATV's dense pre-pass (timed with the samples: it repeats per sample)
+        return getattr(self.inner, "prescans", False)
+
+    def prescan(self, *args):
+        self.inner.prescan(*args)
+
+    def end_prescan(self, *args):
+        self.inner.end_prescan(*args)
+
     def end_block(self, *args):
         start = time.perf_counter()
         self.inner.end_block(*args)
@@ -115,8 +126,9 @@ def prune_blocks(method: str, blocks: nn.ModuleList, store: CalibrationStore, de
     Returns (visitor, phase timer, config)."""
     cfg = PruneConfig(method=method, sparsity=0.5, device=device)
     timer = PhaseTimer()
-    plan, _, _ = plan_sparsity(blocks, PREFIX, store, cfg, {0: "text", 1: "image"}, timer, None)
-    visitor = TimedVisitor(make_pruner(cfg, PREFIX, plan))
+    names = {0: "text", 1: "image"}
+    plan, _, _ = plan_sparsity(blocks, PREFIX, store, cfg, names, timer, None)
+    visitor = TimedVisitor(make_pruner(cfg, PREFIX, plan, names))
     with timer.phase("prune_sweep"):
         sweep(blocks, store, visitor, device, desc=desc)
     return visitor, timer, cfg

@@ -297,6 +297,40 @@ def test_atv_keeping_every_token_equals_wanda(tree, grouping, tmp_path, request)
 
 
 @pytest.mark.parametrize("tree", TREES)
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_atv_obs_keeping_every_token_equals_sparsegpt(tree, pattern, tmp_path, request):
+    """atv-obs: SparseGPT's Hessian over ATV's tokens; with every token kept, SparseGPT bit for bit."""
+    run, fixture_name, is_decoder_linear = TREES[tree]
+    fixture = request.getfixturevalue(fixture_name)
+    obs = run(fixture, tmp_path / "atv-obs", "--method", "atv-obs", "--atv_alpha", "1e12", "--sparsity_type", pattern)
+    run(fixture, tmp_path / "sparsegpt", "--method", "sparsegpt", "--sparsity_type", pattern)
+    assert obs["method"] == "atv-obs" and obs["achieved_sparsity"] == 0.5
+    assert all(block["counted_token_share"] == 1.0 for block in obs["atv"]["per_block"].values())
+    assert obs["sparsegpt"]["tokens"]["rule"] == "atv" and obs["sparsegpt"]["tokens"]["summary"]["token_share"] == 1.0
+    a, s = tensors(tmp_path / "atv-obs"), tensors(tmp_path / "sparsegpt")
+    assert a.keys() == s.keys()
+    for key in a:
+        assert torch.equal(a[key], s[key]), key
+    pruned = [v for k, v in a.items() if is_decoder_linear(k)]
+    assert pruned and sum(int((v == 0).sum()) for v in pruned) * 2 == sum(v.numel() for v in pruned)
+    if pattern == "2:4":
+        assert all(nm_pattern_holds(v, 2, 4) for v in pruned)
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_atv_obs_alpha_zero_takes_the_hessian_over_the_text_tokens(tree, tmp_path, request):
+    run, fixture_name, _ = TREES[tree]
+    report = run(request.getfixturevalue(fixture_name), tmp_path / "out", "--method", "atv-obs", "--atv_alpha", "0",
+                 "--atv_modalities", "pooled")
+    counts = report["calibration"]["tokens_per_modality"]
+    tokens = report["sparsegpt"]["tokens"]
+    assert tokens["alpha"] == 0.0 and tokens["modalities"] == "pooled" and report["atv"]["modalities"] == "pooled"
+    assert tokens["summary"]["token_share"] == pytest.approx(counts["text"] / sum(counts.values()))
+    assert all(f["tokens"] == counts["text"] for f in tokens["per_hessian"].values())
+    assert report["achieved_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("tree", TREES)
 def test_atv_alpha_zero_counts_the_text_tokens_only(tree, tmp_path, request):
     run, fixture_name, _ = TREES[tree]
     report = run(request.getfixturevalue(fixture_name), tmp_path / "atv", "--method", "atv", "--atv_alpha", "0")

@@ -1,7 +1,8 @@
-"""OBS (SparseGPT) with TAMP's token and layer signals: the token Hessians against slow explicit
-sums, the presets against SparseGPT when every token counts with weight 1 at a uniform allocation
-(both trees, bit for bit), selections too small for a full-rank Hessian damped as SparseGPT damps,
-exact N:M patterns and unstructured counts, the presets' scripts and flags."""
+"""OBS (SparseGPT) with TAMP's token and layer signals, and with ATV-Pruning's tokens (atv-obs): the
+token Hessians against slow explicit sums, the presets against SparseGPT when every token counts with
+weight 1 at a uniform allocation (both trees, bit for bit), selections too small for a full-rank
+Hessian damped as SparseGPT damps, exact N:M patterns and unstructured counts, the presets' scripts
+and flags."""
 
 import json
 
@@ -11,18 +12,19 @@ from torch import nn
 
 from mmprune.base.errors import UserInputError
 from mmprune.prune.calibration import CalibrationStore, capture_block_inputs
-from mmprune.prune.driver import sweep
+from mmprune.prune.driver import block_output, sweep
 from mmprune.prune.masks import nm_pattern_holds
 from mmprune.prune.methods import sparsegpt as sgpt
 from mmprune.prune.methods.sparsegpt import HessianAccumulator, SparseGPTPruner, eigenvalues_above, sparsegpt_prune_
 from mmprune.prune.pipeline import PRESETS, LanguageHead, PhaseTimer, PruneConfig, prune_decoder
-from mmprune.prune.selection.token_rules import AttentionWeightConfig, SelectorRule, attention_weights
+from mmprune.prune.selection.atv import ATVConfig
+from mmprune.prune.selection.token_rules import AttentionWeightConfig, DriftRule, SelectorRule, attention_weights
 from mmprune.prune.sparsity import SparsityPattern
 from script_runs import ROOT, load_tensors, run_bash
 from test_baselines import names, tiny_lm
 
 OBS_PRESETS = ["das-sparsegpt", "owl-sparsegpt", "ecoflap-sparsegpt", "amia-sparsegpt", "attn-sparsegpt", "tamp-obs",
-               "tamp-obs-attn"]
+               "tamp-obs-attn", "atv-obs"]
 MODALITIES = {0: "text", 1: "image"}
 
 
@@ -245,7 +247,7 @@ def _prune_tiny(method, pattern=SparsityPattern(), seed=7, **cfg):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
-@pytest.mark.parametrize("method", ["amia-sparsegpt", "attn-sparsegpt", "tamp-obs"])
+@pytest.mark.parametrize("method", ["amia-sparsegpt", "attn-sparsegpt", "tamp-obs", "atv-obs"])
 def test_nm_patterns_are_exact(method, n, m):
     model, outcome = _prune_tiny(method, SparsityPattern(n, m))
     for layer in model.model.layers:
@@ -276,6 +278,119 @@ def test_token_report_in_the_outcome():
     tokens = outcome.details["sparsegpt"]["tokens"]
     assert tokens["kind"] == "weights" and tokens["summary"]["token_share"] == 1
     assert 0 < tokens["summary"]["effective_token_share"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# atv-obs: ATV-Pruning's tokens (text + the top-k image tokens by drift) in SparseGPT's Hessian
+
+
+def slow_atv_picks(inputs, outputs, ids, alpha):
+    """ATV's counted tokens the obvious way: drift 1 - cos(x_in, x_out) per token in float64, the
+    mean over every image token of every sample, k = min(round(min(1, alpha * mean) * n_text),
+    n_image) per sample, every text token plus the k image tokens of highest drift (lower position
+    first on ties), in token order."""
+    drifts = [[1.0 - float(a.double() @ b.double() / (a.double().norm() * b.double().norm())) for a, b in zip(x, y)]
+              for x, y in zip(inputs, outputs)]
+    image = [d for ds, m in zip(drifts, ids) for d, i in zip(ds, m.tolist()) if i == 1]
+    mean = sum(image) / len(image)
+    picks = []
+    for ds, m in zip(drifts, ids):
+        m = m.tolist()
+        text = [t for t, i in enumerate(m) if i != 1]
+        ranked = sorted((t for t, i in enumerate(m) if i == 1), key=lambda t: (-ds[t], t))
+        k = min(round(min(1.0, alpha * mean) * len(text)), len(ranked))
+        picks.append(torch.tensor(sorted(text + ranked[:k])))
+    return picks
+
+
+@pytest.mark.parametrize("alpha", [0.0, 5.0, 1e12])  # k = 0, 4 of 7 (mean drift 0.059), all
+def test_atv_obs_hessian_is_the_slow_sum_over_atvs_tokens(monkeypatch, alpha):
+    model = tiny_lm(5)
+    store = capture(model)
+    xs = _q_inputs(model, store)  # block 0 dense, before the sweep prunes it
+    ids = [m.long() for m in store.modality_ids]
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        inputs = [store.inputs(s, "cpu") for s in range(len(store))]
+        picks = slow_atv_picks([h[0] for h, _ in inputs], [block_output(layer, h, kw)[0] for h, kw in inputs],
+                               ids, alpha)
+    seen = _hessian_spy(monkeypatch)
+    pruner = SparseGPTPruner("layers", SparsityPattern(), names(model), blocksize=16,
+                             tokens=DriftRule(ATVConfig(alpha=alpha), MODALITIES))
+    sweep(model.model.layers[:1], store, pruner, "cpu", "obs")
+    q_hessian = seen[0][0]
+    torch.testing.assert_close(q_hessian.double(), slow_hessian(xs, picks=picks), rtol=1e-5, atol=1e-4)
+    tokens = sum(p.numel() for p in picks)
+    image = sum(int((m == 1).sum()) for m in ids)
+    kept = tokens - sum(int((m != 1).sum()) for m in ids)
+    if alpha == 0:
+        assert kept == 0
+    elif alpha == 1e12:  # n_text 13 >= n_image 7: every token, SparseGPT's Hessian
+        assert kept == image and torch.equal(q_hessian, plain_hessian(xs))
+    else:
+        assert 0 < kept < image  # a proper top-k: the test tells drift orders apart
+    # one selection per block and sample: all four Hessians (q/k/v, o, gate/up, down) over the same tokens
+    assert len(pruner.hessians) == 4
+    assert all(f["tokens"] == tokens and f["total_tokens"] == 4 * 20 for f in pruner.hessians.values())
+    block = pruner.tokens.drift.report[0]
+    assert block["visual_kept"] == {"image": kept} and block["visual_tokens"] == {"image": image}
+    assert block["counted_token_share"] == tokens / 80
+
+
+def plain_hessian(xs):
+    plain = HessianAccumulator()
+    for x in xs:
+        plain.add("q", x)
+    return plain.hessian["q"]
+
+
+def test_atv_and_atv_obs_select_the_same_tokens():
+    """One rule for both pruners: on the same dense block 0 the two presets keep the same tokens."""
+    _, wanda = _prune_tiny("atv")
+    _, obs = _prune_tiny("atv-obs")
+    assert wanda.details["atv"]["per_block"]["0"] == obs.details["atv"]["per_block"]["0"]
+    assert obs.details["atv"]["alpha"] == 1.0 and obs.details["atv"]["modalities"] == "separate"
+
+
+def test_atv_obs_exact_unstructured_counts_and_report():
+    _, outcome = _prune_tiny("atv-obs", atv=ATVConfig(alpha=5.0))
+    for r in outcome.results:
+        assert r.zeros == round(0.5 * r.shape[0] * r.shape[1])
+    assert outcome.achieved == 0.5
+    tokens = outcome.details["sparsegpt"]["tokens"]
+    assert tokens["rule"] == "atv" and tokens["kind"] == "subset"
+    assert tokens["alpha"] == 5.0 and tokens["modalities"] == "separate"
+    assert 0 < tokens["summary"]["token_share"] < 1 and tokens["summary"]["hessians"] == 4 * 3
+    blocks = outcome.details["atv"]["per_block"]
+    assert sorted(blocks) == ["0", "1", "2"] and 0 < blocks["0"]["visual_kept_share"]["image"] < 1
+    for name, fact in tokens["per_hessian"].items():  # each Hessian counts its block's ATV tokens
+        assert fact["token_share"] == blocks[name.split(".")[1]]["counted_token_share"]
+
+
+def test_atv_obs_too_small_selection_is_damped_as_sparsegpt_damps_and_reported(monkeypatch):
+    model = tiny_lm(6)
+    store = capture(model, n=2)  # alpha 0: the 13 text tokens of 2 samples, 26 < 32 or 64 columns
+    seen = _hessian_spy(monkeypatch)
+    config = PruneConfig(method="atv-obs", sparsity=0.5, atv=ATVConfig(alpha=0.0))
+    outcome = prune_decoder(model.model.layers, "layers", store, config, MODALITIES, PhaseTimer())
+    tokens = outcome.details["sparsegpt"]["tokens"]
+    assert tokens["summary"]["rank_bound_below_columns"] == tokens["summary"]["hessians"] == 4 * 3
+    assert tokens["summary"]["raised_damping"] == 0 and not outcome.details["sparsegpt"]["raised_damping"]
+    for fact in tokens["per_hessian"].values():
+        assert fact["tokens"] == 26 < fact["columns"]
+        assert fact["rank"] <= fact["rank_bound"] == 26 and fact["damping"] == 0.01
+    assert all(b["visual_kept"] == {"image": 0} for b in outcome.details["atv"]["per_block"].values())
+    # the damping SparseGPT adds: the same call on the same Hessian gives the same weights
+    dense = tiny_lm(6).model.layers[0].self_attn.q_proj.weight.detach().clone()
+    hessian, dead = seen[0]
+    assert int(torch.linalg.matrix_rank(hessian.double(), rtol=1e-4)) <= 26  # singular up to float32 rounding
+    info = sparsegpt_prune_(dense, hessian, 0.5, SparsityPattern(), 128, 0.01, dead)
+    assert info["damping"] == 0.01
+    assert torch.equal(dense, model.model.layers[0].self_attn.q_proj.weight)
+    for r in outcome.results:
+        assert r.zeros == round(0.5 * r.shape[0] * r.shape[1])
+    for layer in model.model.layers:
+        assert all(torch.isfinite(p).all() for p in layer.parameters())
 
 
 # every token with weight 1 (AMIA never stops before the whole set at scale 0; floor = cap = 1) and a
@@ -312,7 +427,9 @@ def sparsegpt_run(request, tmp_path_factory):
     return request.param, out, tensors
 
 
-@pytest.mark.parametrize("method", OBS_PRESETS)
+# atv-obs keeps every token only where n_text >= n_visual, which the embedded calibration records are
+# not (LLaVA-NeXT's image has more tokens than its question): tests/test_atv.py checks it on long questions
+@pytest.mark.parametrize("method", [m for m in OBS_PRESETS if m != "atv-obs"])
 def test_every_token_weight_one_uniform_equals_sparsegpt_bit_for_bit(sparsegpt_run, method, tmp_path):
     tree, reference_dir, reference = sparsegpt_run
     flags = [f.format(dict=reference_dir / "sparsity_dict.yaml") for f in EVERY_TOKEN[method]]

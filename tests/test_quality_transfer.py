@@ -379,3 +379,18 @@ def test_partials_of_single_settings_merge_into_one_table(tmp_path):
     none = base + ["--sparsities", "--patterns", "--out_dir", str(tmp_path / "none")]
     assert run_main(llava_quality.main, none) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_a_section_measured_in_part_says_so(tmp_path):
+    """Merged partials that cover only some of the grid's runs give a section marked partial, with
+    the count and the seeds measured; the full grid has no such line."""
+    from mmprune.run.quality import partial_note
+
+    args = llava_quality.parse_args(["--methods", "wanda", "magnitude", "--sparsities", "0.5", "--patterns", "2:4",
+                                     "--seeds", "1", "2"])
+    runs = [{"seed": 1, "method": "wanda", "setting": "0.5"}, {"seed": 1, "method": "magnitude", "setting": "0.5"}]
+    (line,) = [text for text in partial_note(args, runs, 2) if text]
+    assert line.startswith("**Partial**: 2 of the grid's 6 runs") and "seeds so far: 1)" in line
+    full = runs + [{"seed": s, "method": m, "setting": x} for s, m, x in
+                   [(1, "wanda", "2:4"), (1, "magnitude", "2:4"), (2, "wanda", "0.5"), (2, "wanda", "2:4")]]
+    assert partial_note(args, full, 2) == []

@@ -15,7 +15,8 @@ from torch import nn
 
 from mmprune.prune.selection.amia import AMIAConfig
 from mmprune.prune.selection.atv import ATVConfig
-from mmprune.prune.selection.token_rules import AttentionWeightConfig, SelectorRule, amia_rule, attention_rule
+from mmprune.prune.selection.token_rules import (AttentionWeightConfig, DriftRule, TokenRule, amia_rule,
+                                                  attention_rule)
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.allocation.rules import allocate
 from mmprune.prune.allocation.das import DASConfig, DASResult, DiversitySweep, block_name, das_allocation, linear_name
@@ -51,6 +52,7 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     "attn-sparsegpt": ("uniform", "sparsegpt", "attention"),
     "tamp-obs": ("das", "sparsegpt", "amia"),
     "tamp-obs-attn": ("das", "sparsegpt", "attention"),
+    "atv-obs": ("uniform", "sparsegpt", "atv"),  # ATV-Pruning's tokens in the Hessian
 }
 
 
@@ -273,19 +275,21 @@ def plan_sparsity(blocks, prefix, store, cfg: PruneConfig, modality_names, timer
     raise UserInputError(f"unknown layer-wise allocation {layerwise!r}")
 
 
-def token_rule(cfg: PruneConfig) -> SelectorRule | None:
+def token_rule(cfg: PruneConfig, modality_names: dict[int, str] | None = None) -> TokenRule | None:
     """The preset's token rule for SparseGPT's Hessian (None: every token, weight 1)."""
     if cfg.tokens == "amia":
         return amia_rule(cfg.amia)
     if cfg.tokens == "attention":
         return attention_rule(cfg.token_weights)
+    if cfg.tokens == "atv":
+        return DriftRule(cfg.atv, modality_names or {})
     return None
 
 
 def make_pruner(cfg: PruneConfig, prefix: str, plan: dict[str, float], modality_names: dict[int, str] | None = None):
     """The block visitor that prunes with the preset's pruner and tokens, to `plan`."""
     if cfg.pruner == "sparsegpt":
-        return SparseGPTPruner(prefix, cfg.pattern, plan, tokens=token_rule(cfg))
+        return SparseGPTPruner(prefix, cfg.pattern, plan, tokens=token_rule(cfg, modality_names))
     return WandaPruner(prefix, cfg.pattern, plan, cfg.amia if cfg.uses_amia else None, cfg.row_rounding,
                        cfg.atv if cfg.uses_atv else None, modality_names)
 
@@ -309,6 +313,8 @@ def token_report(cfg: PruneConfig, pruner: SparseGPTPruner) -> dict:
     if cfg.tokens == "amia":
         settings.update(features=cfg.amia.features, scope=cfg.amia.scope, knn=cfg.amia.knn,
                         mmd_scale=cfg.amia.mmd_scale)
+    elif cfg.tokens == "atv":
+        settings.update(alpha=cfg.atv.alpha, modalities=cfg.atv.grouping)  # per block: details["atv"]
     else:
         shares = [f["effective_token_share"] for f in facts if "effective_token_share" in f]
         summary["effective_token_share"] = sum(shares) / len(shares) if shares else None
@@ -337,13 +343,13 @@ def prune_decoder(
     pruner = make_pruner(cfg, prefix, plan, modality_names)
     with timer.phase("prune_sweep"):
         sweep(blocks, store, pruner, cfg.device, desc=f"prune ({cfg.method})")
+    if cfg.uses_atv:  # atv (Wanda) and atv-obs (SparseGPT) share the rule and its report
+        details["atv"] = {"alpha": cfg.atv.alpha, "modalities": cfg.atv.grouping,
+                          "per_block": {str(i): b for i, b in pruner.tokens.drift.report.items()}}
     if cfg.pruner == "sparsegpt":
         details["sparsegpt"] = {"blocksize": pruner.blocksize, "percdamp": pruner.percdamp,
                                 "raised_damping": pruner.damping, "reconstruction_loss": pruner.losses}
         if pruner.tokens is not None:
             details["sparsegpt"]["tokens"] = token_report(cfg, pruner)
         return PruneOutcome(pruner.results, plan, das_result, None, details)
-    if pruner.atv is not None:
-        details["atv"] = {"alpha": cfg.atv.alpha, "modalities": cfg.atv.grouping,
-                          "per_block": {str(i): b for i, b in pruner.atv.report.items()}}
     return PruneOutcome(pruner.results, plan, das_result, pruner.selection if cfg.uses_amia else None, details)

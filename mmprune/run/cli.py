@@ -74,8 +74,8 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
                            "then scaled to mean 1; floor > 0 keeps every token")
     ours.add_argument("--token_weight_cap", type=float, default=10.0)
     ours.add_argument("--atv_alpha", type=float, default=1.0,
-                      help="ATV: visual tokens per sample k = round(min(1, alpha * mean drift) * n_text), at most "
-                           "n_visual (default 1, the paper's; 0 counts text tokens only)")
+                      help="ATV (atv, atv-obs): visual tokens per sample k = round(min(1, alpha * mean drift) * "
+                           "n_text), at most n_visual (default 1, the paper's; 0 counts text tokens only)")
     ours.add_argument("--atv_modalities", choices=GROUPINGS, default="separate",
                       help="ATV with several non-text modalities (VideoLLaMA2: video, audio): each on its own "
                            "drift and k (separate, default) or all as one visual set (pooled)")

@@ -383,6 +383,18 @@ def dense_split_text(dense: dict, kinds: dict) -> str:
     return f"dense accuracy {100 * dense['accuracy']:.1f}%" + (f" ({', '.join(per_kind)})" if per_kind else "")
 
 
+def partial_note(args, runs: list, n_settings: int) -> list:
+    """A line that marks a section measured only in part (a long grid committed while it runs):
+    how many of the grid's runs exist and which seeds they come from; nothing for a full grid."""
+    expected = len(work_units(args)) * n_settings
+    if len(runs) >= expected:
+        return []
+    seeds = sorted({run["seed"] for run in runs})
+    return ["", f"**Partial**: {len(runs)} of the grid's {expected} runs are measured so far (— marks the rest; "
+                f"seeds so far: {', '.join(map(str, seeds)) or 'none'}); a cell with one seed has no spread. The "
+                "section is rewritten when the grid completes."]
+
+
 def write_section(args, results: dict, section: Section) -> None:
     """docs/results.md's section, the raw JSON and the plot(s) of a grid's results."""
     os.makedirs(args.out_dir, exist_ok=True)
@@ -419,6 +431,7 @@ def write_section(args, results: dict, section: Section) -> None:
     missing = [m for m in args.methods if m not in methods]
     if missing:
         lines += ["", f"Not in this table (no runs): {', '.join(missing)}."]
+    lines += partial_note(args, results["runs"], len(labels))
     if realtext.get("tokens"):
         lines += ["", f"Real-text perplexity: the language decoder alone on {realtext['tokens']:,} tokens of English "
                       f"text from Python's standard library (`mmprune/evaluate/realtext.py`, sha256 `{realtext['sha256'][:12]}…`, "

@@ -177,7 +177,8 @@ def modality_summary(report: dict) -> str:
     atv = report.get("atv", {}).get("per_block")
     if atv:
         names = list(next(iter(atv.values()))["mean_drift"])
-        lines.append("ATV per block: mean drift and share of each modality's tokens counted in ||X||")
+        statistic = "the Hessian" if "sparsegpt" in report else "||X||"  # atv-obs or atv
+        lines.append(f"ATV per block: mean drift and share of each modality's tokens counted in {statistic}")
         lines.append("  block " + " ".join(f"{n + ' drift':>14} {n + ' kept':>13}" for n in names)
                      + "   all tokens counted")
         for index in sorted(atv, key=int):

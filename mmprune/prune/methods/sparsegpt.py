@@ -21,7 +21,7 @@ from torch import nn
 from mmprune.prune.allocation.das import linear_name
 from mmprune.prune.driver import LinearTaps
 from mmprune.prune.methods.wanda import LinearResult
-from mmprune.prune.selection.token_rules import SelectorRule
+from mmprune.prune.selection.token_rules import TokenRule
 from mmprune.prune.sparsity import SparsityPattern
 
 
@@ -181,7 +181,7 @@ class SparseGPTPruner:
     sparsity: dict[str, float]
     blocksize: int = 128
     percdamp: float = 0.01
-    tokens: SelectorRule | None = None  # None: every token, weight 1 (SparseGPT)
+    tokens: TokenRule | None = None  # None: every token, weight 1 (SparseGPT)
     modifies_block = True
     results: list[LinearResult] = field(default_factory=list)
     damping: dict[str, float] = field(default_factory=dict)  # linears that needed more damping
@@ -191,6 +191,17 @@ class SparseGPTPruner:
     @property
     def keep_outputs(self) -> bool:
         return self.tokens is not None and self.tokens.keep_outputs
+
+    @property
+    def prescans(self) -> bool:
+        """A rule that needs a dense pass over every sample first (ATV's drift) gets the driver's."""
+        return getattr(self.tokens, "prescans", False)
+
+    def prescan(self, index, sample, block_input, block_output, modality_ids) -> None:
+        self.tokens.prescan(index, sample, block_input, block_output, modality_ids)
+
+    def end_prescan(self, index: int) -> None:
+        self.tokens.end_prescan(index)
 
     def begin_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> None:
         self._hessians = HessianAccumulator()

@@ -1,5 +1,6 @@
 """Wanda pruning (|W| * ||X||, per-row groups or N:M), with pluggable per-linear sparsity (uniform,
-DAS, OWL, ...) and pluggable tokens in ||X|| (all tokens, or AMIA's representative set)."""
+DAS, OWL, ...) and pluggable tokens in ||X|| (all tokens, AMIA's representative set, or ATV's
+drift selection)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mmprune.prune.selection.amia import AMIAConfig
-from mmprune.prune.selection.atv import ATVConfig, DriftSelection, token_drift
-from mmprune.prune.selection.token_rules import amia_rule
+from mmprune.prune.selection.atv import ATVConfig
+from mmprune.prune.selection.token_rules import DriftRule, amia_rule
 from mmprune.prune.allocation.das import linear_name
 from mmprune.prune.driver import LinearTaps
 from mmprune.prune.masks import mask_for_pattern
@@ -31,7 +32,7 @@ class LinearResult:
 
 @dataclass
 class SelectionStats:
-    """How many tokens AMIA kept, per block, summed over samples and linears."""
+    """How many tokens the token rule kept, per block, summed over samples and linears."""
 
     selected: dict[int, int] = field(default_factory=dict)
     total: dict[int, int] = field(default_factory=dict)
@@ -64,41 +65,39 @@ class WandaPruner:
         self.sparsity = sparsity
         self.amia = amia
         self.row_rounding = row_rounding
-        self.tokens = amia_rule(amia) if amia is not None else None  # the selection path SparseGPT shares
+        if atv is not None and amia is not None:
+            raise ValueError("AMIA and ATV are two token rules; give one")
+        # the selection paths SparseGPT shares (token_rules)
+        self.tokens = amia_rule(amia) if amia is not None else None
+        if atv is not None:
+            self.tokens = DriftRule(atv, modality_names or {})
+        self.atv = self.tokens.drift if atv is not None else None  # ATV's per-block report
+        self.prescans = atv is not None  # the driver runs prescan() over every sample first
         self.keep_outputs = self.tokens is not None and self.tokens.keep_outputs
         self.results: list[LinearResult] = []
         self.selection = SelectionStats()
         self._norms = InputNorms()
         self._block: nn.Module | None = None
-        if atv is not None and amia is not None:
-            raise ValueError("AMIA and ATV are two token rules; give one")
-        self.atv = DriftSelection(atv, modality_names or {}) if atv is not None else None
-        self.prescans = self.atv is not None  # the driver runs prescan() over every sample first
 
     def begin_block(self, index: int, block: nn.Module, linears: dict[str, nn.Linear]) -> None:
         self._norms = InputNorms()
         self._block = block
-        if self.atv is not None:
-            self.atv.begin_block()
+        if self.tokens is not None:
+            self.tokens.begin_block(index)
 
     def prescan(self, index, sample, block_input, block_output, modality_ids) -> None:
-        self.atv.add(sample, token_drift(block_input, block_output), modality_ids)
+        self.tokens.prescan(index, sample, block_input, block_output, modality_ids)
 
     def end_prescan(self, index: int) -> None:
-        self.atv.finish_block(index)
+        self.tokens.end_prescan(index)
 
     def observe(self, index, sample, block_input, block_output, taps: LinearTaps, modality_ids, kwargs) -> None:
-        if self.atv is not None:
-            kept = self.atv.kept(sample)  # one selection per block, shared by its linears
-            for rel, x in taps.inputs.items():
-                self._norms.add(rel, x[kept.to(x.device)])
-            return
         chosen = None
         if self.tokens is not None:
             chosen = self.tokens.choose(index, sample, self._block, block_input, block_output, taps, modality_ids,
                                         kwargs)
         for rel, x in taps.inputs.items():
-            if chosen is None:  # no AMIA, or no attention to rank tokens by: all tokens
+            if chosen is None:  # no token rule, or no attention to rank tokens by: all tokens
                 self._norms.add(rel, x)
                 continue
             self._norms.add(rel, x[chosen[rel]])

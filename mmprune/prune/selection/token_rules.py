@@ -10,6 +10,8 @@ long indices (a subset) or float weights (N); `SelectorRule` runs it on the bloc
 linear's features and shares one answer between linears that read the same tensor:
   AMIA: `amia_rule` (indices from `mmprune.prune.selection.amia.select_tokens`);
   attention weights: `attention_rule` (w = N a clamped to [floor, cap], scaled to mean 1).
+ATV's drift rule (`DriftRule`, a subset) needs every sample's block output before it can pick
+(the mean drift is over all samples), so it also takes the driver's dense pre-pass (`prescans`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mmprune.base.errors import UserInputError
 from mmprune.prune.attention import last_token_attention
 from mmprune.prune.driver import LinearTaps
 from mmprune.prune.selection.amia import AMIAConfig, select_tokens
+from mmprune.prune.selection.atv import ATVConfig, DriftSelection, token_drift
 
 Selector = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 KINDS = ("subset", "weights")
@@ -124,3 +127,37 @@ def attention_weights(attention: torch.Tensor, cfg: AttentionWeightConfig) -> to
 def attention_rule(cfg: AttentionWeightConfig) -> SelectorRule:
     """Every token, weighted by the last token's attention (one weight vector per sample and block)."""
     return SelectorRule("attention", "weights", lambda f, a, m: attention_weights(a, cfg), "input", "block")
+
+
+class DriftRule:
+    """ATV-Pruning's tokens (a subset, one per block and sample, shared by every linear of the
+    block): drifts from the driver's dense pre-pass, the selection from `DriftSelection`. The one
+    path of both Wanda's `atv` and SparseGPT's `atv-obs`; `drift.report` holds what was kept."""
+
+    name = "atv"
+    kind = "subset"
+    keep_outputs = False
+    prescans = True  # the visitor forwards prescan()/end_prescan() of the driver here
+
+    def __init__(self, cfg: ATVConfig, modality_names: dict[int, str]):
+        self.cfg = cfg
+        self.drift = DriftSelection(cfg, modality_names)
+
+    def begin_block(self, index: int) -> None:
+        self.drift.begin_block()
+
+    def prescan(self, index: int, sample: int, block_input: torch.Tensor, block_output: torch.Tensor,
+                modality_ids: torch.Tensor) -> None:
+        self.drift.add(sample, token_drift(block_input, block_output), modality_ids)
+
+    def end_prescan(self, index: int) -> None:
+        self.drift.finish_block(index)
+
+    def choose(self, index: int, sample: int, block: nn.Module, block_input: torch.Tensor,
+               block_output: torch.Tensor, taps: LinearTaps, modality_ids: torch.Tensor,
+               kwargs: dict) -> dict[str, torch.Tensor]:
+        kept = self.drift.kept(sample).nonzero()[:, 0]  # ascending: the rows in token order
+        return {rel: kept for rel in taps.inputs}
+
+
+TokenRule = SelectorRule | DriftRule
