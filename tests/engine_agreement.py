@@ -50,3 +50,17 @@ def assert_same_scores(ours: dict, theirs: dict) -> None:
     assert theirs["accuracy"] == ours["accuracy"]
     assert {k: v["accuracy"] for k, v in theirs["per_kind"].items()} == \
         {k: v["accuracy"] for k, v in ours["per_kind"].items()}
+
+
+def assert_engine_agrees(which: str, model_dir, engine_predictions, capsys, timing=lambda theirs: "") -> None:
+    """llava.eval and another engine (`engine_predictions(model_dir)` -> its summary and predictions)
+    answer and score every record of `model_dir` alike; prints one line on both (`timing`: its tail)."""
+    ours, our_preds = llava_eval_predictions(model_dir)
+    theirs, their_preds = engine_predictions(model_dir)
+    differing = differing_predictions(our_preds, their_preds)
+    with capsys.disabled():
+        print(f"\n{which} ({model_dir}): llava.eval accuracy {ours['accuracy']:.4f}, {theirs['evaluator']} "
+              f"accuracy {theirs['accuracy']:.4f}, {len(our_preds) - len(differing)}/{len(our_preds)} answers "
+              f"equal{timing(theirs)}")
+    assert not differing, f"{len(differing)} records differ (id, llava.eval, {theirs['evaluator']}): {differing[:10]}"
+    assert_same_scores(ours, theirs)

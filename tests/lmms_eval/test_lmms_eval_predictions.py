@@ -62,16 +62,7 @@ def lmms_eval_predictions(model_dir, tmp_path) -> tuple:
 @pytest.mark.parametrize("which", ["dense", "pruned"])
 def test_lmms_eval_predictions_equal_llava_eval(which, pruned_dir, tmp_path, capsys):
     model_dir = paths.CHECKPOINT_DIR if which == "dense" else pruned_dir
-    ours, our_preds = agreement.llava_eval_predictions(model_dir)
-    theirs, their_preds = lmms_eval_predictions(model_dir, tmp_path)
-
-    differing = agreement.differing_predictions(our_preds, their_preds)
-    with capsys.disabled():
-        print(f"\n{which} ({model_dir}): llava.eval accuracy {ours['accuracy']:.4f}, "
-              f"{theirs['evaluator']} accuracy {theirs['accuracy']:.4f}, {len(our_preds) - len(differing)}/"
-              f"{len(our_preds)} predictions equal")
-    assert not differing, f"{len(differing)} records differ (id, llava.eval, lmms-eval): {differing[:10]}"
-    agreement.assert_same_scores(ours, theirs)
+    agreement.assert_engine_agrees(which, model_dir, lambda d: lmms_eval_predictions(d, tmp_path), capsys)
 
 
 def test_pruned_checkpoint_keeps_the_single_bos_template(pruned_dir):

@@ -71,16 +71,9 @@ def vllm_predictions(model_dir, tmp_path) -> tuple:
 @pytest.mark.parametrize("which", ["dense", "pruned"])
 def test_vllm_predictions_equal_llava_eval(which, request, tmp_path, capsys):
     model_dir = paths.SMOL_CHECKPOINT_DIR if which == "dense" else request.getfixturevalue("pruned_dir")
-    ours, our_preds = agreement.llava_eval_predictions(model_dir)
-    theirs, their_preds = vllm_predictions(model_dir, tmp_path)
-
-    differing = agreement.differing_predictions(our_preds, their_preds)
-    with capsys.disabled():
-        print(f"\n{which} ({model_dir}): llava.eval accuracy {ours['accuracy']:.4f}, {theirs['evaluator']} "
-              f"accuracy {theirs['accuracy']:.4f}, {len(our_preds) - len(differing)}/{len(our_preds)} answers "
-              f"equal; vLLM load {theirs['seconds']['load']} s, generate {theirs['seconds']['generate']} s")
-    assert not differing, f"{len(differing)} records differ (id, llava.eval, vLLM): {differing[:10]}"
-    agreement.assert_same_scores(ours, theirs)
+    agreement.assert_engine_agrees(
+        which, model_dir, lambda d: vllm_predictions(d, tmp_path), capsys,
+        lambda theirs: f"; vLLM load {theirs['seconds']['load']} s, generate {theirs['seconds']['generate']} s")
 
 
 def test_pruned_checkpoint_has_the_llava_hf_names(pruned_dir):
