@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (label, file suffix, function name) of the calls whose cumulative time is reported
+# (label, file suffix (or a tuple of them), function name) of the calls whose cumulative time is reported
 FUNCTIONS = [
     ("prune_decoder (DAS sweep + prune sweep)", "mmprune/prune/pipeline.py", "prune_decoder"),
     ("block forward passes", "mmprune/prune/driver.py", "block_output"),
@@ -24,7 +24,8 @@ FUNCTIONS = [
     ("DAS/AMIA similarity_terms", "mmprune/prune/diversity.py", "similarity_terms"),
     ("last-token attention row", "mmprune/prune/attention.py", "last_token_attention"),
     ("Wanda masks (end_block)", "mmprune/prune/methods/wanda.py", "end_block"),
-    ("load_llava_next (model + processor)", "llava/convert.py", "load_llava_next"),
+    # the loader's file before and after llava/convert.py became a package (older commits are profiled too)
+    ("load_llava_next (model + processor)", ("llava/convert/loading.py", "llava/convert.py"), "load_llava_next"),
     ("plot_sparsity", "mmprune/run/report.py", "plot_sparsity"),
 ]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llava.convert import load_llava_next
+from llava.convert.loading import load_llava_next
 from llava.data import leave_bos_to_tokenizer
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
 from llava.placed_save import save_placed

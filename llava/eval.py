@@ -29,7 +29,7 @@ from tqdm import tqdm
 from llava.data import encode_record, load_records, model_inputs, reference_answer
 from llava.embedded import paths
 from mmprune.run.cli import check_eval_limits, set_cpu_threads  # noqa: F401  (set_cpu_threads re-exported)
-from llava.convert import load_model
+from llava.convert.loading import load_model
 from mmprune.base.errors import UserInputError
 from mmprune.evaluate.realtext import add_realtext_argument, realtext_perplexity
 from mmprune.evaluate.scoring import (  # noqa: F401

@@ -139,7 +139,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from mmprune.run.cli import set_cpu_threads
-    from llava.convert import load_model
+    from llava.convert.loading import load_model
 
     args = parse_args(argv)
     if not 0.0 < args.budget < 1.0:

@@ -20,7 +20,7 @@ from llava import fitprune as lfp
 from llava.data import encode_record, load_records, model_inputs, select_task
 from llava.embedded import paths
 from llava.eval import evaluate
-from llava.convert import load_model
+from llava.convert.loading import load_model
 from llava.model import decoder_layers
 from mmprune.tokens.flops import DecoderDims, flops_reduction
 from mmprune.tokens.hooks import apply_token_recipe as apply_to_layers

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from llava.convert import load_llava_next
+from llava.convert.loading import load_llava_next
 from llava import transfer
 from llava.data import encode_conversation, encode_record, load_records, select_task
 from llava.embedded import paths as embedded

@@ -11,6 +11,8 @@ os.environ["EMBEDDED_MODEL"] = "tiny"
 
 # tests import their shared fixture builders (fixtures_llava) as plain modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the asserts of a shared checker report their operands, as a test module's do
+pytest.register_assert_rewrite("engine_agreement")
 
 
 @pytest.fixture(scope="module")

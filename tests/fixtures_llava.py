@@ -4,8 +4,9 @@
 exercise the same code paths as llava-hf/llama3-llava-next-8b-hf (CLIP tower, anyres tiles,
 2-layer projector with GELU, image newline, Llama decoder, Llama-3 style chat template);
 `build_tiny_lmms_lab(hf_dir, out_dir)` writes the same weights in the original
-lmms-lab/LLaVA-NeXT layout (the inverse of `llava.convert`), and `make_test_image(h, w)` gives a
-deterministic RGB picture. Nothing is downloaded.
+lmms-lab/LLaVA-NeXT layout (the inverse of `llava.convert`), `make_test_image(h, w)` gives a
+deterministic RGB picture and `write_image_data` a calibration folder of such pictures. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def make_test_image(h: int, w: int) -> Image.Image:
     b = ((ys // 7 + xs // 5) % 2) * 200 + 30
     arr = np.stack([r, g, b], axis=-1).astype(np.uint8)
     return Image.fromarray(arr, mode="RGB")
+
+
+def write_image_data(data: Path, sizes, question: str = "what color is the cat ?", task_split: bool = True) -> None:
+    """A calibration folder in `data`: one test image per (h, w) of `sizes` under sharegpt4v/, data.json
+    with a record per image (`question` about it, answer "red") and, with `task_split`, a
+    task_split.json that gives all records to sharegpt4v."""
+    (data / "sharegpt4v").mkdir(parents=True)
+    records = []
+    for i, (h, w) in enumerate(sizes):
+        make_test_image(h, w).save(data / "sharegpt4v" / f"{i}.png")
+        records.append({"id": i, "image": f"sharegpt4v/{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "red"}]})
+    (data / "data.json").write_text(json.dumps(records))
+    if task_split:
+        (data / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
 
 
 def tiny_vision_config() -> CLIPVisionConfig:

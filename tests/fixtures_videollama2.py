@@ -11,8 +11,9 @@ carrying a Qwen2-style chat template:
 - BEATs embed 16, width 32, 2 layers, 2 heads, FFN 64, conv_pos 16 with 4 groups, 32 buckets;
   0.55 s of audio -> 53 frames -> 3 x 8 = 24 audio tokens; audio MLP 32 -> 64 -> 64.
 
-`write_clip(path, ...)` writes a short synthetic mp4 (with or without an audio track) and
-`write_wav(path, ...)` a wav file. Nothing is downloaded.
+`write_clip(path, ...)` writes a short synthetic mp4 (with or without an audio track),
+`write_wav(path, ...)` a wav file and `write_clip_data` a calibration folder of such clips. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -89,3 +90,22 @@ def write_wav(path, seconds: float = 1.0, rate: int = 16000, channels: int = 1, 
     data = (0.3 * rng.standard_normal((int(seconds * rate), channels))).astype(np.float32)
     soundfile.write(str(path), data, rate, subtype="FLOAT")
     return data
+
+
+def write_clip_data(data: Path, n: int, question: str, separate_audio: bool = False) -> None:
+    """A calibration folder in `data`: clips clip{i}.mp4 (seed i) and data.json with a record per clip
+    (`question` about it, answer "hum", audio from the clip's track); with `separate_audio` the last
+    clip has no audio track and its record's audio is a wav file beside it."""
+    data.mkdir()
+    records = []
+    for i in range(n):
+        name = f"clip{i}.mp4"
+        separate = separate_audio and i == n - 1
+        write_clip(data / name, seed=i, with_audio=not separate)
+        record = {"id": i, "video": name, "audio": name, "conversations": [
+            {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": "hum"}]}
+        if separate:
+            write_wav(data / f"clip{i}.wav", seconds=1.0)
+            record["audio"] = f"clip{i}.wav"
+        records.append(record)
+    (data / "data.json").write_text(json.dumps(records))

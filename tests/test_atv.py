@@ -155,22 +155,30 @@ def plan(model, ratio):
             for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def slow_atv_picks(inputs, outputs, ids, alpha):
+    """ATV's counted tokens the obvious way: drift 1 - cos(x_in, x_out) per token in float64, the
+    mean over every image token of every sample, k = min(round(min(1, alpha * mean) * n_text),
+    n_image) per sample, every text token plus the k image tokens of highest drift (lower position
+    first on ties), in token order."""
+    drifts = [[1.0 - float(a.double() @ b.double() / (a.double().norm() * b.double().norm())) for a, b in zip(x, y)]
+              for x, y in zip(inputs, outputs)]
+    image = [d for ds, m in zip(drifts, ids) for d, i in zip(ds, m.tolist()) if i == 1]
+    mean = sum(image) / len(image)
+    picks = []
+    for ds, m in zip(drifts, ids):
+        m = m.tolist()
+        text = [t for t, i in enumerate(m) if i != 1]
+        ranked = sorted((t for t, i in enumerate(m) if i == 1), key=lambda t: (-ds[t], t))
+        k = min(round(min(1.0, alpha * mean) * len(text)), len(ranked))
+        picks.append(torch.tensor(sorted(text + ranked[:k])))
+    return picks
+
+
 @torch.no_grad()
 def slow_atv_block(layer, hidden, kwargs, modality, alpha, ratio):
     """Prune one block the obvious way; returns the pruned block's outputs (the next inputs)."""
-    drifts = []
-    for h, kw in zip(hidden, kwargs):
-        out = block_output(layer, h, kw)[0]
-        drifts.append([1 - float(torch.dot(a, b) / (a.norm() * b.norm())) for a, b in zip(h[0], out)])
-    visual = [d for ds, ids in zip(drifts, modality) for d, m in zip(ds, ids.tolist()) if m == 1]
-    mean = sum(visual) / len(visual)
-    chosen = []
-    for ds, ids in zip(drifts, modality):
-        ids = ids.tolist()
-        text = [t for t, m in enumerate(ids) if m != 1]
-        vis = sorted((t for t, m in enumerate(ids) if m == 1), key=lambda t: (-ds[t], t))
-        k = min(round(min(1, alpha * mean) * len(text)), len(vis))
-        chosen.append(sorted(text + vis[:k]))
+    outputs = [block_output(layer, h, kw)[0] for h, kw in zip(hidden, kwargs)]
+    chosen = [p.tolist() for p in slow_atv_picks([h[0] for h in hidden], outputs, modality, alpha)]
     linears = block_linears(layer)
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
     count = {n: 0 for n in linears}
@@ -230,36 +238,23 @@ LONG_QUESTION = " ".join(["what color is the cat in this picture ?"] * 8)  # mor
 
 @pytest.fixture(scope="module")
 def llava_fixture(tmp_path_factory):
-    from fixtures_llava import build_tiny_llava_next, make_test_image
+    from fixtures_llava import build_tiny_llava_next, write_image_data
 
     root = tmp_path_factory.mktemp("atv_llava")
     hf = build_tiny_llava_next(root / "hf")
     data = root / "data"
-    (data / "sharegpt4v").mkdir(parents=True)
-    records = []
-    for i, (h, w) in enumerate([(40, 56), (56, 56), (56, 40), (28, 28)]):
-        make_test_image(h, w).save(data / "sharegpt4v" / f"{i}.png")
-        records.append({"id": i, "image": f"sharegpt4v/{i}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{LONG_QUESTION}"}, {"from": "gpt", "value": "red"}]})
-    (data / "data.json").write_text(json.dumps(records))
-    (data / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
+    write_image_data(data, [(40, 56), (56, 56), (56, 40), (28, 28)], LONG_QUESTION)
     return hf, data
 
 
 @pytest.fixture(scope="module")
 def videollama2_fixture(tmp_path_factory):
-    from fixtures_videollama2 import build_tiny_videollama2, write_clip
+    from fixtures_videollama2 import build_tiny_videollama2, write_clip_data
 
     root = tmp_path_factory.mktemp("atv_vl2")
     model_dir = build_tiny_videollama2(root / "model")
     data = root / "data"
-    data.mkdir()
-    records = []
-    for i in range(4):
-        write_clip(data / f"clip{i}.mp4", seed=i)
-        records.append({"id": i, "video": f"clip{i}.mp4", "audio": f"clip{i}.mp4", "conversations": [
-            {"from": "human", "value": f"<video>\n{LONG_QUESTION}"}, {"from": "gpt", "value": "hum"}]})
-    (data / "data.json").write_text(json.dumps(records))
+    write_clip_data(data, 4, LONG_QUESTION)
     return model_dir, data
 
 

@@ -282,11 +282,11 @@ def test_vision_config_sources(dirs, tmp_path):
 
 def test_default_vision_numbers_used(dirs, tmp_path, monkeypatch):
     # the no-vision-config path builds the tower from CLIP_VIT_L_14_336; shrink it to the fixture
-    import llava.convert as convert
+    import llava.convert.configs as configs
 
-    tiny = dict(convert.CLIP_VIT_L_14_336, hidden_size=32, intermediate_size=64, projection_dim=32)
+    tiny = dict(configs.CLIP_VIT_L_14_336, hidden_size=32, intermediate_size=64, projection_dim=32)
     tiny.update(num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
-    monkeypatch.setattr(convert, "CLIP_VIT_L_14_336", tiny)
+    monkeypatch.setattr(configs, "CLIP_VIT_L_14_336", tiny)
     src = build_tiny_lmms_lab(dirs["hf"], tmp_path / "no-config", vision_config_in="none", n_shards=1)
     out = convert_lmms_lab_to_hf(src, tmp_path / "out")
     vc = json.loads((out / "config.json").read_text())["vision_config"]

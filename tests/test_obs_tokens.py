@@ -21,6 +21,7 @@ from mmprune.prune.selection.atv import ATVConfig
 from mmprune.prune.selection.token_rules import AttentionWeightConfig, DriftRule, SelectorRule, attention_weights
 from mmprune.prune.sparsity import SparsityPattern
 from script_runs import ROOT, load_tensors, run_bash
+from test_atv import slow_atv_picks
 from test_baselines import names, tiny_lm
 
 OBS_PRESETS = ["das-sparsegpt", "owl-sparsegpt", "ecoflap-sparsegpt", "amia-sparsegpt", "attn-sparsegpt", "tamp-obs",
@@ -181,14 +182,17 @@ def test_too_small_selection_is_damped_as_sparsegpt_damps_and_reported(monkeypat
         assert fact["rank"] <= fact["rank_bound"] == len(store)
         assert fact["damping"] == 0.01  # H + 0.01 mean(diag) I factors: no raised damping
     assert not pruner.damping
-    # the damping SparseGPT adds: the same call on the same Hessian gives the same weights
+    assert_damped_as_sparsegpt_damps(model, *seen[0], 16, pruner.results)
+
+
+def assert_damped_as_sparsegpt_damps(model, hessian, dead, blocksize, results):
+    """The first q_proj of `model` (a pruned tiny_lm(6)) is what SparseGPT's own call with its usual
+    damping gives on the same Hessian; every count exact, every weight finite."""
     dense = tiny_lm(6).model.layers[0].self_attn.q_proj.weight.detach().clone()
-    hessian, dead = seen[0]
-    direct = dense.clone()
-    info = sparsegpt_prune_(direct, hessian, 0.5, SparsityPattern(), 16, 0.01, dead)
+    info = sparsegpt_prune_(dense, hessian, 0.5, SparsityPattern(), blocksize, 0.01, dead)
     assert info["damping"] == 0.01
-    assert torch.equal(direct, model.model.layers[0].self_attn.q_proj.weight)
-    for r in pruner.results:
+    assert torch.equal(dense, model.model.layers[0].self_attn.q_proj.weight)
+    for r in results:
         assert r.zeros == round(0.5 * r.shape[0] * r.shape[1])
     for layer in model.model.layers:
         assert all(torch.isfinite(p).all() for p in layer.parameters())
@@ -284,25 +288,6 @@ def test_token_report_in_the_outcome():
 # atv-obs: ATV-Pruning's tokens (text + the top-k image tokens by drift) in SparseGPT's Hessian
 
 
-def slow_atv_picks(inputs, outputs, ids, alpha):
-    """ATV's counted tokens the obvious way: drift 1 - cos(x_in, x_out) per token in float64, the
-    mean over every image token of every sample, k = min(round(min(1, alpha * mean) * n_text),
-    n_image) per sample, every text token plus the k image tokens of highest drift (lower position
-    first on ties), in token order."""
-    drifts = [[1.0 - float(a.double() @ b.double() / (a.double().norm() * b.double().norm())) for a, b in zip(x, y)]
-              for x, y in zip(inputs, outputs)]
-    image = [d for ds, m in zip(drifts, ids) for d, i in zip(ds, m.tolist()) if i == 1]
-    mean = sum(image) / len(image)
-    picks = []
-    for ds, m in zip(drifts, ids):
-        m = m.tolist()
-        text = [t for t, i in enumerate(m) if i != 1]
-        ranked = sorted((t for t, i in enumerate(m) if i == 1), key=lambda t: (-ds[t], t))
-        k = min(round(min(1.0, alpha * mean) * len(text)), len(ranked))
-        picks.append(torch.tensor(sorted(text + ranked[:k])))
-    return picks
-
-
 @pytest.mark.parametrize("alpha", [0.0, 5.0, 1e12])  # k = 0, 4 of 7 (mean drift 0.059), all
 def test_atv_obs_hessian_is_the_slow_sum_over_atvs_tokens(monkeypatch, alpha):
     model = tiny_lm(5)
@@ -380,17 +365,9 @@ def test_atv_obs_too_small_selection_is_damped_as_sparsegpt_damps_and_reported(m
         assert fact["tokens"] == 26 < fact["columns"]
         assert fact["rank"] <= fact["rank_bound"] == 26 and fact["damping"] == 0.01
     assert all(b["visual_kept"] == {"image": 0} for b in outcome.details["atv"]["per_block"].values())
-    # the damping SparseGPT adds: the same call on the same Hessian gives the same weights
-    dense = tiny_lm(6).model.layers[0].self_attn.q_proj.weight.detach().clone()
     hessian, dead = seen[0]
     assert int(torch.linalg.matrix_rank(hessian.double(), rtol=1e-4)) <= 26  # singular up to float32 rounding
-    info = sparsegpt_prune_(dense, hessian, 0.5, SparsityPattern(), 128, 0.01, dead)
-    assert info["damping"] == 0.01
-    assert torch.equal(dense, model.model.layers[0].self_attn.q_proj.weight)
-    for r in outcome.results:
-        assert r.zeros == round(0.5 * r.shape[0] * r.shape[1])
-    for layer in model.model.layers:
-        assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert_damped_as_sparsegpt_damps(model, hessian, dead, 128, outcome.results)
 
 
 # every token with weight 1 (AMIA never stops before the whole set at scale 0; floor = cap = 1) and a

@@ -2,14 +2,12 @@
 to a CPU store through `cpu_offload`) prunes block by block to exactly what the plain model gives,
 and stays offloaded: the hooks then serve the pruned weights."""
 
-import json
-
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
 from transformers import LlavaNextForConditionalGeneration
 
-from fixtures_llava import build_tiny_llava_next, make_test_image
+from fixtures_llava import build_tiny_llava_next, write_image_data
 from llava.convert import load_llava_next
 from llava.data import encode_record, load_records, model_inputs
 from llava.model import MODALITY_NAMES, capture_decoder_inputs, decoder_layers
@@ -23,13 +21,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("offload")
     path = build_tiny_llava_next(root / "model")
     data = root / "data"
-    (data / "sharegpt4v").mkdir(parents=True)
-    records = []
-    for i, (h, w) in enumerate([(40, 56), (56, 56), (28, 28)]):
-        make_test_image(h, w).save(data / "sharegpt4v" / f"{i}.png")
-        records.append({"id": i, "image": f"sharegpt4v/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color is the cat ?"}, {"from": "gpt", "value": "red"}]})
-    (data / "data.json").write_text(json.dumps(records))
+    write_image_data(data, [(40, 56), (56, 56), (28, 28)], task_split=False)
     return root, path, data
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures_llava import build_tiny_llava_next, build_tiny_lmms_lab, make_test_image
+from fixtures_llava import build_tiny_llava_next, build_tiny_lmms_lab, write_image_data
 from llava.pruners.__main__ import main
 
 
@@ -17,14 +17,7 @@ def fixture_dirs(tmp_path_factory):
     hf = build_tiny_llava_next(root / "hf")
     lmms = build_tiny_lmms_lab(hf, root / "lmms")
     data = root / "data"
-    (data / "sharegpt4v").mkdir(parents=True)
-    records = []
-    for i, (h, w) in enumerate([(40, 56), (56, 56), (56, 40), (28, 28), (40, 40), (56, 28)]):
-        make_test_image(h, w).save(data / "sharegpt4v" / f"{i}.png")
-        records.append({"id": i, "image": f"sharegpt4v/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color is the cat ?"}, {"from": "gpt", "value": "red"}]})
-    (data / "data.json").write_text(json.dumps(records))
-    (data / "task_split.json").write_text(json.dumps({"sharegpt4v": [0, len(records)]}))
+    write_image_data(data, [(40, 56), (56, 56), (56, 40), (28, 28), (40, 40), (56, 28)])
     return hf, lmms, data
 
 

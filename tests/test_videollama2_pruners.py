@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures_videollama2 import AUDIO_TOKENS, VIDEO_TOKENS, build_tiny_videollama2, write_clip, write_wav
+from fixtures_videollama2 import AUDIO_TOKENS, VIDEO_TOKENS, build_tiny_videollama2, write_clip_data
 from mmprune.prune.calibration import CalibrationStore
 from mmprune.prune.allocation.das import DASConfig, DiversitySweep
 from mmprune.prune.diversity import diversity_terms, term_name
@@ -30,19 +30,7 @@ def fixture_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vl2fixture")
     model_dir = build_tiny_videollama2(root / "model")
     data = root / "data"
-    data.mkdir()
-    records = []
-    for i in range(6):
-        name = f"clip{i}.mp4"
-        separate = i == 5
-        write_clip(data / name, seed=i, with_audio=not separate)
-        record = {"id": i, "video": name, "audio": name, "conversations": [
-            {"from": "human", "value": "<video>\nwhat sound do you hear ?"}, {"from": "gpt", "value": "hum"}]}
-        if separate:
-            write_wav(data / "clip5.wav", seconds=1.0)
-            record["audio"] = "clip5.wav"
-        records.append(record)
-    (data / "data.json").write_text(json.dumps(records))
+    write_clip_data(data, 6, "what sound do you hear ?", separate_audio=True)  # clip5's audio: a wav beside it
     return model_dir, data
 
 

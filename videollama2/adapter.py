@@ -9,7 +9,9 @@ from pathlib import Path
 
 from mmprune.base.adapters import ModelAdapter, register
 from mmprune.place.offload import is_dispatched
-from videollama2.checkpoint import load_tokenizer, optional_modules, save_model
+from videollama2.checkpoint.loading import load_tokenizer
+from videollama2.checkpoint.reading import optional_modules
+from videollama2.checkpoint.saving import save_model
 from videollama2.config import VideoLLaMA2Config
 from videollama2.model import MODALITY_NAMES, VideoLLaMA2ForCausalLM, decoder_layers
 from videollama2.pruning import capture_decoder_inputs

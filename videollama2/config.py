@@ -144,7 +144,7 @@ class VideoLLaMA2Config:
         local = Path(name) / "config.json"
         beside = Path(self.source).parent / Path(name).name / "config.json"
         if not local.is_file() and Path(name).is_absolute() and beside.is_file():
-            local = beside  # a moved checkpoint with its own saved tower (videollama2/checkpoint.py)
+            local = beside  # a moved checkpoint with its own saved tower (videollama2/checkpoint/saving.py)
         if local.is_file():
             values = json.loads(local.read_text(encoding="utf-8"))
             return values.get("vision_config", values)

@@ -307,13 +307,13 @@ class VideoLLaMA2ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype="auto", device="cpu", **placement) -> "VideoLLaMA2ForCausalLM":
-        """`placement`: device_map, offload_dir, main_device (videollama2.checkpoint.load_model)."""
-        from videollama2.checkpoint import load_model
+        """`placement`: device_map, offload_dir, main_device (videollama2.checkpoint.loading.load_model)."""
+        from videollama2.checkpoint.loading import load_model
 
         return load_model(cls, model_dir, dtype=dtype, device=device, **placement)
 
     def save_pretrained(self, folder) -> None:
-        from videollama2.checkpoint import save_model
+        from videollama2.checkpoint.saving import save_model
 
         save_model(self, folder)
 

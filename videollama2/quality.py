@@ -25,7 +25,7 @@ from mmprune.prune.pipeline import LanguageHead
 from mmprune.evaluate.realtext import realtext_perplexity
 from mmprune.evaluate.transfer import TEXT_SHARE, english_source
 from videollama2 import transfer
-from videollama2.checkpoint import load_tokenizer
+from videollama2.checkpoint.loading import load_tokenizer
 from videollama2.data import check_media, encode_record, load_records, select_samples
 from videollama2.embedded import paths as embedded
 from videollama2.eval import evaluate

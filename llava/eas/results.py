@@ -94,7 +94,7 @@ def time_prefill(entries: dict, n_prompts: int, repeats: int) -> dict:
     whole model and decoder stack alone. entries: {name: (directory, fuse or None)}. Every prompt
     runs on every model back to back (rotating order), so load drift on a shared machine hits all."""
     from llava.data import encode_record, load_records, model_inputs
-    from llava.convert import load_model
+    from llava.convert.loading import load_model
 
     torch.set_num_threads(1)
     records = load_records(embedded.EVAL_DATA_PATH)[:n_prompts]

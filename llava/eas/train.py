@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from llava.adapter import save_weights
-from llava.convert import load_llava_next
+from llava.convert.loading import load_llava_next
 from llava.data import collate, encode_conversation, encode_record, load_records, model_inputs, select_task
 from llava.eas import settings_of, write_settings
 from llava.embedded import paths as embedded, synthetic_vqa as vqa

@@ -241,6 +241,15 @@ class FeatureTap:
         return self.features.reshape(images, -1, self.features.shape[-1])
 
 
+def descend(optimizer, loss: torch.Tensor, pool: SamplePool, refresh: int, rng: random.Random, losses: list) -> None:
+    """One optimiser step down `loss`, then `refresh` fresh samples into the pool; the loss joins `losses`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    pool.refresh(refresh, rng)
+    losses.append(loss.item())
+
+
 def pixel_batch(items: list) -> tuple:
     return torch.cat([e["pixel_values"] for e, *_ in items]), torch.cat([e["image_sizes"] for e, *_ in items])
 
@@ -263,11 +272,7 @@ def pretrain_vision(model, head, tap: FeatureTap, pool: SamplePool, rng: random.
         pixels, _ = pixel_batch(items)
         tower(pixels.flatten(0, 1), output_hidden_states=True)
         loss = probe_loss(head, tap.per_image(len(items)), items)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        pool.refresh(args.refresh, rng)
-        losses.append(loss.item())
+        descend(optimizer, loss, pool, args.refresh, rng, losses)
     else:
         step = args.vision_steps
     return {"steps": step, "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5)}

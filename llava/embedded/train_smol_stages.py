@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from llava.data import IGNORE_INDEX, collate, load_records, model_inputs
 from llava.embedded import paths, smol, synthetic_vqa as vqa
-from llava.embedded.train import TRAIN_TASK, VAL_TASK, FeatureTap, pixel_batch, pretrain_vision, probe_loss
+from llava.embedded.train import (TRAIN_TASK, VAL_TASK, FeatureTap, descend, pixel_batch, pretrain_vision,
+                                  probe_loss)
 from llava.embedded.train_smol_lora import add_lora, load_adapter, merge_lora_in_place
 from llava.embedded.train_smol_targets import PROBE_CHANNELS, make_pool, soft_word_basis, soft_word_targets
 from llava.eval import evaluate
@@ -45,11 +46,7 @@ def align_projector(model, tap, pool, rng, args, tokenizer, deadline: float) -> 
             model.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True)
         target = soft_word_targets(torch.stack([item[2] for item in items]), basis)
         loss = torch.nn.functional.mse_loss(projector(tap.per_image(len(items))), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        pool.refresh(args.refresh, rng)
-        losses.append(loss.item())
+        descend(optimizer, loss, pool, args.refresh, rng, losses)
     else:
         step = args.align_steps
     return {"steps": step, "final_mse": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5),

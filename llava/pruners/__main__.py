@@ -13,7 +13,8 @@ import sys
 import torch
 
 from llava.adapter import ADAPTER
-from llava.convert import check_processor_files, is_llava_hf_checkpoint, load_processor
+from llava.convert.configs import is_llava_hf_checkpoint
+from llava.convert.loading import check_processor_files, load_processor
 from llava.data import (
     encode_record, has_answer, load_records, open_record_image, record_image,
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by scripts/eval/lmms_eval.sh and scripts/eval/vllm_generate.sh, from the repository root.
+# Sourced by scripts/lib/side_venv.sh (the lmms-eval and vLLM runs of scripts/eval/), from the repository root.
 #   dense_model_dir DIR    sets DENSE_MODEL_DIR: DIR itself, or, when DIR was saved with
 #                          --save_format compressed (config.json names a compressed-tensors
 #                          sparsity_config), its dense copy in a temporary folder (DENSE_TMP, for

@@ -33,12 +33,9 @@ except PackageNotFoundError:
     pytest.skip("lmms-eval is not installed here; run `bash tests/lmms_eval/run_lmms_eval_tests.sh` "
                 "(its own venv, .venv-lmms-eval)", allow_module_level=True)
 
-import torch  # noqa: E402
+import engine_agreement as agreement  # noqa: E402
 
-from llava import data  # noqa: E402
 from llava.embedded import paths  # noqa: E402
-from llava.eval import evaluate
-from llava.convert import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,25 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory):
     """TAMP 50% unstructured on the embedded model, as scripts/prune/tamp.sh 0.5 runs it."""
-    from llava.pruners.__main__ import main as prune_main
-
     out = tmp_path_factory.mktemp("pruned") / "llava-next-tiny_tamp_0.5_unstructured"
-    argv = ["--method", "tamp", "--llm_sparsity_ratio", "0.5", "--sparsity_type", "unstructured",
-            "--seed", "42", "--nsamples", "128", "--vit_sparsity_ratio", "0", "--no_eval",
-            "--model_path", str(paths.CHECKPOINT_DIR), "--data_path", str(paths.DATA_PATH),
-            "--image_folder", str(paths.IMAGE_FOLDER), "--task_split_path", str(paths.TASK_SPLIT_PATH),
-            "--save_model", str(out), "--device", "cpu"]
-    assert prune_main(argv) == 0
-    return out
-
-
-def llava_eval_predictions(model_dir) -> tuple:
-    torch.set_num_threads(1)
-    model, processor = load_model(model_dir, "cpu")
-    predictions = []
-    result = evaluate(model, processor, data.load_records(paths.EVAL_DATA_PATH), paths.EVAL_IMAGE_FOLDER,
-                      progress=False, predictions=predictions)
-    return result, predictions
+    return agreement.tamp_pruned(paths.CHECKPOINT_DIR, out, 128)
 
 
 def lmms_eval_predictions(model_dir, tmp_path) -> tuple:
@@ -82,21 +62,7 @@ def lmms_eval_predictions(model_dir, tmp_path) -> tuple:
 @pytest.mark.parametrize("which", ["dense", "pruned"])
 def test_lmms_eval_predictions_equal_llava_eval(which, pruned_dir, tmp_path, capsys):
     model_dir = paths.CHECKPOINT_DIR if which == "dense" else pruned_dir
-    ours, our_preds = llava_eval_predictions(model_dir)
-    theirs, their_preds = lmms_eval_predictions(model_dir, tmp_path)
-
-    assert [p["id"] for p in their_preds] == [p["id"] for p in our_preds]
-    differing = [(a["id"], a["prediction"], b["prediction"]) for a, b in zip(our_preds, their_preds)
-                 if a["prediction"] != b["prediction"] or a["correct"] != b["correct"]]
-    with capsys.disabled():
-        print(f"\n{which} ({model_dir}): llava.eval accuracy {ours['accuracy']:.4f}, "
-              f"{theirs['evaluator']} accuracy {theirs['accuracy']:.4f}, {len(our_preds) - len(differing)}/"
-              f"{len(our_preds)} predictions equal")
-    assert not differing, f"{len(differing)} records differ (id, llava.eval, lmms-eval): {differing[:10]}"
-    assert theirs["n"] == ours["n"] == 300
-    assert theirs["accuracy"] == ours["accuracy"]
-    assert {k: v["accuracy"] for k, v in theirs["per_kind"].items()} == \
-        {k: v["accuracy"] for k, v in ours["per_kind"].items()}
+    agreement.assert_engine_agrees(which, model_dir, lambda d: lmms_eval_predictions(d, tmp_path), capsys)
 
 
 def test_pruned_checkpoint_keeps_the_single_bos_template(pruned_dir):

@@ -38,12 +38,9 @@ if _vllm_version() is None:
     pytest.skip("vLLM is not installed here; run `bash tests/vllm_check/run_vllm_tests.sh` (its own venv, .venv-vllm)",
                 allow_module_level=True)
 
-import torch  # noqa: E402
+import engine_agreement as agreement  # noqa: E402
 
-from llava import data  # noqa: E402
-from llava.convert import load_model  # noqa: E402
 from llava.embedded import paths  # noqa: E402
-from llava.eval import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 if not (paths.SMOL_CHECKPOINT_DIR / "assembly.json").is_file():
@@ -55,25 +52,8 @@ def pruned_dir(tmp_path_factory):
     """TAMP 50% unstructured on the SmolLM2 default, as scripts/prune/tamp.sh 0.5 runs it but with 8
     calibration samples instead of 128: what is checked is the saved checkpoint and the engine, not the
     calibration, and the run takes a sixteenth of the time."""
-    from llava.pruners.__main__ import main as prune_main
-
     out = tmp_path_factory.mktemp("pruned") / "llava-next-smol_tamp_0.5_unstructured"
-    argv = ["--method", "tamp", "--llm_sparsity_ratio", "0.5", "--sparsity_type", "unstructured",
-            "--seed", "42", "--nsamples", "8", "--vit_sparsity_ratio", "0", "--no_eval", "--realtext_tokens", "0",
-            "--model_path", str(paths.SMOL_CHECKPOINT_DIR), "--data_path", str(paths.DATA_PATH),
-            "--image_folder", str(paths.IMAGE_FOLDER), "--task_split_path", str(paths.TASK_SPLIT_PATH),
-            "--save_model", str(out), "--device", "cpu"]
-    assert prune_main(argv) == 0
-    return out
-
-
-def llava_eval_predictions(model_dir) -> tuple:
-    torch.set_num_threads(1)
-    model, processor = load_model(model_dir, "cpu")
-    predictions = []
-    result = evaluate(model, processor, data.load_records(paths.EVAL_DATA_PATH), paths.EVAL_IMAGE_FOLDER,
-                      progress=False, predictions=predictions)
-    return result, predictions
+    return agreement.tamp_pruned(paths.SMOL_CHECKPOINT_DIR, out, 8, "--realtext_tokens", "0")
 
 
 def vllm_predictions(model_dir, tmp_path) -> tuple:
@@ -91,21 +71,9 @@ def vllm_predictions(model_dir, tmp_path) -> tuple:
 @pytest.mark.parametrize("which", ["dense", "pruned"])
 def test_vllm_predictions_equal_llava_eval(which, request, tmp_path, capsys):
     model_dir = paths.SMOL_CHECKPOINT_DIR if which == "dense" else request.getfixturevalue("pruned_dir")
-    ours, our_preds = llava_eval_predictions(model_dir)
-    theirs, their_preds = vllm_predictions(model_dir, tmp_path)
-
-    assert [p["id"] for p in their_preds] == [p["id"] for p in our_preds]
-    differing = [(a["id"], a["prediction"], b["prediction"]) for a, b in zip(our_preds, their_preds)
-                 if a["prediction"] != b["prediction"] or a["correct"] != b["correct"]]
-    with capsys.disabled():
-        print(f"\n{which} ({model_dir}): llava.eval accuracy {ours['accuracy']:.4f}, {theirs['evaluator']} "
-              f"accuracy {theirs['accuracy']:.4f}, {len(our_preds) - len(differing)}/{len(our_preds)} answers "
-              f"equal; vLLM load {theirs['seconds']['load']} s, generate {theirs['seconds']['generate']} s")
-    assert not differing, f"{len(differing)} records differ (id, llava.eval, vLLM): {differing[:10]}"
-    assert theirs["n"] == ours["n"] == 300
-    assert theirs["accuracy"] == ours["accuracy"]
-    assert {k: v["accuracy"] for k, v in theirs["per_kind"].items()} == \
-        {k: v["accuracy"] for k, v in ours["per_kind"].items()}
+    agreement.assert_engine_agrees(
+        which, model_dir, lambda d: vllm_predictions(d, tmp_path), capsys,
+        lambda theirs: f"; vLLM load {theirs['seconds']['load']} s, generate {theirs['seconds']['generate']} s")
 
 
 def test_pruned_checkpoint_has_the_llava_hf_names(pruned_dir):

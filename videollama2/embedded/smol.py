@@ -22,7 +22,7 @@ model's towers at its sizes but projecting into the decoder's width 576, come fr
 model is UNTRAINED, and assembly.json and config.json say so).
 
 Output (default checkpoints/embedded/videollama2-av-smol): the released VideoLLaMA2.1-7B-AV layout
-that videollama2/checkpoint.py loads: config.json, sharded float32 safetensors with their index,
+that videollama2/checkpoint/ loads: config.json, sharded float32 safetensors with their index,
 tokenizer files (the GGUF's tokenizer, a ChatML template without system text), generation
 config, assembly.json (the inputs' hashes: an unchanged output is not rewritten). The same inputs
 give byte-identical files.
@@ -181,7 +181,7 @@ def fresh_parts(parts: dict, hidden_size: int, seed: int = 0) -> dict:
 
 def parts_state(model) -> dict:
     """The tower-side tensors of a model under checkpoint names (float32 copies)."""
-    from videollama2.checkpoint import _vision_level, to_checkpoint_key
+    from videollama2.checkpoint.keys import _vision_level, to_checkpoint_key
 
     keeps_level = _vision_level(model)
     out = {}
@@ -201,7 +201,7 @@ def stored_parts(tensors: dict) -> dict:
 def build_model(decoder, tokenizer, parts: dict, part_tensors: dict, deltas: dict | None = None):
     """VideoLLaMA2ForCausalLM (float32, CPU) of the decoder (plus merged LoRA deltas, keyed by
     runtime weight name) and the tower-side tensors (checkpoint names)."""
-    from videollama2.checkpoint import _vision_level, to_runtime_key
+    from videollama2.checkpoint.keys import _vision_level, to_runtime_key
 
     config = build_config(decoder.config, tokenizer, parts)
     tensors = decoder_state(decoder)
@@ -303,7 +303,7 @@ def is_up_to_date(out: Path, stamp: dict) -> bool:
 
 def save_checkpoint(model, tokenizer, staging: Path) -> None:
     """The released layout: shards + index, config.json, tokenizer and generation config."""
-    from videollama2.checkpoint import save_model
+    from videollama2.checkpoint.saving import save_model
 
     save_model(model, staging, max_shard_bytes=SHARD_BYTES)
     tokenizer.save_pretrained(str(staging))

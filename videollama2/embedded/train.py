@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from mmprune.embedded.training import SamplePool
-from videollama2.checkpoint import save_model
+from videollama2.checkpoint.saving import save_model
 from videollama2.data import collate, conversation_segments, load_records, tokenize_segments
 from videollama2.embedded import paths, synthetic_av as av, tiny
 from videollama2.eval import evaluate

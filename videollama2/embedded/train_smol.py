@@ -327,7 +327,7 @@ def as_assembled(model, peft_model, staging: Path):
     parts rounded to float16, LoRA delta merged in float64."""
     if peft_model is not None:
         model = merge_lora_in_place(peft_model, staging)
-    from videollama2.checkpoint import _vision_level, to_runtime_key
+    from videollama2.checkpoint.keys import _vision_level, to_runtime_key
 
     keeps_level = _vision_level(model)
     rounded = {to_runtime_key(k, keeps_level): v for k, v in smol.stored_parts(smol.parts_state(model)).items()}

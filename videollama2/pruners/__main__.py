@@ -33,7 +33,8 @@ from mmprune.place.placement import compute_key, offload_workspace, plan_placeme
 from mmprune.run.report import modality_summary
 from mmprune.prune.sparsity import check_ratio
 from videollama2.adapter import ADAPTER
-from videollama2.checkpoint import DEFAULT_SHARD_BYTES, load_tokenizer, vision_tower_inside
+from videollama2.checkpoint.loading import load_tokenizer
+from videollama2.checkpoint.saving import DEFAULT_SHARD_BYTES, vision_tower_inside
 from videollama2.config import VideoLLaMA2Config
 from videollama2.data import check_media, encode_record, has_answer, load_records, select_samples
 from videollama2.embedded import paths as embedded
