@@ -1,6 +1,7 @@
 """`make bench`: every benchmark side by side in one run -> BENCHMARKS.md (and bench/results.json).
 
     python -m bench.run [--scale-samples 2] [--peer-samples 128] [--peer-rounds 2] [--out BENCHMARKS.md]
+    python -m bench.run --obs-only smol|8b    # only the OBS presets against SparseGPT, kept beside the rest
 """
 
 from __future__ import annotations
@@ -32,6 +33,30 @@ def _target(ok: bool) -> str:
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _obs_presets(o: dict) -> list[str]:
+    """Section 5b: SparseGPT and the OBS presets measured on their own (`--obs-only`)."""
+    m, b, res = o["machine"], o["block"], o["results"]
+    base = res["sparsegpt"]
+    lines = [f"### 5b. OBS presets against SparseGPT, {o['shape']}-shaped block", "",
+             f"Measured by `python -m bench.run --obs-only {o['shape']}` ({o['wall_minutes']:.1f} min) on {m['date']}, "
+             f"commit `{m['commit']}`{' (with uncommitted changes)' if m['dirty'] else ''}, torch {m['torch']}, one "
+             f"thread (1-minute load average {o['load_average']:.1f} at the start): one decoder block (hidden "
+             f"{b['hidden_size']}, MLP {b['intermediate_size']}, {b['num_attention_heads']} heads, "
+             f"{b['num_key_value_heads']} KV heads), random weights, {o['samples']} sample(s) of N = {o['N']} synthetic image + text tokens, 50 % unstructured, extrapolated to 32 blocks "
+             "x 128 samples as above. Goal: each preset within 1.2x of SparseGPT's time.", "",
+             "| method | per block per sample | per block (constant) | extrapolated | vs SparseGPT | tokens in the Hessians |",
+             "|---|---|---|---|---|---|"]
+    for method, x in res.items():
+        ratio = x["extrapolated_s"] / base["extrapolated_s"]
+        verdict = "" if method == "sparsegpt" else f" ({_target(ratio <= 1.2)})"
+        share = "all" if x.get("token_share") is None else f"{100 * x['token_share']:.1f} %"
+        lines.append(f"| {method} | {_f(x['per_sample_s'])} s | {_f(x['per_block_s'])} s | {_hours(x['extrapolated_s'])} "
+                     f"| {_f(ratio)}x{verdict} | {share} |")
+    lines += ["", "Phases (s): " + "; ".join(f"{method}: " + ", ".join(f"{k} {_f(v)}" for k, v in x["phases_s"].items())
+                                           for method, x in res.items()) + ".", ""]
+    return lines
 
 
 def render(r: dict) -> str:
@@ -210,6 +235,8 @@ def render(r: dict) -> str:
         lines.append(f"- {method}: total {_f(x['total_s'])} s for {x['samples']} sample(s) ({phases}); achieved sparsity "
                      f"{_f(x['achieved_sparsity'], 4)}{extra}.")
     lines.append("")
+    if r.get("obs_presets"):
+        lines += _obs_presets(r["obs_presets"])
     g = r["gpu"]
     lines += ["## 6. GPU", ""]
     # placement over GPUs (issue 15) has no benchmark yet; say so instead of leaving it out
@@ -283,11 +310,24 @@ def main() -> None:
     parser.add_argument("--peer-samples", type=int, default=128)
     parser.add_argument("--peer-rounds", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--obs-only", choices=["smol", "8b"], default=None,
+                        help="measure only SparseGPT and the OBS presets on one block of this shape")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite BENCHMARKS.md from bench/results.json without measuring again")
     args = parser.parse_args()
     if args.render_only:
         _write(args.out, json.loads((ROOT / "bench" / "results.json").read_text()))
+        return
+    if args.obs_only:  # one part measured again; the rest of results.json keeps its own date and commit
+        single_thread()
+        from bench.scale import bench_obs
+
+        start, load = time.perf_counter(), os.getloadavg()[0]
+        results = json.loads((ROOT / "bench" / "results.json").read_text())
+        results["obs_presets"] = {"machine": machine(), "load_average": load, **bench_obs(args.obs_only, args.scale_samples)}
+        results["obs_presets"]["wall_minutes"] = (time.perf_counter() - start) / 60
+        _write_json(results)
+        _write(args.out, results)
         return
     single_thread()
     from bench.gpu import bench_gpu
@@ -309,8 +349,15 @@ def main() -> None:
         r[name] = fn()
         print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     r["wall_minutes"] = (time.perf_counter() - start) / 60
-    (ROOT / "bench" / "results.json").write_text(json.dumps(r, indent=1, default=str))
+    _write_json(r)
     _write(args.out, r)
+
+
+def _write_json(results: dict) -> None:
+    path = ROOT / "bench" / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def _write(out: str, results: dict) -> None:

@@ -10,7 +10,8 @@ forward of one sample through one block, timed the same way, and its FLOPs.
 The OBS presets with TAMP's or ATV's signals (das-sparsegpt, amia-sparsegpt, tamp-obs, attn-sparsegpt,
 atv-obs) run
 the same way; `obs_ratios` gives their extrapolated time against SparseGPT's (goal: within 1.2x).
-Only that part, on a chosen block shape:
+Only that part, on a chosen block shape (`python -m bench.run --obs-only smol` records it in
+BENCHMARKS.md):
 
     python -m bench.scale --obs [--shape 8b|smol] [--samples 1]
 """
@@ -229,10 +230,15 @@ def main() -> None:
     if not args.obs:
         print(json.dumps(bench_scale(args.samples), indent=1, default=str))
         return
-    config = config_8b(shape=SHAPE if args.shape == "8b" else SMOL_SHAPE)
-    results = {m: run_method(m, config, args.samples) for m in ("sparsegpt", *OBS_METHODS)}
-    print(json.dumps({"shape": args.shape, "N": N_TOKENS, "samples": args.samples, "results": results,
-                      "obs_ratios": obs_ratios(results)}, indent=1, default=str))
+    print(json.dumps(bench_obs(args.shape, args.samples), indent=1, default=str))
+
+
+def bench_obs(shape: str = "smol", samples: int = 1) -> dict:
+    """SparseGPT and each OBS preset on one block of `shape` ("8b" or "smol"), and their time ratios."""
+    config = config_8b(shape=SHAPE if shape == "8b" else SMOL_SHAPE)
+    results = {m: run_method(m, config, samples) for m in ("sparsegpt", *OBS_METHODS)}
+    return {"shape": shape, "block": SHAPE if shape == "8b" else SMOL_SHAPE, "N": N_TOKENS, "samples": samples,
+            "results": results, "obs_ratios": obs_ratios(results)}
 
 
 if __name__ == "__main__":
