@@ -81,3 +81,14 @@ def test_plan_cli_prints_the_table_and_one_line_errors():
     assert "compute device cuda:0" in ok.stdout and "expected peak" in ok.stdout
     bad = subprocess.run(run + ["--max_memory", "npu:1GiB"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --max_memory")
+
+
+def test_every_method_name_plans_its_pruners_statistics():
+    """Each preset plans the memory of its weight pruner: the OBS presets SparseGPT's Hessians, the
+    Wanda-score methods and magnitude the per-column norms; a pruner name plans as itself."""
+    from mmprune.base.presets import PRESETS
+
+    by_pruner = {p: make_plan(TINY, method=p).method_bytes for p in ("sparsegpt", "wanda", "magnitude")}
+    assert by_pruner["sparsegpt"] > by_pruner["wanda"] == by_pruner["magnitude"]
+    for method, (_, pruner, _) in PRESETS.items():
+        assert make_plan(TINY, method=method).method_bytes == by_pruner[pruner], method

@@ -30,11 +30,11 @@ from torch import nn
 from mmprune.base.adapters import adapter_for_checkpoint
 from mmprune.base.entry import OneLineErrorParser, run_main
 from mmprune.base.errors import UserInputError
+from mmprune.base.presets import PRESETS
 from mmprune.place.options import DEVICE_MAP_MODES, parse_device_map, parse_max_memory, parse_size
 
 GiB = 1024 ** 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_WANDA_FAMILY = ("tamp", "wanda", "owl", "ecoflap", "das", "amia", "atv", "magnitude")
 
 
 @dataclass
@@ -172,7 +172,7 @@ def make_plan(model_path, max_memory=None, device_map="auto", dtype="bfloat16", 
     widest = max(max(m.in_features, m.out_features) for m in linears)
     act_bytes = 2 * nsamples * seqlen * hidden * torch.tensor([], dtype=torch_dtype).element_size()
     working = 4 * (longest or seqlen) * widest * 4  # float32 taps of one sample's forward
-    if method == "sparsegpt":
+    if PRESETS.get(method, (None, method))[1] == "sparsegpt":  # a method name, or a pruner ("sparsegpt")
         inputs = {m.in_features for m in linears}
         distinct = 3 * hidden ** 2 + sum(c ** 2 for c in inputs if c != hidden)  # q/k/v, o, gate/up share
         method_bytes = 4 * distinct + 2 * 4 * max(inputs) ** 2
@@ -252,7 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_memory", default=None, help="e.g. 0:20GiB,cpu:60GiB (default: this machine's)")
     parser.add_argument("--device_map", default="auto", help=f"{' | '.join(DEVICE_MAP_MODES)} | FILE.json")
     parser.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))
-    parser.add_argument("--method", default="tamp", choices=[*_WANDA_FAMILY, "sparsegpt"])
+    parser.add_argument("--method", default="tamp", choices=sorted(PRESETS),
+                        help="what the run prunes with: the OBS presets plan as SparseGPT (its Hessians)")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample")
     parser.add_argument("--offload_activations", action="store_true")

@@ -23,6 +23,7 @@ from mmprune.prune.allocation.das import DASConfig, DASResult, DiversitySweep, b
 from mmprune.prune.driver import block_linears, sweep
 from mmprune.prune.allocation.ecoflap import ECoFLaPConfig, zeroth_order_importance
 from mmprune.base.errors import UserInputError
+from mmprune.base.presets import PRESETS  # noqa: F401  (re-exported: the pipeline's public vocabulary)
 from mmprune.prune.methods.magnitude import magnitude_prune
 from mmprune.prune.methods.sparsegpt import SparseGPTPruner
 from mmprune.prune.methods.wanda import LinearResult, SelectionStats, WandaPruner
@@ -31,29 +32,6 @@ from mmprune.prune.sparsity import SparsityPattern
 from mmprune.prune.sparsity_dict import load_sparsity_dict, read_sparsity_dict
 
 MAX_DEFAULT_LAYER_SPARSITY = 0.99  # default cap of the layer-wise allocators: no layer pruned whole
-
-# method -> (layer-wise sparsity, weight pruner, tokens in ||X|| or the Hessian); tokens "attention"
-# weighs every token by the last token's attention (SparseGPT's Hessian only)
-PRESETS: dict[str, tuple[str, str, str]] = {
-    "magnitude": ("uniform", "magnitude", "none"),
-    "wanda": ("uniform", "wanda", "all"),
-    "sparsegpt": ("uniform", "sparsegpt", "all"),
-    "owl": ("owl", "wanda", "all"),
-    "ecoflap": ("ecoflap", "wanda", "all"),
-    "das": ("das", "wanda", "all"),
-    "amia": ("uniform", "wanda", "amia"),
-    "tamp": ("das", "wanda", "amia"),
-    "atv": ("uniform", "wanda", "atv"),
-    # OBS reconstruction (SparseGPT) with TAMP's layer and token signals (docs/method.md)
-    "das-sparsegpt": ("das", "sparsegpt", "all"),
-    "owl-sparsegpt": ("owl", "sparsegpt", "all"),
-    "ecoflap-sparsegpt": ("ecoflap", "sparsegpt", "all"),
-    "amia-sparsegpt": ("uniform", "sparsegpt", "amia"),
-    "attn-sparsegpt": ("uniform", "sparsegpt", "attention"),
-    "tamp-obs": ("das", "sparsegpt", "amia"),
-    "tamp-obs-attn": ("das", "sparsegpt", "attention"),
-    "atv-obs": ("uniform", "sparsegpt", "atv"),  # ATV-Pruning's tokens in the Hessian
-}
 
 
 def default_amia(pruner: str) -> AMIAConfig:
