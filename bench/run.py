@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import machine, single_thread
+from mmprune.base.output import atomic_output_file, write_json_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,22 +39,22 @@ def _hours(seconds: float) -> str:
 def _obs_presets(o: dict) -> list[str]:
     """Section 5b: SparseGPT and the OBS presets measured on their own (`--obs-only`)."""
     m, b, res = o["machine"], o["block"], o["results"]
-    base = res["sparsegpt"]
     lines = [f"### 5b. OBS presets against SparseGPT, {o['shape']}-shaped block", "",
              f"Measured by `python -m bench.run --obs-only {o['shape']}` ({o['wall_minutes']:.1f} min) on {m['date']}, "
              f"commit `{m['commit']}`{' (with uncommitted changes)' if m['dirty'] else ''}, torch {m['torch']}, one "
              f"thread (1-minute load average {o['load_average']:.1f} at the start): one decoder block (hidden "
              f"{b['hidden_size']}, MLP {b['intermediate_size']}, {b['num_attention_heads']} heads, "
-             f"{b['num_key_value_heads']} KV heads), random weights, {o['samples']} sample(s) of N = {o['N']} synthetic image + text tokens, 50 % unstructured, extrapolated to 32 blocks "
-             "x 128 samples as above. Goal: each preset within 1.2x of SparseGPT's time.", "",
+             f"{b['num_key_value_heads']} KV heads), random weights, {o['samples']} sample(s) of N = {o['N']} "
+             "synthetic image + text tokens, 50 % unstructured, extrapolated to 32 blocks x 128 samples as above. "
+             "Goal: each preset within 1.2x of SparseGPT's time.", "",
              "| method | per block per sample | per block (constant) | extrapolated | vs SparseGPT | tokens in the Hessians |",
              "|---|---|---|---|---|---|"]
     for method, x in res.items():
-        ratio = x["extrapolated_s"] / base["extrapolated_s"]
-        verdict = "" if method == "sparsegpt" else f" ({_target(ratio <= 1.2)})"
+        r = o["obs_ratios"].get(method)  # None for SparseGPT itself
+        ratio = "1x" if r is None else f"{_f(r['extrapolated'])}x ({_target(r['extrapolated'] <= 1.2)})"
         share = "all" if x.get("token_share") is None else f"{100 * x['token_share']:.1f} %"
         lines.append(f"| {method} | {_f(x['per_sample_s'])} s | {_f(x['per_block_s'])} s | {_hours(x['extrapolated_s'])} "
-                     f"| {_f(ratio)}x{verdict} | {share} |")
+                     f"| {ratio} | {share} |")
     lines += ["", "Phases (s): " + "; ".join(f"{method}: " + ", ".join(f"{k} {_f(v)}" for k, v in x["phases_s"].items())
                                            for method, x in res.items()) + ".", ""]
     return lines
@@ -354,17 +355,12 @@ def main() -> None:
 
 
 def _write_json(results: dict) -> None:
-    path = ROOT / "bench" / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json_file(str(ROOT / "bench" / "results.json"), results, default=str)
 
 
 def _write(out: str, results: dict) -> None:
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(render(results))
-    os.replace(tmp, out)
+    with atomic_output_file(out) as tmp:
+        Path(tmp).write_text(render(results))
     print(f"[bench] wrote {out}")
 
 

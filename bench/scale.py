@@ -235,10 +235,10 @@ def main() -> None:
 
 def bench_obs(shape: str = "smol", samples: int = 1) -> dict:
     """SparseGPT and each OBS preset on one block of `shape` ("8b" or "smol"), and their time ratios."""
-    config = config_8b(shape=SHAPE if shape == "8b" else SMOL_SHAPE)
-    results = {m: run_method(m, config, samples) for m in ("sparsegpt", *OBS_METHODS)}
-    return {"shape": shape, "block": SHAPE if shape == "8b" else SMOL_SHAPE, "N": N_TOKENS, "samples": samples,
-            "results": results, "obs_ratios": obs_ratios(results)}
+    block = SHAPE if shape == "8b" else SMOL_SHAPE
+    results = {m: run_method(m, config_8b(shape=block), samples) for m in ("sparsegpt", *OBS_METHODS)}
+    return {"shape": shape, "block": block, "N": N_TOKENS, "samples": samples, "results": results,
+            "obs_ratios": obs_ratios(results)}
 
 
 if __name__ == "__main__":

@@ -197,9 +197,9 @@ def atomic_output_file(path: str):
             raise
 
 
-def write_json_file(path: str, data, indent: int = 1) -> None:
-    """`data` as JSON (with a final newline) into `path`, atomically."""
+def write_json_file(path: str, data, indent: int = 1, default=None) -> None:
+    """`data` as JSON (with a final newline) into `path`, atomically; `default` as in json.dump."""
     with atomic_output_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=indent)
+            json.dump(data, handle, indent=indent, default=default)
             handle.write("\n")
