@@ -71,15 +71,18 @@ test-fast: setup
 # names the smaller settings of its table); EMBEDDED_MODEL=tiny make quality: the tiny model's section, ~16 min.
 # CALIBRATION=cross-kind or generic: calibration that differs from the evaluated questions (docs/method.md,
 # "Calibration settings of the quality grids"), in its own section; in-task (default) is the task's own data.
+# Each (seed, method) unit is kept in UNITS_DIR and reused, so an interrupted grid resumes where it stopped
+# (UNITS_DIR= turns this off).
 CALIBRATION ?= in-task
+UNITS_DIR ?= playground/quality-units
 quality: setup
-	$(PY) -m llava.quality --calibration $(CALIBRATION)
+	$(PY) -m llava.quality --calibration $(CALIBRATION) $(if $(UNITS_DIR),--units_dir $(UNITS_DIR))
 
 # The same grid on the embedded VideoLLaMA2-AV (hard task; per-kind accuracy, DAS terms of the 6 modality
 # pairs) -> docs/results.md section av-weight-pruning (CALIBRATION as for `quality`: av-weight-pruning-cross-kind,
-# ...). Hours on 2 CPU cores for the default grid, like `quality`.
+# ...; UNITS_DIR as for `quality`). Hours on 2 CPU cores for the default grid, like `quality`.
 quality-av: setup
-	$(PY) -m videollama2.quality --calibration $(CALIBRATION)
+	$(PY) -m videollama2.quality --calibration $(CALIBRATION) $(if $(UNITS_DIR),--units_dir $(UNITS_DIR))
 
 # FitPrune recipes, accuracy and prefill timing on the embedded LLaVA-NeXT -> docs/results.md (minutes).
 fitprune-results: setup

@@ -244,9 +244,10 @@ def test_heading_names_the_setting_and_the_dense_split_accuracy_is_shown(tmp_pat
                            evaluation="count and position questions only",
                            meta={"model_path": "m", "eval_data_path": "e"})
     grid.write_section(Args, {"calibration": "cross-kind", "dense": kind_result(0.9, 0.8, 1.0), "runs": runs,
-                              "minutes": 1.0}, section)
+                              "minutes": 1.0, "commits": {"abc1234": 8}}, section)
     text = (tmp_path / "results.md").read_text()
     assert "## Weight pruning, cross-kind calibration: toy" in text
+    assert ", commit `" in text and " (runs measured at commit `abc1234` (8 runs)), torch " in text
     titles = [line for line in text.splitlines() if line.startswith("### ")]
     assert len(titles) == 4 and all(t.endswith(" (cross-kind calibration)") for t in titles)
     assert "calibration setting **cross-kind**: colour questions, 8 samples" in text
@@ -394,3 +395,79 @@ def test_a_section_measured_in_part_says_so(tmp_path):
     full = runs + [{"seed": s, "method": m, "setting": x} for s, m, x in
                    [(1, "wanda", "2:4"), (1, "magnitude", "2:4"), (2, "wanda", "0.5"), (2, "wanda", "2:4")]]
     assert partial_note(args, full, 2) == []
+
+
+# ------------------------------------------------------------------------- kept readings, unit records, resuming
+
+
+def test_a_regenerated_section_keeps_its_hand_written_reading(tmp_path):
+    from mmprune.run.report import READING_BEGIN, READING_END, update_markdown_section
+
+    path = str(tmp_path / "results.md")
+    update_markdown_section(path, "s", f"table 1\n\n{READING_BEGIN}\n{READING_END}\n\nplot")
+    text = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").write_text(text.replace(f"{READING_BEGIN}\n{READING_END}",
+                                                      f"{READING_BEGIN}\nReading: pick A.\n\nAt 0.7, B.\n{READING_END}"))
+    update_markdown_section(path, "s", f"table 2\n\n{READING_BEGIN}\n{READING_END}\n\nplot")
+    text = (tmp_path / "results.md").read_text()
+    assert "table 2" in text and "table 1" not in text
+    assert f"table 2\n\n{READING_BEGIN}\nReading: pick A.\n\nAt 0.7, B.\n{READING_END}\n\nplot" in text
+    update_markdown_section(path, "s", "table 3")  # a body without the block: the reading goes after it
+    text = (tmp_path / "results.md").read_text()
+    assert text.count("Reading: pick A.") == 1 and text.index("table 3") < text.index("Reading: pick A.")
+    update_markdown_section(path, "other", "x")  # another section neither takes nor drops it
+    assert (tmp_path / "results.md").read_text().count("Reading: pick A.") == 1
+
+
+def test_units_record_flags_and_commit_and_the_table_names_the_commits(tmp_path):
+    from mmprune.run import grid_units
+
+    def unit(name, commit, flags, dense=None, runs=1):
+        part = {"calibration": "cross-kind", "dense": dense, "minutes": 1.0, "commit": commit, "flags": flags,
+                "runs": [{"method": "wanda", "seed": 42, "setting": "0.5"}] * runs}
+        (tmp_path / name).write_text(json.dumps(part))
+        return str(tmp_path / name)
+
+    same = grid_units.measure_flags(Args)
+    assert same == {"nsamples": 8, "ecoflap_samples": None, "max_new_tokens": 4, "realtext_tokens": 0}
+    files = [unit("a.json", "abc1234", same, dense={"accuracy": 0.9}, runs=2), unit("b.json", None, {}),
+             unit("c.json", "def5678", {**same, "eval_samples": 50})]  # a flag Args does not have: not compared
+    merged = grid.merge_partials(Args, files)
+    assert merged["commits"] == {"abc1234": 2, "unrecorded": 1, "def5678": 1}
+    assert grid_units.commits_text(merged["commits"]) == ("runs measured at commits `abc1234` (2 runs), `def5678` "
+                                                          "(1 run); 1 run saved before units recorded their commit")
+    assert grid_units.commits_text({"abc1234": 3}) == "runs measured at commit `abc1234` (3 runs)"
+    assert grid_units.commits_text({}) == ""
+    other = unit("d.json", "abc1234", {**same, "nsamples": 16})
+    with pytest.raises(UserInputError, match=r"d.json was measured with --nsamples 16, this run has --nsamples 8; "):
+        grid.merge_partials(Args, files + [other])
+
+
+def test_tiny_grid_resumes_from_its_units_dir(tmp_path, capsys):
+    """--units_dir keeps each (seed, method) unit; a rerun measures only the missing ones, and a unit
+    measured with other flags is refused with one error line before anything is written."""
+    units, out = tmp_path / "units", tmp_path / "docs"
+    flags = ["--methods", "wanda", "magnitude", "--sparsities", "0.5", "--patterns", "--seeds", "1", "--nsamples",
+             "4", "--eval_samples", "4", "--realtext_tokens", "0", "--jobs", "1", "--calibration", "generic",
+             "--units_dir", str(units), "--out_dir", str(out)]
+    assert run_main(llava_quality.main, flags) == 0
+    grid_name = "llava.quality-llava-next-tiny-generic-seed1"
+    names = {"wanda": f"{grid_name}-wanda-0.5.json", "magnitude": f"{grid_name}-magnitude-0.5.json"}
+    assert sorted(p.name for p in units.iterdir()) == sorted(names.values())
+    first = json.loads((out / "results_generic_tiny.json").read_text())
+    kept = (units / names["magnitude"]).read_bytes()
+    saved = json.loads(kept)
+    assert saved["flags"]["nsamples"] == 4 and saved["flags"]["model"] == "llava-next-tiny" and "commit" in saved
+    (units / names["wanda"]).unlink()
+    capsys.readouterr()
+    assert run_main(llava_quality.main, flags) == 0
+    assert "1 of 2 units already in" in capsys.readouterr().err
+    assert (units / names["magnitude"]).read_bytes() == kept  # reused, not measured again
+    again = json.loads((out / "results_generic_tiny.json").read_text())
+    assert [(r["method"], r["accuracy"]) for r in again["runs"]] == [(r["method"], r["accuracy"]) for r in first["runs"]]
+    assert again["dense"] == first["dense"]
+    report = (out / "results.md").read_text()
+    changed = [x if x != "4" or flags[i - 1] != "--nsamples" else "5" for i, x in enumerate(flags)]
+    assert run_main(llava_quality.main, changed) == 2
+    assert "was measured with --nsamples 4, this run has --nsamples 5" in capsys.readouterr().err
+    assert (out / "results.md").read_text() == report

@@ -21,9 +21,7 @@ import datetime as _dt
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,12 +32,14 @@ from mmprune.base.errors import UserInputError
 from mmprune.base.output import atomic_output_file, check_output_location, write_json_file
 from mmprune.prune.pipeline import PRESETS, PhaseTimer, PruneConfig, prune_decoder
 from mmprune.evaluate.realtext import add_realtext_argument
-from mmprune.run.report import block_term_means, toolkit_commit, update_markdown_section, versions
+from mmprune.run.grid_units import (DEFAULT_CALIBRATION, calibration_of, commits_text,
+                                     measure_flags, merge_partials, run_in_workers, work_units)
+from mmprune.run.report import (READING_BEGIN, READING_END, block_term_means, toolkit_commit, update_markdown_section,
+                                versions)
 from mmprune.prune.sparsity import SparsityPattern
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp", "atv"]
 CALIBRATIONS = ("in-task", "cross-kind", "generic")
-DEFAULT_CALIBRATION = "in-task"
 
 
 @dataclass
@@ -109,6 +109,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, mod
     parser.add_argument("--out_dir", default="docs")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes at once, one CPU thread each, one (seed, method) per worker")
+    parser.add_argument("--units_dir", default=None, metavar="DIR",
+                        help="keep each (seed, method) unit's raw results in DIR and reuse the ones already there "
+                             "(same --calibration and measurement flags, else an error): an interrupted grid resumes "
+                             "where it stopped")
     parser.add_argument("--only_seed", type=int, default=None, help=argparse.SUPPRESS)  # worker: one seed
     parser.add_argument("--skip_dense", action="store_true", help=argparse.SUPPRESS)  # worker: another has it
     parser.add_argument("--from_partials", nargs="+", default=None, metavar="JSON",
@@ -136,6 +140,10 @@ def check_outputs(args, names: dict, inputs: list) -> None:
         raise UserInputError("--sparsities and --patterns are both empty; give at least one setting")
     for name in ("results.md", names["json"], names["plot"]):
         check_output_location(args.partial or os.path.join(args.out_dir, name), inputs, "--out_dir")
+    if getattr(args, "units_dir", None):
+        check_output_location(args.units_dir, inputs, "--units_dir")
+        if os.path.exists(args.units_dir) and not os.path.isdir(args.units_dir):
+            raise UserInputError(f"--units_dir {args.units_dir} is a file, not a folder; choose another --units_dir")
 
 
 def settings(args) -> list[tuple[float, SparsityPattern]]:
@@ -193,85 +201,7 @@ def run_grid(args, grid: GridModel) -> dict:
                       f"({run['prune_seconds']:.1f}s)", file=sys.stderr)
     grid.model.load_state_dict(dense_state)
     return {"calibration": calibration_of(args), "dense": dense, "runs": runs,
-            "minutes": (time.perf_counter() - started) / 60}
-
-
-def work_units(args) -> list[tuple[int, str]]:
-    """(seed, method) pairs in table order; magnitude reads no data, so it runs for the first seed only."""
-    return [(seed, method) for seed in args.seeds for method in args.methods
-            if not (method == "magnitude" and seed != args.seeds[0])]
-
-
-def run_in_workers(args, argv: list[str]) -> dict:
-    """One worker process per (seed, method), `args.jobs` at a time, one CPU thread each (the
-    per-sample work is small, so processes scale better than threads); only the first worker
-    evaluates the dense model. Raw results are merged in table order."""
-    started = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    units = work_units(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [os.path.join(tmp, f"{i}.json") for i in range(len(units))]
-        pending = list(range(len(units)))
-        running: list[tuple[subprocess.Popen, int]] = []
-        try:
-            while pending or running:
-                while pending and len(running) < args.jobs:
-                    i = pending.pop(0)
-                    seed, method = units[i]
-                    cmd = [sys.executable, "-m", args.grid_module, *argv, "--only_seed", str(seed), "--methods",
-                           method, "--partial", paths[i]] + (["--skip_dense"] if i else [])
-                    running.append((subprocess.Popen(cmd, env=env), i))
-                finished = next(((proc, i) for proc, i in running if proc.poll() is not None), None)
-                if finished is None:
-                    time.sleep(0.5)
-                    continue
-                proc, i = finished
-                if proc.returncode != 0:
-                    raise RuntimeError(f"the quality worker for seed {units[i][0]}, {units[i][1]} failed "
-                                       f"(exit {proc.returncode}); see above")
-                running.remove(finished)
-        except BaseException:  # a failed worker, or SIGTERM / Ctrl-C here: no worker outlives the run
-            for other, _ in running:
-                other.kill()
-                other.wait()
-            raise
-        loaded = [json.load(open(path)) for path in paths]
-    runs = [run for part in loaded for run in part["runs"]]
-    return {"calibration": calibration_of(args), "dense": loaded[0]["dense"], "runs": runs,
-            "minutes": (time.perf_counter() - started) / 60}
-
-
-def calibration_of(args) -> str:
-    """args' --calibration setting (in-task for argument objects made without it)."""
-    return getattr(args, "calibration", DEFAULT_CALIBRATION)
-
-
-def partial_calibration(part: dict) -> str:
-    """The --calibration setting a saved worker result was measured with (results saved before the
-    option existed are in-task)."""
-    return part.get("calibration", DEFAULT_CALIBRATION)
-
-
-def merge_partials(args, files: list) -> dict:
-    """{calibration, dense, runs, minutes} from worker results saved by separate runs: runs in table
-    order (seed, then --methods order), the dense result from the worker that has it, minutes
-    summed. Every file must have been measured with args.calibration."""
-    loaded = []
-    for path in files:
-        with open(path, encoding="utf-8") as handle:
-            loaded.append(json.load(handle))
-        if partial_calibration(loaded[-1]) != calibration_of(args):
-            raise UserInputError(f"--from_partials {path} was measured with --calibration "
-                                 f"{partial_calibration(loaded[-1])}, this run asks for --calibration "
-                                 f"{calibration_of(args)}; pass the partials of one setting with its --calibration")
-    dense = [part["dense"] for part in loaded if part.get("dense")]
-    if not dense:
-        raise UserInputError("none of --from_partials holds the dense result (run one worker without --skip_dense)")
-    order = {(seed, method): i for i, (seed, method) in enumerate(work_units(args))}
-    runs = sorted((run for part in loaded for run in part["runs"]),
-                  key=lambda run: order.get((run["seed"], run["method"]), len(order)))
-    return {"calibration": calibration_of(args), "dense": dense[0], "runs": runs,
-            "minutes": sum(part["minutes"] for part in loaded), "merged": True}
+            "minutes": (time.perf_counter() - started) / 60, "commit": toolkit_commit(), "flags": measure_flags(args)}
 
 
 def run(args, argv: list[str], load: Callable[[object], GridModel], write: Callable[[object, dict], None]) -> dict:
@@ -284,8 +214,8 @@ def run(args, argv: list[str], load: Callable[[object], GridModel], write: Calla
         return {}
     if args.from_partials:
         results = merge_partials(args, args.from_partials)
-    elif args.jobs > 1 and len(work_units(args)) > 1:
-        results = run_in_workers(args, argv)
+    elif args.units_dir or (args.jobs > 1 and len(work_units(args)) > 1):
+        results = run_in_workers(args, argv, [setting_label(s, p) for s, p in settings(args)])
     else:
         results = run_grid(args, load(args))
     write(args, results)
@@ -406,6 +336,8 @@ def write_section(args, results: dict, section: Section) -> None:
             "nsamples": args.nsamples, "ecoflap_samples": args.ecoflap_samples or args.nsamples, "seeds": args.seeds,
             "eval_samples": dense["n"], "max_new_tokens": args.max_new_tokens,
             "realtext_tokens": args.realtext_tokens, "minutes": round(results["minutes"], 1)}
+    commits = results.get("commits") or {}
+    measured = commits_text(commits) if set(commits) != {meta["commit"]} else ""  # runs older than this commit
     write_json_file(os.path.join(args.out_dir, section.json_name), {"meta": meta, **results})
     by_key: dict[tuple[str, str], list[dict]] = {}
     for run_ in results["runs"]:
@@ -414,7 +346,8 @@ def write_section(args, results: dict, section: Section) -> None:
     realtext = dense.get("realtext") or {}
     lines = [
         section.heading, "",
-        f"Produced by `{section.producer}` on {meta['date']}, commit `{meta['commit']}`, "
+        f"Produced by `{section.producer}` on {meta['date']}, commit `{meta['commit']}`"
+        + (f" ({measured})" if measured else "") + ", "
         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; "
         + (f"{results['minutes']:.0f} worker-minutes (one process per method, one thread each) on this machine's CPU."
            if results.get("merged") else f"{results['minutes']:.1f} minutes on this machine's CPU."),
@@ -459,6 +392,7 @@ def write_section(args, results: dict, section: Section) -> None:
              f"--max_new_tokens {args.max_new_tokens} --realtext_tokens {args.realtext_tokens}"
              + (f" --ecoflap_samples {args.ecoflap_samples}" if args.ecoflap_samples else "")
              + f" --calibration {section.setting}")
+    lines += ["", READING_BEGIN, READING_END]  # a reading written there by hand outlives regeneration
     lines += ["", f"![accuracy and real-text perplexity against sparsity]({section.plot_name})", "",
               f"Regenerate with `{section.command_prefix}{section.producer} {flags}` ({section.defaults}); raw runs "
               "(per seed, per question kind, achieved sparsity, pruning time) are in "

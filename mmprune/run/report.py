@@ -128,20 +128,45 @@ def plot_sparsity(path: str, outcome: PruneOutcome, title: str) -> None:
     plt.close(fig)
 
 
+READING_BEGIN = "<!-- reading: written by hand, kept when the section is regenerated -->"
+READING_END = "<!-- /reading -->"
+
+
+def reading_of(section_text: str) -> str | None:
+    """The hand-written reading between READING_BEGIN and READING_END of a section (None: no block)."""
+    if READING_BEGIN not in section_text or READING_END not in section_text:
+        return None
+    return section_text.split(READING_BEGIN, 1)[1].split(READING_END, 1)[0].strip("\n")
+
+
+def keep_reading(old_section: str, body: str) -> str:
+    """`body` with the old section's reading in its (empty) reading block, or after it if `body`
+    has no block: regenerating a section never drops what a person wrote about it."""
+    reading = reading_of(old_section)
+    if not reading:
+        return body
+    block = f"{READING_BEGIN}\n{reading}\n{READING_END}"
+    if READING_BEGIN in body and READING_END in body:
+        head, rest = body.split(READING_BEGIN, 1)
+        return head + block + rest.split(READING_END, 1)[1]
+    return body.rstrip("\n") + "\n\n" + block
+
+
 def update_markdown_section(path: str, section: str, body: str, title: str = "# Results") -> None:
-    """Replace the text between `<!-- section:NAME -->` and `<!-- /section:NAME -->` in `path`.
+    """Replace the text between `<!-- section:NAME -->` and `<!-- /section:NAME -->` in `path`,
+    keeping the old section's hand-written reading (keep_reading).
 
     Several generators (the quality table, FitPrune, EAS) each own one section of the same file;
     a missing file starts with `title`, a missing section is appended. Written atomically.
     """
     begin, end = f"<!-- section:{section} -->", f"<!-- /section:{section} -->"
     text = open(path).read() if os.path.exists(path) else f"{title}\n"
-    block = f"{begin}\n{body.strip()}\n{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
+        old, tail = rest.split(end, 1)
+        text = head + f"{begin}\n{keep_reading(old, body).strip()}\n{end}" + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n{begin}\n{body.strip()}\n{end}\n"
     from mmprune.base.output import atomic_output_file
 
     with atomic_output_file(path) as tmp, open(tmp, "w") as handle:
