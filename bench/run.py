@@ -36,10 +36,16 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def _obs_presets(o: dict) -> list[str]:
-    """Section 5b: SparseGPT and the OBS presets measured on their own (`--obs-only`)."""
+def obs_presets_by_shape(r: dict) -> dict:
+    """{shape: the `--obs-only` measurement} (results.json of before the 8b shape held one, unkeyed)."""
+    stored = r.get("obs_presets") or {}
+    return {stored["shape"]: stored} if "shape" in stored else stored
+
+
+def _obs_presets(o: dict, number: str) -> list[str]:
+    """Section 5b or 5c: SparseGPT and the OBS presets measured on their own (`--obs-only`)."""
     m, b, res = o["machine"], o["block"], o["results"]
-    lines = [f"### 5b. OBS presets against SparseGPT, {o['shape']}-shaped block", "",
+    lines = [f"### {number}. OBS presets against SparseGPT, {o['shape']}-shaped block", "",
              f"Measured by `python -m bench.run --obs-only {o['shape']}` ({o['wall_minutes']:.1f} min) on {m['date']}, "
              f"commit `{m['commit']}`{' (with uncommitted changes)' if m['dirty'] else ''}, torch {m['torch']}, one "
              f"thread (1-minute load average {o['load_average']:.1f} at the start): one decoder block (hidden "
@@ -236,8 +242,9 @@ def render(r: dict) -> str:
         lines.append(f"- {method}: total {_f(x['total_s'])} s for {x['samples']} sample(s) ({phases}); achieved sparsity "
                      f"{_f(x['achieved_sparsity'], 4)}{extra}.")
     lines.append("")
-    if r.get("obs_presets"):
-        lines += _obs_presets(r["obs_presets"])
+    for number, shape in (("5b", "smol"), ("5c", "8b")):  # each shape measured by `--obs-only` keeps its table
+        if shape in obs_presets_by_shape(r):
+            lines += _obs_presets(obs_presets_by_shape(r)[shape], number)
     g = r["gpu"]
     lines += ["## 6. GPU", ""]
     # placement over GPUs (issue 15) has no benchmark yet; say so instead of leaving it out
@@ -325,8 +332,9 @@ def main() -> None:
 
         start, load = time.perf_counter(), os.getloadavg()[0]
         results = json.loads((ROOT / "bench" / "results.json").read_text())
-        results["obs_presets"] = {"machine": machine(), "load_average": load, **bench_obs(args.obs_only, args.scale_samples)}
-        results["obs_presets"]["wall_minutes"] = (time.perf_counter() - start) / 60
+        measured = {"machine": machine(), "load_average": load, **bench_obs(args.obs_only, args.scale_samples)}
+        measured["wall_minutes"] = (time.perf_counter() - start) / 60
+        results["obs_presets"] = {**obs_presets_by_shape(results), args.obs_only: measured}
         _write_json(results)
         _write(args.out, results)
         return
