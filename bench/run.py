@@ -242,9 +242,10 @@ def render(r: dict) -> str:
         lines.append(f"- {method}: total {_f(x['total_s'])} s for {x['samples']} sample(s) ({phases}); achieved sparsity "
                      f"{_f(x['achieved_sparsity'], 4)}{extra}.")
     lines.append("")
+    measured = obs_presets_by_shape(r)
     for number, shape in (("5b", "smol"), ("5c", "8b")):  # each shape measured by `--obs-only` keeps its table
-        if shape in obs_presets_by_shape(r):
-            lines += _obs_presets(obs_presets_by_shape(r)[shape], number)
+        if shape in measured:
+            lines += _obs_presets(measured[shape], number)
     g = r["gpu"]
     lines += ["## 6. GPU", ""]
     # placement over GPUs (issue 15) has no benchmark yet; say so instead of leaving it out

@@ -9,6 +9,7 @@ there: an interrupted grid (hours on a CPU) resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -88,8 +89,7 @@ def run_in_workers(args, argv: list[str], labels: list[str]) -> dict:
     keep = getattr(args, "units_dir", None)
     if keep:
         os.makedirs(keep, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = keep or tmp
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory() as folder:
         units = work_units(args)
         paths = [os.path.join(folder, unit_file_name(args, seed, method, labels)) for seed, method in units]
         saved = {i: load_unit(p) for i, p in enumerate(paths) if os.path.isfile(p)}
@@ -100,7 +100,7 @@ def run_in_workers(args, argv: list[str], labels: list[str]) -> dict:
                   f"{len(units) - len(saved)}", file=sys.stderr)
         has_dense = any(unit.get("dense") for unit in saved.values())
         _measure(args, argv, [(i, units[i], paths[i]) for i in range(len(units)) if i not in saved], has_dense)
-        loaded = [load_unit(path) for path in paths]
+        loaded = [saved[i] if i in saved else load_unit(path) for i, path in enumerate(paths)]
     results = merge_units(args, loaded)
     if not saved:  # all measured now: the wall time; otherwise the units' minutes summed, as merged
         results["minutes"] = (time.perf_counter() - started) / 60
