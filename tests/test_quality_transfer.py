@@ -244,10 +244,11 @@ def test_heading_names_the_setting_and_the_dense_split_accuracy_is_shown(tmp_pat
                            evaluation="count and position questions only",
                            meta={"model_path": "m", "eval_data_path": "e"})
     grid.write_section(Args, {"calibration": "cross-kind", "dense": kind_result(0.9, 0.8, 1.0), "runs": runs,
-                              "minutes": 1.0, "commits": {"abc1234": 8}}, section)
+                              "minutes": 1.0, "commits": {"abc1234": 8}, "cpus": {"CPU A, AVX2 kernels": 8}}, section)
     text = (tmp_path / "results.md").read_text()
     assert "## Weight pruning, cross-kind calibration: toy" in text
-    assert ", commit `" in text and " (runs measured at commit `abc1234` (8 runs)), torch " in text
+    assert ", commit `" in text and (" (runs measured at commit `abc1234` (8 runs); on CPU CPU A, AVX2 kernels "
+                                     "(8 runs)), torch ") in text
     titles = [line for line in text.splitlines() if line.startswith("### ")]
     assert len(titles) == 4 and all(t.endswith(" (cross-kind calibration)") for t in titles)
     assert "calibration setting **cross-kind**: colour questions, 8 samples" in text
@@ -422,18 +423,26 @@ def test_a_regenerated_section_keeps_its_hand_written_reading(tmp_path):
 def test_units_record_flags_and_commit_and_the_table_names_the_commits(tmp_path):
     from mmprune.run import grid_units
 
-    def unit(name, commit, flags, dense=None, runs=1):
+    def unit(name, commit, flags, dense=None, runs=1, cpu="CPU A, AVX2 kernels"):
         part = {"calibration": "cross-kind", "dense": dense, "minutes": 1.0, "commit": commit, "flags": flags,
                 "runs": [{"method": "wanda", "seed": 42, "setting": "0.5"}] * runs}
+        if cpu:
+            part["cpu"] = cpu
         (tmp_path / name).write_text(json.dumps(part))
         return str(tmp_path / name)
 
     same = grid_units.measure_flags(Args)
     assert same == {"nsamples": 8, "ecoflap_samples": None, "max_new_tokens": 4, "realtext_tokens": 0}
-    files = [unit("a.json", "abc1234", same, dense={"accuracy": 0.9}, runs=2), unit("b.json", None, {}),
-             unit("c.json", "def5678", {**same, "eval_samples": 50})]  # a flag Args does not have: not compared
+    # c.json's eval_samples is a flag Args does not have: not compared
+    files = [unit("a.json", "abc1234", same, dense={"accuracy": 0.9}, runs=2), unit("b.json", None, {}, cpu=None),
+             unit("c.json", "def5678", {**same, "eval_samples": 50}, cpu="CPU B, AVX512 kernels")]
     merged = grid.merge_partials(Args, files)
     assert merged["commits"] == {"abc1234": 2, "unrecorded": 1, "def5678": 1}
+    assert merged["cpus"] == {"CPU A, AVX2 kernels": 2, "unrecorded": 1, "CPU B, AVX512 kernels": 1}
+    assert grid_units.cpus_text(merged["cpus"]) == ("on CPUs CPU A, AVX2 kernels (2 runs); CPU B, AVX512 kernels "
+                                                    "(1 run); 1 run saved before units recorded their CPU")
+    assert grid_units.cpus_text({"unrecorded": 4}) == ""
+    assert grid_units.cpu_name().endswith(" kernels")
     assert grid_units.commits_text(merged["commits"]) == ("runs measured at commits `abc1234` (2 runs), `def5678` "
                                                           "(1 run); 1 run saved before units recorded their commit")
     assert grid_units.commits_text({"abc1234": 3}) == "runs measured at commit `abc1234` (3 runs)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,20 @@ from mmprune.base.errors import UserInputError
 DEFAULT_CALIBRATION = "in-task"
 # Flags that change what a unit measures (data paths are not among them: the same data may lie elsewhere).
 MEASURE_FLAGS = ("nsamples", "eval_samples", "max_new_tokens", "realtext_tokens", "ecoflap_samples", "task_name")
-UNRECORDED = "unrecorded"  # the commit of units saved before units recorded it
+UNRECORDED = "unrecorded"  # the commit (or CPU) of units saved before units recorded it
+
+
+def cpu_name() -> str:
+    """"AMD EPYC, AVX2 kernels": the CPU model and the vector kernels torch picked on it. float32 sums
+    differ between kernels, and at 0.6-0.7 a near-tie in a mask can move a run by several points, so
+    runs of one table measured on different CPUs are told apart."""
+    import torch
+
+    model = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    return f"{model or platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
 def calibration_of(args) -> str:
@@ -139,21 +153,22 @@ def _measure(args, argv: list[str], pending: list, has_dense: bool) -> None:
 
 
 def merge_units(args, loaded: list[dict]) -> dict:
-    """{calibration, dense, runs, minutes, commits, merged} of saved units: runs in table order
+    """{calibration, dense, runs, minutes, commits, cpus, merged} of saved units: runs in table order
     (seed, then --methods order), the dense result from the unit that has it, minutes summed, and
-    how many runs each commit measured."""
+    how many runs each commit and each CPU measured."""
     dense = [unit["dense"] for unit in loaded if unit.get("dense")]
     if not dense:
         raise UserInputError("none of --from_partials holds the dense result (run one worker without --skip_dense)")
     order = {(seed, method): i for i, (seed, method) in enumerate(work_units(args))}
     runs = sorted((run for unit in loaded for run in unit["runs"]),
                   key=lambda run: order.get((run["seed"], run["method"]), len(order)))
-    commits = Counter()
+    commits, cpus = Counter(), Counter()
     for unit in loaded:
         commits[unit.get("commit") or UNRECORDED] += len(unit["runs"])
+        cpus[unit.get("cpu") or UNRECORDED] += len(unit["runs"])
     return {"calibration": calibration_of(args), "dense": dense[0], "runs": runs,
             "minutes": sum(unit["minutes"] for unit in loaded), "commits": dict(commits.most_common()),
-            "merged": True}
+            "cpus": dict(cpus.most_common()), "merged": True}
 
 
 def merge_partials(args, files: list) -> dict:
@@ -165,14 +180,24 @@ def merge_partials(args, files: list) -> dict:
     return merge_units(args, loaded)
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def commits_text(commits: dict) -> str:
     """"runs measured at commits `a1b2c3d` (40 runs), `e4f5a6b` (8 runs); 3 runs saved before units
     recorded their commit" of merged units ("" for none)."""
-    def runs(n):
-        return f"{n} run" + ("" if n == 1 else "s")
-
-    parts = [f"`{commit}` ({runs(n)})" for commit, n in commits.items() if commit != UNRECORDED]
+    parts = [f"`{commit}` ({_runs(n)})" for commit, n in commits.items() if commit != UNRECORDED]
     text = "runs measured at " + ("commit " if len(parts) == 1 else "commits ") + ", ".join(parts) if parts else ""
     if commits.get(UNRECORDED):
-        text += ("; " if text else "") + f"{runs(commits[UNRECORDED])} saved before units recorded their commit"
+        text += ("; " if text else "") + f"{_runs(commits[UNRECORDED])} saved before units recorded their commit"
+    return text
+
+
+def cpus_text(cpus: dict) -> str:
+    """"on CPU AMD EPYC, AVX2 kernels (8 runs); 3 runs saved before units recorded their CPU" ("" for none)."""
+    parts = [f"{cpu} ({_runs(n)})" for cpu, n in cpus.items() if cpu != UNRECORDED]
+    text = ("on CPU " if len(parts) == 1 else "on CPUs ") + "; ".join(parts) if parts else ""
+    if cpus.get(UNRECORDED) and parts:
+        text += f"; {_runs(cpus[UNRECORDED])} saved before units recorded their CPU"
     return text

@@ -32,7 +32,7 @@ from mmprune.base.errors import UserInputError
 from mmprune.base.output import atomic_output_file, check_output_location, write_json_file
 from mmprune.prune.pipeline import PRESETS, PhaseTimer, PruneConfig, prune_decoder
 from mmprune.evaluate.realtext import add_realtext_argument
-from mmprune.run.grid_units import (DEFAULT_CALIBRATION, calibration_of, commits_text,
+from mmprune.run.grid_units import (DEFAULT_CALIBRATION, calibration_of, commits_text, cpu_name, cpus_text,
                                      measure_flags, merge_partials, run_in_workers, work_units)
 from mmprune.run.report import (READING_BEGIN, READING_END, block_term_means, toolkit_commit, update_markdown_section,
                                 versions)
@@ -201,7 +201,8 @@ def run_grid(args, grid: GridModel) -> dict:
                       f"({run['prune_seconds']:.1f}s)", file=sys.stderr)
     grid.model.load_state_dict(dense_state)
     return {"calibration": calibration_of(args), "dense": dense, "runs": runs,
-            "minutes": (time.perf_counter() - started) / 60, "commit": toolkit_commit(), "flags": measure_flags(args)}
+            "minutes": (time.perf_counter() - started) / 60, "commit": toolkit_commit(), "cpu": cpu_name(),
+            "flags": measure_flags(args)}
 
 
 def run(args, argv: list[str], load: Callable[[object], GridModel], write: Callable[[object, dict], None]) -> dict:
@@ -338,6 +339,8 @@ def write_section(args, results: dict, section: Section) -> None:
             "realtext_tokens": args.realtext_tokens, "minutes": round(results["minutes"], 1)}
     commits = results.get("commits") or {}
     measured = commits_text(commits) if set(commits) != {meta["commit"]} else ""  # runs older than this commit
+    cpus = results.get("cpus") or ({results["cpu"]: len(results["runs"])} if results.get("cpu") else {})
+    measured = "; ".join(filter(None, [measured, cpus_text(cpus)]))
     write_json_file(os.path.join(args.out_dir, section.json_name), {"meta": meta, **results})
     by_key: dict[tuple[str, str], list[dict]] = {}
     for run_ in results["runs"]:

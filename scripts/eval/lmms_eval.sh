@@ -41,6 +41,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 VENV="${LMMS_EVAL_VENV:-$PWD/.venv-lmms-eval}"
 LOCK="${LMMS_EVAL_LOCK:-locks/lmms-eval.txt}"
 STAMP="$VENV/.mmprune-lmms-eval"
+SIDE_VENV_MB=3500  # the venv is 2.5 GB; its tests write checkpoints too
 side_venv_init "${LMMS_EVAL_SETUP_ONLY:-0}" LMMS_EVAL_LOCK "usage: bash scripts/eval/lmms_eval.sh MODEL_DIR [TASKS]"
 
 side_packages() {

@@ -40,6 +40,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 VENV="${VLLM_VENV:-$PWD/.venv-vllm}"
 LOCK="${VLLM_LOCK:-locks/vllm.txt}"
 STAMP="$VENV/.mmprune-vllm"
+SIDE_VENV_MB=5000  # the venv is 3.6 GB; its tests write checkpoints too
 HOOK=scripts/eval/vllm_torchvision_ops.py
 side_venv_init "${VLLM_SETUP_ONLY:-0}" VLLM_LOCK "usage: bash scripts/eval/vllm_generate.sh MODEL_DIR"
 

@@ -17,8 +17,10 @@
 #   side_venv_run MODULE ARGS...          python -m MODULE --model_path DIR ARGS... in the venv: DIR is
 #                                         MODEL_DIR, or the dense copy of a checkpoint saved with
 #                                         --save_format compressed (scripts/lib/dense_copy.sh), removed after
-# The caller sets VENV, LOCK, STAMP (the setup's fingerprint file) and UNLOCKED (what a lock leaves out).
+# The caller sets VENV, LOCK, STAMP (the setup's fingerprint file), UNLOCKED (what a lock leaves out) and
+# SIDE_VENV_MB (the disk a new venv and its tests need, scripts/lib/disk_room.sh).
 SIDE_VENV_LIB="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+source "$(dirname "$SIDE_VENV_LIB")/disk_room.sh"
 
 abs() { case "$1" in /*|"") printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
 
@@ -72,6 +74,7 @@ side_venv_ensure() {
     SIDE_LOG="$(mktemp)"
     SIDE_CONSTRAINTS="$(mktemp)"
     echo "setting up $VENV ($tool, $TORCH_SPEC, $([ "$LOCK" = latest ] && echo "newest releases" || echo "versions of $LOCK"))" >&2
+    [ -x "$PY" ] || make_room_for_venv "$VENV" "$SIDE_VENV_MB" "$PWD"
     [ -x "$PY" ] || python3 -m venv "$VENV"
     rm -f "$STAMP"
     if [ "$LOCK" != latest ]; then grep -vE "$UNLOCKED" "$LOCK" >"$SIDE_CONSTRAINTS"; else : >"$SIDE_CONSTRAINTS"; fi

@@ -30,6 +30,8 @@ trap 'rm -f "$LOG" "$CONSTRAINTS"' EXIT
 reason() { grep -E '^ERROR|error:' "$LOG" | tail -n 1 | cut -c 1-200; }
 
 if [ ! -x "$PY" ]; then
+    source scripts/lib/disk_room.sh
+    make_room_for_venv "$VENV" 2600 "$ROOT"  # the venv is 1.6 GB
     python3 -m venv "$VENV" || { echo "peer tests: cannot create the venv $VENV"; exit 1; }
 fi
 "$PY" -m pip install --quiet --upgrade pip >"$LOG" 2>&1 || true
