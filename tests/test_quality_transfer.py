@@ -7,6 +7,8 @@ import hashlib
 import json
 import random
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,6 +185,29 @@ def test_av_generic_describes_clips_and_mixes_in_text(variant):
                         "beep", "late", 1.2, 0.5, 1500.0, 0.3, 10, 0)
     _, caption = av.describe_clip(random.Random(0), basic)
     assert caption.endswith("A beep sounds late in the clip.") and "a red ring, then a blue square" in caption.lower()
+
+
+_ENCODE_CLIPS = """
+import hashlib, io, av as pyav
+from videollama2 import transfer
+from videollama2.embedded import synthetic_av as av
+digest, kinds = hashlib.sha256(), set()
+for _, clip_seed in transfer.calibration_records("cross-kind", 12, 42, "hard"):
+    data = av.encode_mp4(*av.make_clip(clip_seed, "hard")[1:])
+    digest.update(data)
+    kinds.update(int(frame.pict_type) for frame in pyav.open(io.BytesIO(data)).decode(video=0))
+print(digest.hexdigest(), sorted(kinds))
+"""
+
+
+def test_av_transfer_clips_are_the_same_bytes_in_every_process():
+    # x264's B-frame decisions differed between processes (about half the clips): one seed's
+    # calibration must be the same for every method's worker
+    outputs = [subprocess.run([sys.executable, "-c", _ENCODE_CLIPS], capture_output=True, text=True, check=True,
+                              cwd=av_paths.REPO_ROOT).stdout
+               for _ in range(2)]
+    assert outputs[0] == outputs[1]
+    assert outputs[0].split(" ", 1)[1].strip() == "[1, 2]"  # I and P frames (AV_PICTURE_TYPE_I, _P), no B
 
 
 # ------------------------------------------------------------------------- English calibration text
